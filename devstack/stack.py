@@ -1,0 +1,150 @@
+"""Starts the whole system: embedded servers unless configured, migrations, topics, three services."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+
+import psutil
+
+from devstack.embedded import EmbeddedKafka, EmbeddedPostgres, _die_with_parent, _run_coroutine, free_port, stop_process
+from shared.db import apply_migrations, redact
+from shared.kafka import ensure_topics
+from shared.settings import Settings
+
+SERVICES = ("command_consumer", "query_api", "expiry_worker")
+
+
+class Stack:
+    """Owns every process it starts; `close()` stops them all, servers last."""
+
+    def __init__(self, settings: Settings, *, log_dir: Path | None = None, say=print) -> None:
+        self.settings = settings
+        self.data_dir = settings.data_dir.resolve()
+        self.log_dir = log_dir or self.data_dir / "logs"
+        self.say = say
+        self.env = dict(os.environ)
+        self.kafka: EmbeddedKafka | None = None
+        self.postgres: EmbeddedPostgres | None = None
+        self.services: dict[str, subprocess.Popen] = {}
+        self._pid_file = self.data_dir / "stack.pids"
+        self._exit = ExitStack()
+
+    # -- servers ---------------------------------------------------------------------------
+    def start_servers(self, kafka: bool = True) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._stop_strays()
+        if not self.settings.database_url:
+            self.postgres = EmbeddedPostgres(self.data_dir / "postgres", port=free_port(55432))
+            self.env["DATABASE_URL"] = self.postgres.start()
+            self._exit.callback(self.postgres.stop)
+        if kafka and not self.settings.kafka_bootstrap_servers:
+            self.kafka = EmbeddedKafka(port=free_port(9092), log_path=self.log_dir / "kafka.log")
+            self.env["KAFKA_BOOTSTRAP_SERVERS"] = self.kafka.start()
+            self._exit.callback(self.kafka.stop)
+        self.settings = self.settings.model_copy(update={
+            "database_url": self.env.get("DATABASE_URL"),
+            "kafka_bootstrap_servers": self.env.get("KAFKA_BOOTSTRAP_SERVERS")})
+        self._write_pids()
+
+    def prepare(self) -> None:
+        applied = apply_migrations(self.settings.require_database_url())
+        self.say(f"migrations: {', '.join(applied) if applied else 'up to date'}")
+        created = _run_coroutine(ensure_topics(self.settings))
+        self.say(f"topics: {', '.join(created) if created else 'present'}")
+
+    # -- services --------------------------------------------------------------------------
+    def start_services(self) -> None:
+        for name in SERVICES:
+            self.start_service(name)
+        self._write_pids()
+
+    def start_service(self, name: str) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "ab")
+        process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=self.env,
+                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   preexec_fn=_die_with_parent)
+        self.services[name] = process
+        return process
+
+    def api_url(self) -> str:
+        return f"http://{self.settings.api_host}:{self.settings.api_port}"
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        last_error = None
+        while time.monotonic() < deadline:
+            for name, process in self.services.items():
+                if process.poll() is not None:
+                    raise RuntimeError(f"{name} exited with status {process.returncode}; "
+                                       f"see {self.log_dir / (name + '.log')}")
+            try:
+                with urllib.request.urlopen(self.api_url() + "/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError as error:
+                last_error = error
+            time.sleep(0.2)
+        raise RuntimeError(f"the query API was not ready in {timeout}s: {last_error}")
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        for process in self.services.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.services.values():
+            stop_process(process, timeout=15)
+        self.services.clear()
+        self._exit.close()
+        self._pid_file.unlink(missing_ok=True)
+
+    def _write_pids(self) -> None:
+        pids = [p.pid for p in self.services.values()]
+        if self.kafka and self.kafka.process:
+            pids.append(self.kafka.process.pid)
+        self._pid_file.write_text("\n".join(map(str, pids)))
+
+    def _stop_strays(self) -> None:
+        """Processes of a previous run that was killed: its services and broker (PostgreSQL is
+        stopped by EmbeddedPostgres.start, which finds its postmaster.pid)."""
+        if not self._pid_file.exists():
+            return
+        for line in self._pid_file.read_text().split():
+            try:
+                process = psutil.Process(int(line))
+                command = " ".join(process.cmdline())
+            except (ValueError, psutil.Error):
+                continue
+            if "services." in command or "tansu" in command:
+                self.say(f"stopping a stray process of an earlier run: {line} {command[:80]}")
+                process.terminate()
+                try:
+                    process.wait(10)
+                except psutil.TimeoutExpired:
+                    process.kill()
+        self._pid_file.unlink(missing_ok=True)
+
+    def summary(self) -> str:
+        api = self.api_url()
+        database = self.env.get("DATABASE_URL") or self.settings.database_url
+        return "\n".join([
+            "User segmentation service is running:",
+            f"  query API        {api}",
+            f"  API docs         {api}/docs",
+            f"  API metrics      {api}/metrics",
+            f"  consumer metrics http://127.0.0.1:{self.settings.consumer_metrics_port}/metrics",
+            f"  expiry metrics   http://127.0.0.1:{self.settings.expiry_metrics_port}/metrics",
+            f"  Kafka            {self.env.get('KAFKA_BOOTSTRAP_SERVERS')}"
+            + (" (embedded, in memory)" if self.kafka else ""),
+            f"  PostgreSQL       {redact(database)}" + (" (embedded, data in "
+                                                      f"{self.postgres.data_dir})" if self.postgres else ""),
+            f"  logs             {self.log_dir}",
+            "Press Ctrl-C to stop everything.",
+        ])

@@ -1,0 +1,1 @@
+"""Command consumer: Kafka in → validated command → one handler → one DB transaction → outcome out."""

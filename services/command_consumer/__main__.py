@@ -1,0 +1,50 @@
+"""Entrypoint: python -m services.command_consumer"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import structlog
+
+from services.command_consumer.consumer import CommandConsumer, DatabaseUnavailable, PoisonGuardTripped
+from shared.db import create_pool
+from shared.service import bootstrap, on_shutdown_signal, serve_metrics
+
+log = structlog.get_logger("command_consumer")
+
+
+async def main() -> int:
+    settings = bootstrap("command_consumer")
+    pool = await create_pool(settings.require_database_url(), min_size=1,
+                             max_size=max(settings.db_pool_max_size, settings.topic_partitions + 2))
+    serve_metrics(settings.consumer_metrics_port)
+    consumer = CommandConsumer(settings, pool)
+    on_shutdown_signal(consumer.stop)
+    try:
+        await consumer.run()
+        return 0
+    except PoisonGuardTripped as error:
+        log.critical("poison guard tripped", error=str(error))
+        return 3
+    except DatabaseUnavailable as error:
+        log.critical("database unavailable", error=str(error))
+        return 4
+    finally:
+        await pool.close()
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m services.command_consumer",
+        description="Consume segment and user commands from Kafka and apply them to PostgreSQL, "
+        "exactly once in effect, in per-key order. Configured by environment variables "
+        "(DATABASE_URL, KAFKA_BOOTSTRAP_SERVERS, ...; see the README).",
+    )
+    parser.parse_args()
+    sys.exit(asyncio.run(main()))
+
+
+if __name__ == "__main__":
+    cli()

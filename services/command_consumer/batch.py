@@ -1,0 +1,95 @@
+"""Applies one partition's batch of records in one transaction, each command atomic and in order.
+
+Commands already in the outcome inbox are not applied again: their stored outcome is returned so
+the consumer can publish it again (exactly-once effect, at-least-once outcome).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from services.command_consumer import repository
+from services.command_consumer.membership import USER_HANDLERS, Decision, UserState
+from services.command_consumer.parsing import InvalidRecord, ParsedRecord, ValidCommand
+from services.command_consumer.segments import SEGMENT_HANDLERS
+from shared.commands import CreateUser, UpdateUserSegments
+from shared.outcomes import Status, format_timestamp, outcome_from_record
+
+
+@dataclass(slots=True)
+class Processed:
+    parsed: ParsedRecord
+    outcome: dict[str, Any]
+    replayed: bool  # the outcome was stored before: nothing was applied this time
+
+
+def _clock() -> datetime:
+    return datetime.now(UTC)
+
+
+def _outcome_row(parsed: ParsedRecord, decision: Decision | None, now: datetime) -> tuple:
+    record = parsed.record
+    if isinstance(parsed, InvalidRecord):
+        status, result, kind = Status.INVALID, None, parsed.type
+        error = {"code": parsed.code, "message": parsed.message}
+    else:
+        status, result, kind = decision.status, decision.result, parsed.command.type
+        error = {"code": decision.error_code, "message": decision.error_message} if decision.error_code else None
+    return (parsed.command_id, kind, str(status), error, result, now, record.topic, record.partition, record.offset)
+
+
+def _row_to_outcome(row: tuple) -> dict[str, Any]:
+    command_id, kind, status, error, result, now, topic, partition, offset = row
+    return {"command_id": command_id, "type": kind, "status": status, "error": error, "result": result,
+            "processed_at": format_timestamp(now),
+            "source": {"topic": topic, "partition": partition, "offset": offset}}
+
+
+async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord]) -> list[Processed]:
+    async with conn.transaction():
+        stored = await repository.fetch_outcomes(conn, list({p.command_id for p in batch}))
+        fresh_user_commands = [p for p in batch if isinstance(p, ValidCommand) and p.command_id not in stored
+                               and isinstance(p.command, (CreateUser, UpdateUserSegments))]
+        states: dict[int, UserState] = {}
+        segments = {}
+        if fresh_user_commands:
+            user_ids = sorted({p.command.user_id for p in fresh_user_commands})
+            slugs = sorted({slug for p in fresh_user_commands if isinstance(p.command, UpdateUserSegments)
+                            for slug in (*p.command.add, *p.command.remove)})
+            segments = await repository.lock_live_segments(conn, slugs)
+            states = await repository.load_user_states(conn, user_ids)
+
+        processed: list[Processed] = []
+        new_outcomes: dict[str, tuple] = {}
+        history = []
+        for parsed in batch:
+            if parsed.command_id in stored:
+                processed.append(Processed(parsed, outcome_from_record(stored[parsed.command_id]), True))
+                continue
+            if parsed.command_id in new_outcomes:  # the same id twice in one batch
+                processed.append(Processed(parsed, _row_to_outcome(new_outcomes[parsed.command_id]), True))
+                continue
+            now = _clock()
+            decision = None
+            if isinstance(parsed, ValidCommand):
+                command = parsed.command
+                if type(command) in USER_HANDLERS:
+                    decision = USER_HANDLERS[type(command)](command, states[command.user_id], segments, now,
+                                                            parsed.command_id)
+                else:
+                    decision = await SEGMENT_HANDLERS[type(command)](conn, command, now, parsed.command_id)
+                history.extend(decision.history)
+            row = _outcome_row(parsed, decision, now)
+            new_outcomes[parsed.command_id] = row
+            processed.append(Processed(parsed, _row_to_outcome(row), False))
+
+        if states:
+            await repository.save_user_states(conn, list(states.values()), _clock())
+        await repository.insert_history(conn, history)
+        if new_outcomes:
+            await repository.insert_outcomes(conn, list(new_outcomes.values()))
+    return processed

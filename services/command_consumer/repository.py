@@ -1,0 +1,180 @@
+"""Every SQL statement of the write path. Set-based: a batch costs a handful of round trips."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+
+import asyncpg
+
+from services.command_consumer.membership import HistoryRow, SegmentRef, UserState
+
+HISTORY_COLUMNS = ("user_id", "segment_slug", "operation", "executed_at", "source", "reason", "command_id")
+
+
+async def fetch_outcomes(conn: asyncpg.Connection, command_ids: list[str]) -> dict[str, asyncpg.Record]:
+    rows = await conn.fetch(
+        """SELECT command_id, type, status, error, result, processed_at,
+                  source_topic, source_partition, source_offset
+           FROM command_outcomes WHERE command_id = ANY($1::text[])""",
+        command_ids,
+    )
+    return {row["command_id"]: row for row in rows}
+
+
+async def insert_outcomes(conn: asyncpg.Connection, outcomes: list[tuple]) -> None:
+    # A plain INSERT: a concurrent writer of the same command id (a zombie consumer after a
+    # rebalance) makes this transaction fail and retry, and the retry finds the stored outcome.
+    await conn.execute(
+        """INSERT INTO command_outcomes (command_id, type, status, error, result, processed_at,
+                                         source_topic, source_partition, source_offset)
+           SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[],
+                                $6::timestamptz[], $7::text[], $8::int[], $9::bigint[])""",
+        *map(list, zip(*outcomes, strict=False)),
+    )
+
+
+async def insert_history(conn: asyncpg.Connection, rows: list[HistoryRow]) -> None:
+    if rows:
+        await conn.copy_records_to_table(
+            "membership_history", columns=HISTORY_COLUMNS,
+            records=[(r.user_id, r.segment_slug, r.operation, r.executed_at, r.source, r.reason, r.command_id)
+                     for r in rows],
+        )
+
+
+async def lock_live_segments(conn: asyncpg.Connection, slugs: list[str]) -> dict[str, SegmentRef]:
+    """Live segments by slug, share-locked so a concurrent delete waits for this batch."""
+    if not slugs:
+        return {}
+    rows = await conn.fetch(
+        """SELECT id, slug, percent FROM segments
+           WHERE slug = ANY($1::text[]) AND deleted_at IS NULL ORDER BY id FOR SHARE""",
+        slugs,
+    )
+    return {row["slug"]: SegmentRef(row["id"], row["slug"], row["percent"]) for row in rows}
+
+
+async def load_user_states(conn: asyncpg.Connection, user_ids: list[int]) -> dict[int, UserState]:
+    states = {user_id: UserState(user_id) for user_id in user_ids}
+    for row in await conn.fetch("SELECT user_id FROM users WHERE user_id = ANY($1::bigint[])", user_ids):
+        states[row["user_id"]].registered = True
+    for row in await conn.fetch(
+        """SELECT user_id, segment_id, expires_at FROM memberships
+           WHERE user_id = ANY($1::bigint[]) ORDER BY user_id, segment_id FOR UPDATE""",
+        user_ids,
+    ):
+        states[row["user_id"]].explicit[row["segment_id"]] = row["expires_at"]
+    for row in await conn.fetch(
+        """SELECT user_id, segment_id FROM rollout_exclusions
+           WHERE user_id = ANY($1::bigint[]) ORDER BY user_id, segment_id FOR UPDATE""",
+        user_ids,
+    ):
+        states[row["user_id"]].excluded.add(row["segment_id"])
+    return states
+
+
+async def save_user_states(conn: asyncpg.Connection, states: list[UserState], now: datetime) -> None:
+    new_users = [s.user_id for s in states if s.newly_registered]
+    upserts, deletions, new_exclusions, lifted_exclusions = [], [], [], []
+    for state in states:
+        for segment_id in state.changed_explicit:
+            if segment_id in state.explicit:
+                upserts.append((state.user_id, segment_id, state.explicit[segment_id]))
+            else:
+                deletions.append((state.user_id, segment_id))
+        for segment_id in state.changed_exclusions:
+            target = new_exclusions if segment_id in state.excluded else lifted_exclusions
+            target.append((state.user_id, segment_id))
+    if new_users:
+        await conn.execute(
+            """INSERT INTO users (user_id, registered_at) SELECT u, $2 FROM unnest($1::bigint[]) AS u
+               ON CONFLICT (user_id) DO NOTHING""",
+            new_users, now,
+        )
+    if deletions:
+        await conn.execute(
+            """DELETE FROM memberships m USING unnest($1::bigint[], $2::bigint[]) AS d(user_id, segment_id)
+               WHERE m.user_id = d.user_id AND m.segment_id = d.segment_id""",
+            *map(list, zip(*deletions, strict=False)),
+        )
+    if upserts:
+        await conn.execute(
+            """INSERT INTO memberships (user_id, segment_id, added_at, expires_at)
+               SELECT u, s, $4, e FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[]) AS t(u, s, e)
+               ON CONFLICT (user_id, segment_id) DO UPDATE SET expires_at = EXCLUDED.expires_at,
+                                                               added_at = EXCLUDED.added_at""",
+            *map(list, zip(*upserts, strict=False)), now,
+        )
+    if lifted_exclusions:
+        await conn.execute(
+            """DELETE FROM rollout_exclusions x
+               USING unnest($1::bigint[], $2::bigint[]) AS d(user_id, segment_id)
+               WHERE x.user_id = d.user_id AND x.segment_id = d.segment_id""",
+            *map(list, zip(*lifted_exclusions, strict=False)),
+        )
+    if new_exclusions:
+        await conn.execute(
+            """INSERT INTO rollout_exclusions (user_id, segment_id, excluded_at)
+               SELECT u, s, $3 FROM unnest($1::bigint[], $2::bigint[]) AS t(u, s)
+               ON CONFLICT DO NOTHING""",
+            *map(list, zip(*new_exclusions, strict=False)), now,
+        )
+
+
+# Segment commands are few; each is a short sequence of statements in the batch transaction.
+
+async def find_live_segment(conn: asyncpg.Connection, slug: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "SELECT id, slug, percent, description FROM segments WHERE slug = $1 AND deleted_at IS NULL FOR UPDATE",
+        slug,
+    )
+
+
+async def insert_segment(conn: asyncpg.Connection, slug: str, percent: Decimal, description: str | None,
+                         now: datetime) -> int:
+    return await conn.fetchval(
+        """INSERT INTO segments (slug, percent, description, created_at, updated_at)
+           VALUES ($1, $2, $3, $4, $4) RETURNING id""",
+        slug, percent, description, now,
+    )
+
+
+async def update_segment(conn: asyncpg.Connection, segment_id: int, percent: Decimal, description: str | None,
+                         now: datetime) -> None:
+    await conn.execute(
+        "UPDATE segments SET percent = $2, description = $3, updated_at = $4 WHERE id = $1",
+        segment_id, percent, description, now,
+    )
+
+
+async def record_rollout_event(conn: asyncpg.Connection, segment_id: int, slug: str, old: Decimal, new: Decimal,
+                               reason: str, now: datetime, command_id: str) -> None:
+    await conn.execute(
+        """INSERT INTO rollout_events (segment_id, segment_slug, old_percent, new_percent, reason,
+                                       executed_at, command_id)
+           VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+        segment_id, slug, old, new, reason, now, command_id,
+    )
+
+
+async def delete_segment(conn: asyncpg.Connection, segment_id: int, slug: str, now: datetime,
+                         command_id: str) -> int:
+    """Mark deleted and remove it from every user with history; returns explicit members removed.
+
+    A membership already past its expiry left at that time (reason ttl), not now.
+    """
+    await conn.execute("UPDATE segments SET deleted_at = $2, updated_at = $2 WHERE id = $1", segment_id, now)
+    await conn.execute("DELETE FROM rollout_exclusions WHERE segment_id = $1", segment_id)
+    status = await conn.execute(
+        """WITH gone AS (DELETE FROM memberships WHERE segment_id = $1 RETURNING user_id, expires_at)
+           INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, reason, command_id)
+           SELECT user_id, $2, 'D',
+                  CASE WHEN expires_at <= $3 THEN expires_at ELSE $3 END,
+                  'manual',
+                  CASE WHEN expires_at <= $3 THEN 'ttl' ELSE 'segment_deleted' END,
+                  CASE WHEN expires_at <= $3 THEN NULL ELSE $4 END
+           FROM gone""",
+        segment_id, slug, now, command_id,
+    )
+    return int(status.split()[-1])

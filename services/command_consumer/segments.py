@@ -1,0 +1,63 @@
+"""Handlers of the segment commands (CONTRACT: segment commands)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import asyncpg
+
+from services.command_consumer import repository
+from services.command_consumer.membership import Decision
+from shared.commands import CreateSegment, DeleteSegment, UpdateSegment
+from shared.outcomes import ErrorCode, Status
+
+
+def _segment_result(slug: str, percent, description: str | None) -> dict:
+    return {"slug": slug, "percent": float(percent), "description": description}
+
+
+async def create_segment(conn: asyncpg.Connection, command: CreateSegment, now: datetime,
+                         command_id: str) -> Decision:
+    if await repository.find_live_segment(conn, command.slug):
+        return Decision(Status.REJECTED, error_code=ErrorCode.SEGMENT_EXISTS,
+                        error_message=f"segment {command.slug} already exists")
+    segment_id = await repository.insert_segment(conn, command.slug, command.percent, command.description, now)
+    if command.percent > 0:
+        await repository.record_rollout_event(conn, segment_id, command.slug, 0, command.percent,
+                                              "created", now, command_id)
+    return Decision(Status.APPLIED, result=_segment_result(command.slug, command.percent, command.description))
+
+
+async def update_segment(conn: asyncpg.Connection, command: UpdateSegment, now: datetime,
+                         command_id: str) -> Decision:
+    segment = await repository.find_live_segment(conn, command.slug)
+    if segment is None:
+        return Decision(Status.REJECTED, error_code=ErrorCode.SEGMENT_NOT_FOUND,
+                        error_message=f"no live segment {command.slug}")
+    percent = segment["percent"] if command.percent is None else command.percent
+    description = segment["description"] if command.description is None else command.description
+    await repository.update_segment(conn, segment["id"], percent, description, now)
+    if percent != segment["percent"]:
+        await repository.record_rollout_event(conn, segment["id"], command.slug, segment["percent"], percent,
+                                              "percent_changed", now, command_id)
+    return Decision(Status.APPLIED, result=_segment_result(command.slug, percent, description))
+
+
+async def delete_segment(conn: asyncpg.Connection, command: DeleteSegment, now: datetime,
+                         command_id: str) -> Decision:
+    segment = await repository.find_live_segment(conn, command.slug)
+    if segment is None:
+        return Decision(Status.REJECTED, error_code=ErrorCode.SEGMENT_NOT_FOUND,
+                        error_message=f"no live segment {command.slug}")
+    removed = await repository.delete_segment(conn, segment["id"], command.slug, now, command_id)
+    if segment["percent"] > 0:
+        await repository.record_rollout_event(conn, segment["id"], command.slug, segment["percent"], 0,
+                                              "segment_deleted", now, command_id)
+    return Decision(Status.APPLIED, result={"slug": command.slug, "explicit_members_removed": removed})
+
+
+SEGMENT_HANDLERS = {
+    CreateSegment: create_segment,
+    UpdateSegment: update_segment,
+    DeleteSegment: delete_segment,
+}

@@ -1,0 +1,1 @@
+"""Expiry worker: clock → batch of expired rows → history → gone."""

@@ -1,0 +1,36 @@
+"""Entrypoint: python -m services.expiry_worker"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from services.expiry_worker.worker import ExpiryWorker
+from shared.db import create_pool
+from shared.service import bootstrap, on_shutdown_signal, serve_metrics
+
+
+async def main() -> None:
+    settings = bootstrap("expiry_worker")
+    pool = await create_pool(settings.require_database_url(), min_size=1, max_size=2)
+    serve_metrics(settings.expiry_metrics_port)
+    worker = ExpiryWorker(pool, settings.expiry_batch_size, settings.expiry_max_sleep_seconds)
+    on_shutdown_signal(worker.stop)
+    try:
+        await worker.run()
+    finally:
+        await pool.close()
+
+
+def cli() -> None:
+    argparse.ArgumentParser(
+        prog="python -m services.expiry_worker",
+        description="Remove explicit memberships whose expires_at has passed, recording history. "
+        "Any number can run at once. Configured by environment variables (DATABASE_URL, EXPIRY_BATCH_SIZE, "
+        "EXPIRY_MAX_SLEEP_SECONDS, EXPIRY_METRICS_PORT).",
+    ).parse_args()
+    asyncio.run(main())
+
+
+if __name__ == "__main__":
+    cli()

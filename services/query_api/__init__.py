@@ -1,0 +1,1 @@
+"""Query API: HTTP in → read model (plain SQL) → JSON / CSV out."""

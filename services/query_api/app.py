@@ -1,0 +1,57 @@
+"""The FastAPI application: wiring of the pool, the rollout cache, the signer and the routes."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from services.query_api.dependencies import Resources
+from services.query_api.http_metrics import BodySizeLimitMiddleware, MetricsMiddleware
+from services.query_api.reports import ReportSigner
+from services.query_api.rollout_cache import RolloutCache
+from services.query_api.routes import commands, health, reports, segments, users
+from shared.db import create_pool
+from shared.settings import DEVELOPMENT_REPORT_SECRET, Settings, get_settings
+
+DESCRIPTION = """
+Reads of the user segmentation service: which segments a user is in (explicit memberships that
+have not expired plus percent rollout), segments, command outcomes, monthly history reports as
+signed CSV links, and an HTTP gateway that publishes commands to Kafka.
+"""
+
+
+def check_production_settings(settings: Settings) -> None:
+    if settings.environment != "development" and settings.report_signing_secret == DEVELOPMENT_REPORT_SECRET:
+        raise SystemExit("REPORT_SIGNING_SECRET is the development default; set a secret of your own "
+                         "before running with ENVIRONMENT=production.")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    check_production_settings(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        pool = await create_pool(settings.require_database_url(), min_size=settings.db_pool_min_size,
+                                 max_size=settings.db_pool_max_size)
+        rollout = RolloutCache(pool, settings.rollout_cache_refresh_seconds)
+        await rollout.start()
+        resources = Resources(settings, pool, rollout,
+                              ReportSigner(settings.report_signing_secret, settings.report_link_ttl_seconds))
+        app.state.resources = resources
+        try:
+            yield
+        finally:
+            await rollout.stop()
+            if resources.producer is not None:
+                await resources.producer.stop()
+            await pool.close()
+
+    app = FastAPI(title="User segmentation service", version="1.0.0", description=DESCRIPTION,
+                  lifespan=lifespan)
+    for module in (users, segments, reports, commands, health):
+        app.include_router(module.router)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    app.add_middleware(MetricsMiddleware)
+    return app

@@ -1,0 +1,30 @@
+"""Shared resources of the API, created once in the lifespan and handed to routes as dependencies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+from fastapi import Depends, Request
+
+from services.query_api.reports import ReportSigner
+from services.query_api.rollout_cache import RolloutCache
+from shared.settings import Settings
+
+
+@dataclass
+class Resources:
+    settings: Settings
+    pool: asyncpg.Pool
+    rollout: RolloutCache
+    signer: ReportSigner
+    producer: AIOKafkaProducer | None = None
+
+
+def get_resources(request: Request) -> Resources:
+    return request.app.state.resources
+
+
+ResourcesDep = Annotated[Resources, Depends(get_resources)]

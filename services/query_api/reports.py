@@ -1,0 +1,144 @@
+"""History reports: signed, expiring, stateless links, and the CSV streamed from server-side cursors.
+
+Explicit entries and exits come from `membership_history`; the rollout's are derived from
+`rollout_events` (no row per covered user is stored) and merged in the contract's order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import asyncpg
+from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+
+from shared.rollout import rollout_bucket, rollout_threshold
+
+CSV_HEADER = "user_id,segment_slug,operation,executed_at,source,reason\n"
+CURSOR_PREFETCH = 5000
+CHUNK_ROWS = 2000
+
+
+class ReportLinkExpired(Exception):
+    pass
+
+
+class ReportLinkInvalid(Exception):
+    pass
+
+
+class ReportSigner:
+    """Link tokens carry only the report's query, signed with HMAC and timestamped (itsdangerous)."""
+
+    def __init__(self, secret: str, ttl_seconds: int) -> None:
+        self._serializer = URLSafeTimedSerializer(secret, salt="history-report-v1")
+        self.ttl_seconds = ttl_seconds
+
+    def sign(self, year: int, month: int, user_id: int | None) -> str:
+        return self._serializer.dumps({"y": year, "m": month, "u": user_id})
+
+    def verify(self, token: str) -> tuple[int, int, int | None]:
+        try:
+            query = self._serializer.loads(token, max_age=self.ttl_seconds)
+        except SignatureExpired as error:
+            raise ReportLinkExpired("this report link has expired; ask for a new one") from error
+        except BadSignature as error:
+            raise ReportLinkInvalid("this report link is not valid (it was altered or signed elsewhere)") from error
+        try:
+            return int(query["y"]), int(query["m"]), None if query["u"] is None else int(query["u"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ReportLinkInvalid("this report link is not valid") from error
+
+
+def month_bounds(year: int, month: int) -> tuple[datetime, datetime]:
+    start = datetime(year, month, 1, tzinfo=UTC)
+    end = datetime(year + (month == 12), month % 12 + 1, 1, tzinfo=UTC) if year < 9999 or month < 12 else \
+        datetime.max.replace(tzinfo=UTC)
+    return start, end
+
+
+def _format(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _covered(slug: str, user_id: int, percent: Decimal) -> bool:
+    threshold = rollout_threshold(percent)
+    return threshold > 0 and rollout_bucket(slug, user_id) < threshold
+
+
+EXPLICIT_SQL = """
+SELECT executed_at, user_id, segment_slug,
+       user_id::text || ',' || segment_slug || ',' || operation || ','
+       || to_char(executed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ',' || source || ',' || reason
+       || E'\\n' AS line
+FROM membership_history
+WHERE executed_at >= $1 AND executed_at < $2 AND ($3::bigint IS NULL OR user_id = $3)
+ORDER BY executed_at, user_id, segment_slug, id
+"""
+
+EVENTS_SQL = """
+SELECT segment_slug, old_percent, new_percent, reason, executed_at FROM rollout_events
+WHERE executed_at >= $1 AND executed_at < $2 ORDER BY executed_at, segment_slug
+"""
+
+
+def _rollout_line(user_id: int, event: asyncpg.Record) -> tuple | None:
+    slug = event["segment_slug"]
+    before = _covered(slug, user_id, event["old_percent"])
+    after = _covered(slug, user_id, event["new_percent"])
+    if before == after:
+        return None
+    operation = "I" if after else "D"
+    line = f"{user_id},{slug},{operation},{_format(event['executed_at'])},auto,{event['reason']}\n"
+    return (event["executed_at"], user_id, slug, line)
+
+
+async def _explicit_rows(conn: asyncpg.Connection, start, end, user_id) -> AsyncIterator[tuple]:
+    async for row in conn.cursor(EXPLICIT_SQL, start, end, user_id, prefetch=CURSOR_PREFETCH):
+        yield tuple(row)
+
+
+async def _rollout_rows(conn: asyncpg.Connection, start, end, user_id) -> AsyncIterator[tuple]:
+    events = await conn.fetch(EVENTS_SQL, start, end)
+    for event in events:
+        if user_id is not None:
+            row = _rollout_line(user_id, event)
+            if row:
+                yield row
+            continue
+        # All-users report: every registered user, streamed in user_id order.
+        async for user in conn.cursor("SELECT user_id FROM users ORDER BY user_id", prefetch=CURSOR_PREFETCH):
+            row = _rollout_line(user["user_id"], event)
+            if row:
+                yield row
+
+
+async def _merge(first: AsyncIterator[tuple], second: AsyncIterator[tuple]) -> AsyncIterator[tuple]:
+    """Merge two streams sorted by (executed_at, user_id, slug) keeping that order."""
+    sentinel = None
+    a = await anext(first, sentinel)
+    b = await anext(second, sentinel)
+    while a is not None or b is not None:
+        if b is None or (a is not None and a[:3] <= b[:3]):
+            yield a
+            a = await anext(first, sentinel)
+        else:
+            yield b
+            b = await anext(second, sentinel)
+
+
+async def stream_report(pool: asyncpg.Pool, year: int, month: int, user_id: int | None) -> AsyncIterator[bytes]:
+    """The CSV in chunks; one repeatable-read snapshot, rows pulled from cursors as the client reads."""
+    start, end = month_bounds(year, month)
+    yield CSV_HEADER.encode()
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        chunk: list[str] = []
+        merged = _merge(_explicit_rows(conn, start, end, user_id), _rollout_rows(conn, start, end, user_id))
+        async for row in merged:
+            chunk.append(row[3])
+            if len(chunk) >= CHUNK_ROWS:
+                yield "".join(chunk).encode()
+                chunk.clear()
+        if chunk:
+            yield "".join(chunk).encode()

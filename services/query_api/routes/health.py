@@ -1,0 +1,45 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from services.query_api.dependencies import ResourcesDep
+from services.query_api.routes.commands import _producer
+from services.query_api.schemas import Health
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", response_model=Health, summary="The process is alive")
+async def healthz() -> dict:
+    return {"status": "ok", "checks": {}}
+
+
+@router.get("/readyz", response_model=Health, responses={503: {"model": Health}},
+            summary="Ready: database and Kafka reachable")
+async def readyz(resources: ResourcesDep):
+    checks = {}
+    try:
+        await asyncio.wait_for(resources.pool.fetchval("SELECT 1"), 2)
+        checks["database"] = "ok"
+    except Exception as error:
+        checks["database"] = f"unavailable: {error!r}"
+    try:
+        producer = await _producer(resources)
+        await asyncio.wait_for(producer.client.fetch_all_metadata(), 2)
+        checks["kafka"] = "ok"
+    except Exception as error:
+        checks["kafka"] = f"unavailable: {getattr(error, 'detail', None) or error!r}"
+    ready = all(value == "ok" for value in checks.values())
+    return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks},
+                        status_code=200 if ready else 503)
+
+
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics")
+async def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,48 @@
+"""History report links (signed, expiring) and the CSV download."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from services.query_api.dependencies import Resources, ResourcesDep
+from services.query_api.reports import ReportLinkExpired, ReportLinkInvalid, stream_report
+from services.query_api.schemas import Problem, ReportLink, json_response
+from shared.commands import MAX_USER_ID
+
+router = APIRouter(tags=["reports"])
+Year = Annotated[int, Query(ge=1970, le=9999, description="year, 1970-9999", examples=[2026])]
+Month = Annotated[int, Query(ge=1, le=12, description="month, 1-12", examples=[11])]
+
+
+def report_link(request: Request, resources: Resources, year: int, month: int, user_id: int | None) -> str:
+    token = resources.signer.sign(year, month, user_id)
+    base = resources.settings.api_public_url or str(request.base_url).rstrip("/")
+    return f"{base.rstrip('/')}/reports/download?token={token}"
+
+
+@router.get("/reports/history", response_model=ReportLink,
+            summary="Signed link to the history CSV of all users (or one) for a month")
+async def get_history_report(year: Year, month: Month, request: Request, resources: ResourcesDep,
+                             user_id: Annotated[int | None, Query(ge=1, le=MAX_USER_ID)] = None) -> Response:
+    return json_response({"report_link": report_link(request, resources, year, month, user_id)})
+
+
+@router.get("/reports/download", response_class=StreamingResponse,
+            responses={200: {"content": {"text/csv": {"example":
+                "user_id,segment_slug,operation,executed_at,source,reason\n"
+                "1000,AVITO_DISCOUNT_50,I,2023-08-28 10:25:25,manual,manual\n"}}},
+                       403: {"model": Problem}, 410: {"model": Problem}},
+            summary="Download a report CSV (streamed) from a signed link")
+async def download_report(token: Annotated[str, Query(max_length=2048)], resources: ResourcesDep):
+    try:
+        year, month, user_id = resources.signer.verify(token)
+    except ReportLinkExpired as error:
+        raise HTTPException(410, str(error)) from error
+    except ReportLinkInvalid as error:
+        raise HTTPException(403, str(error)) from error
+    name = f"history-{year:04d}-{month:02d}" + (f"-user-{user_id}" if user_id else "") + ".csv"
+    return StreamingResponse(stream_report(resources.pool, year, month, user_id), media_type="text/csv",
+                             headers={"Content-Disposition": f'attachment; filename="{name}"'})

@@ -1,0 +1,41 @@
+"""Reads of one user: segments (the hot path), registration, history report link."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import orjson
+from fastapi import APIRouter, HTTPException, Path, Request, Response
+
+from services.query_api import readmodel
+from services.query_api.dependencies import ResourcesDep
+from services.query_api.routes.reports import Month, Year, report_link
+from services.query_api.schemas import Problem, ReportLink, User, UserSegments, json_response
+from shared.commands import MAX_USER_ID
+from shared.outcomes import format_timestamp
+
+router = APIRouter(tags=["users"])
+UserIdPath = Annotated[int, Path(ge=1, le=MAX_USER_ID, description="user id, 1 … 2^63−1", examples=[1000])]
+
+
+@router.get("/users/{user_id}/segments", response_model=UserSegments,
+            summary="Segments the user is in now (explicit, unexpired, plus percent rollout)")
+async def get_user_segments(user_id: UserIdPath, resources: ResourcesDep) -> Response:
+    segments = await readmodel.user_segments(resources.pool, resources.rollout.segments, user_id)
+    return Response(orjson.dumps({"user_id": user_id, "segments": segments}), media_type="application/json")
+
+
+@router.get("/users/{user_id}", response_model=User, responses={404: {"model": Problem}},
+            summary="When the user was first seen")
+async def get_user(user_id: UserIdPath, resources: ResourcesDep) -> Response:
+    row = await readmodel.user(resources.pool, user_id)
+    if row is None:
+        raise HTTPException(404, f"user {user_id} has never been seen")
+    return json_response({"user_id": row["user_id"], "registered_at": format_timestamp(row["registered_at"])})
+
+
+@router.get("/users/{user_id}/history", response_model=ReportLink,
+            summary="Signed link to the user's history CSV for a month")
+async def get_user_history(user_id: UserIdPath, year: Year, month: Month, request: Request,
+                           resources: ResourcesDep) -> Response:
+    return json_response({"report_link": report_link(request, resources, year, month, user_id)})

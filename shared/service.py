@@ -1,0 +1,41 @@
+"""What every service's entrypoint does the same way: logging, metrics endpoint, signals, pool."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+
+import structlog
+from prometheus_client import start_http_server
+
+from shared.logging import configure_logging
+from shared.settings import Settings, get_settings
+
+log = structlog.get_logger(__name__)
+
+
+def bootstrap(service: str) -> Settings:
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format, service=service)
+    return settings
+
+
+def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
+    if port:
+        start_http_server(port, addr=host)
+        log.info("metrics served", url=f"http://{host}:{port}/metrics")
+
+
+def on_shutdown_signal(stop: Callable[[], None]) -> None:
+    """SIGTERM and SIGINT ask for a graceful stop; a second one is left to the default handler."""
+    loop = asyncio.get_running_loop()
+
+    def handler(signum: int) -> None:
+        log.info("shutdown requested", signal=signal.Signals(signum).name)
+        stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, handler, sig)

@@ -1,0 +1,91 @@
+"""Session: one broker and one PostgreSQL. Test: its own database (cloned from a migrated
+template), its own topics and consumer group, so tests never see each other's data."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import pytest
+
+from shared.db import apply_migrations
+from shared.kafka import ensure_topics
+from shared.settings import Settings
+from tests.infra import Infra, start_infra
+
+TEMPLATE_DB = "segmentation_test_template"
+
+
+def _with_database(url: str, name: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def infra():
+    infra = start_infra()
+    try:
+        asyncio.run(_create_template(infra.database_url))
+        yield infra
+    finally:
+        infra.close()
+
+
+async def _create_template(admin_url: str) -> None:
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DB} WITH (FORCE)")
+        await conn.execute(f"CREATE DATABASE {TEMPLATE_DB}")
+    finally:
+        await conn.close()
+    apply_migrations(_with_database(admin_url, TEMPLATE_DB))
+
+
+@pytest.fixture
+async def database_url(infra: Infra):
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    conn = await asyncpg.connect(infra.database_url)
+    try:
+        await conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}")
+    finally:
+        await conn.close()
+    yield _with_database(infra.database_url, name)
+    conn = await asyncpg.connect(infra.database_url)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def settings(infra: Infra, database_url: str) -> Settings:
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    settings = Settings(
+        _env_file=None,
+        database_url=database_url,
+        kafka_bootstrap_servers=infra.kafka_bootstrap_servers,
+        segments_commands_topic=f"{prefix}.segments.commands",
+        assignments_commands_topic=f"{prefix}.assignments.commands",
+        results_topic=f"{prefix}.segments.command-results",
+        dlq_topic=f"{prefix}.segments.commands.dlq",
+        consumer_group=f"{prefix}-consumer",
+        topic_partitions=4,
+        consumer_session_timeout_ms=6000,
+        consumer_heartbeat_interval_ms=500,
+        consumer_metrics_port=0,
+        expiry_metrics_port=0,
+        db_retry_max_backoff_seconds=1.0,
+    )
+    await ensure_topics(settings)
+    return settings
+
+
+@pytest.fixture
+async def pool(settings: Settings):
+    from shared.db import create_pool
+
+    pool = await create_pool(settings.database_url, min_size=1, max_size=8)
+    yield pool
+    await pool.close()

@@ -1,0 +1,66 @@
+"""The real servers a test session runs against.
+
+- default: the embedded Tansu broker and embedded PostgreSQL, started on free ports and stopped
+  at the end of the session;
+- DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS set: those servers instead (each independently);
+- TEST_INFRA=docker: Apache Kafka and PostgreSQL containers through testcontainers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from devstack.embedded import EmbeddedKafka, EmbeddedPostgres
+
+KAFKA_IMAGE = os.environ.get("TEST_KAFKA_IMAGE", "apache/kafka:3.9.1")
+POSTGRES_IMAGE = os.environ.get("TEST_POSTGRES_IMAGE", "postgres:17-alpine")
+
+
+@dataclass
+class Infra:
+    database_url: str
+    kafka_bootstrap_servers: str
+    postgres: EmbeddedPostgres | None = None  # set when the test session owns the server
+    kafka: EmbeddedKafka | None = None
+    _exit: ExitStack = field(default_factory=ExitStack)
+
+    def close(self) -> None:
+        self._exit.close()
+
+
+def start_infra() -> Infra:
+    exit_stack = ExitStack()
+    try:
+        if os.environ.get("TEST_INFRA") == "docker":
+            return _containers(exit_stack)
+        database_url = os.environ.get("DATABASE_URL")
+        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        postgres = kafka = None
+        if not database_url:
+            work_dir = Path(tempfile.mkdtemp(prefix="segmentation-test-"))
+            exit_stack.callback(shutil.rmtree, work_dir, ignore_errors=True)
+            postgres = EmbeddedPostgres(work_dir / "postgres")
+            database_url = postgres.start()
+            exit_stack.callback(postgres.stop, "immediate")
+        if not bootstrap:
+            kafka = EmbeddedKafka()
+            bootstrap = kafka.start()
+            exit_stack.callback(kafka.stop)
+        return Infra(database_url, bootstrap, postgres, kafka, exit_stack)
+    except BaseException:
+        exit_stack.close()
+        raise
+
+
+def _containers(exit_stack: ExitStack) -> Infra:
+    from testcontainers.kafka import KafkaContainer
+    from testcontainers.postgres import PostgresContainer
+
+    postgres = exit_stack.enter_context(PostgresContainer(POSTGRES_IMAGE, driver=None))
+    kafka = exit_stack.enter_context(KafkaContainer(KAFKA_IMAGE).with_kraft())
+    return Infra(postgres.get_connection_url(), kafka.get_bootstrap_server(), _exit=exit_stack)

@@ -1,0 +1,177 @@
+"""The command consumer against the real broker and database."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from tests.support import Publisher, header, history, read_topic, running_consumer, wait_for_outcomes
+
+pytestmark = pytest.mark.integration
+
+
+async def test_create_segment_and_add_user_apply_with_history_and_outcomes(settings, pool):
+    async with Publisher(settings) as publish, running_consumer(settings, pool):
+        await publish.segment({"type": "create_segment", "slug": "AVITO_VOICE_MESSAGES", "command_id": "s1",
+                               "description": "voice"})
+        await wait_for_outcomes(pool, ["s1"])
+        await publish.user({"type": "update_user_segments", "user_id": 1000, "add": ["AVITO_VOICE_MESSAGES"],
+                            "command_id": "u1", "actor": "support"},
+                           headers=[("traceparent", b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")])
+        outcomes = await wait_for_outcomes(pool, ["u1"])
+    assert outcomes["u1"]["status"] == "applied"
+    assert outcomes["u1"]["result"] == {"added": ["AVITO_VOICE_MESSAGES"], "removed": [], "unchanged": [],
+                                        "expires_at": None}
+    assert await pool.fetchval("SELECT count(*) FROM memberships WHERE user_id = 1000") == 1
+    assert await pool.fetchval("SELECT count(*) FROM users WHERE user_id = 1000") == 1
+    assert await history(pool, 1000) == [(1000, "AVITO_VOICE_MESSAGES", "I", "manual", "manual")]
+
+    results = {r.key.decode(): r for r in await read_topic(settings, settings.results_topic, 2)}
+    result = results["u1"]
+    body = orjson.loads(result.value)
+    assert body["status"] == "applied" and body["type"] == "update_user_segments"
+    assert body["source"]["topic"] == settings.assignments_commands_topic
+    assert header(result, "command-id") == "u1"
+    assert header(result, "command-type") == "update_user_segments"
+    assert header(result, "status") == "applied"
+    assert header(result, "traceparent") == "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert header(results["s1"], "traceparent") is None
+
+
+async def test_every_rejection_code(settings, pool):
+    async with Publisher(settings) as publish, running_consumer(settings, pool):
+        await publish.segment({"type": "create_segment", "slug": "A", "command_id": "a"})
+        await wait_for_outcomes(pool, ["a"])
+        await publish.segment({"type": "create_segment", "slug": "A", "command_id": "exists"})
+        await publish.segment({"type": "update_segment", "slug": "NOPE", "percent": 5, "command_id": "upd"})
+        await publish.segment({"type": "delete_segment", "slug": "NOPE", "command_id": "del"})
+        await publish.user({"type": "update_user_segments", "user_id": 1, "add": ["A", "MISSING"],
+                            "command_id": "missing"})
+        await publish.user({"type": "update_user_segments", "user_id": 1, "add": ["A"], "remove": ["A"],
+                            "command_id": "conflict"})
+        outcomes = await wait_for_outcomes(pool, ["exists", "upd", "del", "missing", "conflict"])
+    codes = {cid: (o["status"], o["error"]["code"]) for cid, o in outcomes.items()}
+    assert codes == {
+        "exists": ("rejected", "segment_exists"),
+        "upd": ("rejected", "segment_not_found"),
+        "del": ("rejected", "segment_not_found"),
+        "missing": ("rejected", "segment_not_found"),
+        "conflict": ("rejected", "conflicting_segments"),
+    }
+    assert "MISSING" in outcomes["missing"]["error"]["message"]
+    # Atomic: the rejected adds changed nothing, not even the user registration.
+    assert await pool.fetchval("SELECT count(*) FROM memberships") == 0
+    assert await pool.fetchval("SELECT count(*) FROM users") == 0
+
+
+INVALID_RECORDS = [
+    (b"not json at all", "invalid_json"),
+    (b"\xff\xfe\xfd", "invalid_json"),
+    (b'"a string"', "not_an_object"),
+    (b'{"type": "explode", "command_id": "bad-type"}', "unknown_type"),
+    (b'{"type": "create_segment", "slug": "X"}', "wrong_topic"),
+    (b'{"type": "update_user_segments", "user_id": "1", "command_id": "bad-field"}', "invalid_field"),
+]
+
+
+async def test_invalid_records_go_to_the_dlq_and_the_partition_keeps_flowing(settings, pool):
+    key = "77"  # one key: every record lands on the same partition, the valid one last
+    async with Publisher(settings) as publish, running_consumer(settings, pool):
+        await publish.segment({"type": "create_segment", "slug": "A", "command_id": "a"})
+        await wait_for_outcomes(pool, ["a"])
+        positions = []
+        for value, _ in INVALID_RECORDS:
+            positions.append(await publish.raw(settings.assignments_commands_topic, value, key=key,
+                                               headers=[("traceparent", b"tp-1")]))
+        await publish.raw(settings.assignments_commands_topic, b'{"type": "update_user_segments", '
+                          b'"user_id": 77, "add": ["A"], "command_id": "valid-after"}', key=key)
+        outcomes = await wait_for_outcomes(pool, ["valid-after"])
+        dlq = await read_topic(settings, settings.dlq_topic, len(INVALID_RECORDS))
+    assert outcomes["valid-after"]["status"] == "applied"
+    assert len(dlq) == len(INVALID_RECORDS)
+    by_offset = {int(header(r, "x-original-offset")): r for r in dlq}
+    for (value, code), position in zip(INVALID_RECORDS, positions, strict=True):
+        record = by_offset[position.offset]
+        assert record.value == value and record.key == key.encode()
+        assert header(record, "x-error-code") == code
+        assert header(record, "x-error-message")
+        assert header(record, "x-original-topic") == settings.assignments_commands_topic
+        assert header(record, "x-original-partition") == str(position.partition)
+    stored = await pool.fetch("SELECT command_id, status, error FROM command_outcomes WHERE status = 'invalid'")
+    assert len(stored) == len(INVALID_RECORDS)
+    ids = {row["command_id"] for row in stored}
+    assert {"bad-type", "bad-field"} <= ids
+    assert f"{settings.assignments_commands_topic}:{positions[0].partition}:{positions[0].offset}" in ids
+
+
+async def test_a_repeated_command_id_changes_nothing_and_repeats_the_outcome(settings, pool):
+    command = {"type": "update_user_segments", "user_id": 5, "add": ["A"], "command_id": "dup"}
+    async with Publisher(settings) as publish, running_consumer(settings, pool):
+        await publish.segment({"type": "create_segment", "slug": "A", "command_id": "a"})
+        await wait_for_outcomes(pool, ["a"])
+        await publish.user(command)
+        await wait_for_outcomes(pool, ["dup"])
+        await publish.user({"type": "update_user_segments", "user_id": 5, "remove": ["A"], "command_id": "rm"})
+        await wait_for_outcomes(pool, ["rm"])
+        await publish.user(command)  # the same id again, after the removal
+        await publish.user({"type": "create_user", "user_id": 5, "command_id": "marker"})
+        await wait_for_outcomes(pool, ["marker"])
+        results = await read_topic(settings, settings.results_topic, 5)
+    assert await pool.fetchval("SELECT count(*) FROM memberships WHERE user_id = 5") == 0
+    assert await history(pool, 5) == [(5, "A", "I", "manual", "manual"), (5, "A", "D", "manual", "manual")]
+    dup = [orjson.loads(r.value) for r in results if r.key == b"dup"]
+    assert len(dup) == 2 and dup[0] == dup[1]
+
+
+async def test_ttl_is_stored_as_expires_at(settings, pool):
+    async with Publisher(settings) as publish, running_consumer(settings, pool):
+        await publish.segment({"type": "create_segment", "slug": "A", "command_id": "a"})
+        await publish.segment({"type": "create_segment", "slug": "B", "command_id": "b"})
+        await wait_for_outcomes(pool, ["a", "b"])
+        await publish.user({"type": "update_user_segments", "user_id": 9, "add": ["A"], "ttl_seconds": 3600,
+                            "command_id": "ttl"})
+        await publish.user({"type": "update_user_segments", "user_id": 9, "add": ["B"],
+                            "expires_at": "2999-01-02T03:04:05Z", "command_id": "at"})
+        outcomes = await wait_for_outcomes(pool, ["ttl", "at"])
+    rows = {r["slug"]: r for r in await pool.fetch(
+        "SELECT s.slug, m.added_at, m.expires_at FROM memberships m JOIN segments s ON s.id = m.segment_id")}
+    ttl = (rows["A"]["expires_at"] - rows["A"]["added_at"]).total_seconds()
+    assert 3599 <= ttl <= 3601
+    assert rows["B"]["expires_at"].isoformat() == "2999-01-02T03:04:05+00:00"
+    assert outcomes["at"]["result"]["expires_at"] == "2999-01-02T03:04:05.000Z"
+
+
+async def test_add_then_remove_for_one_user_keeps_order_across_batches(settings, pool):
+    settings = settings.model_copy(update={"consumer_max_batch": 3})
+    async with Publisher(settings) as publish:
+        await publish.segment({"type": "create_segment", "slug": "A", "command_id": "a"})
+        ids = []
+        for i in range(20):
+            op = "add" if i % 2 == 0 else "remove"
+            ids.append(f"op{i}")
+            await publish.user({"type": "update_user_segments", "user_id": 4, op: ["A"], "command_id": ids[-1]})
+        async with running_consumer(settings, pool):
+            await wait_for_outcomes(pool, ids)
+    assert await pool.fetchval("SELECT count(*) FROM memberships WHERE user_id = 4") == 0  # last was a remove
+    assert [row[2] for row in await history(pool, 4)] == ["I", "D"] * 10
+    sizes = await pool.fetchval("SELECT count(*) FROM command_outcomes")
+    assert sizes == 21
+
+
+async def test_delete_segment_removes_it_from_every_user_with_history(settings, pool):
+    async with Publisher(settings) as publish, running_consumer(settings, pool):
+        await publish.segment({"type": "create_segment", "slug": "A", "command_id": "a"})
+        await wait_for_outcomes(pool, ["a"])
+        for user_id in (1, 2, 3):
+            await publish.user({"type": "update_user_segments", "user_id": user_id, "add": ["A"],
+                                "command_id": f"add{user_id}"})
+        await wait_for_outcomes(pool, ["add1", "add2", "add3"])
+        await publish.segment({"type": "delete_segment", "slug": "A", "command_id": "del"})
+        outcomes = await wait_for_outcomes(pool, ["del"])
+        await publish.segment({"type": "create_segment", "slug": "A", "command_id": "again"})
+        again = await wait_for_outcomes(pool, ["again"])
+    assert outcomes["del"]["result"]["explicit_members_removed"] == 3
+    assert again["again"]["status"] == "applied"
+    assert await pool.fetchval("SELECT count(*) FROM memberships") == 0
+    deleted = [row for row in await history(pool) if row[2] == "D"]
+    assert sorted(deleted) == [(u, "A", "D", "manual", "segment_deleted") for u in (1, 2, 3)]

@@ -1,0 +1,103 @@
+"""Helpers for tests that drive the real pipeline: publish commands, run the consumer, await outcomes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from services.command_consumer.consumer import CommandConsumer
+from shared.settings import Settings
+
+
+class Publisher:
+    """Publishes commands the way producers do: JSON value, key = slug or user id."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all",
+                                         max_request_size=4 * 1024 * 1024)
+
+    async def __aenter__(self) -> Publisher:
+        await self.producer.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.producer.stop()
+
+    async def segment(self, command: dict[str, Any], **kwargs):
+        return await self.raw(self.settings.segments_commands_topic, command, key=command.get("slug"), **kwargs)
+
+    async def user(self, command: dict[str, Any], **kwargs):
+        return await self.raw(self.settings.assignments_commands_topic, command,
+                              key=str(command.get("user_id")), **kwargs)
+
+    async def raw(self, topic: str, value: dict | bytes | None, key: str | bytes | None = None,
+                  headers: list[tuple[str, bytes]] | None = None):
+        if isinstance(value, dict):
+            value = orjson.dumps(value)
+        if isinstance(key, str):
+            key = key.encode()
+        return await self.producer.send_and_wait(topic, value, key=key, headers=headers)
+
+
+@contextlib.asynccontextmanager
+async def running_consumer(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[CommandConsumer]:
+    consumer = CommandConsumer(settings, pool)
+    task = asyncio.create_task(consumer.run())
+    try:
+        yield consumer
+    finally:
+        consumer.stop()
+        await asyncio.wait_for(task, 30)
+
+
+async def wait_for_outcomes(pool: asyncpg.Pool, command_ids: list[str], timeout: float = 30.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = await pool.fetch("SELECT command_id, status, error, result FROM command_outcomes "
+                                "WHERE command_id = ANY($1::text[])", command_ids)
+        if len(rows) == len(set(command_ids)) or time.monotonic() > deadline:
+            found = {row["command_id"]: dict(row) for row in rows}
+            missing = set(command_ids) - set(found)
+            assert not missing, f"no outcome after {timeout}s for {sorted(missing)[:10]}"
+            return found
+        await asyncio.sleep(0.05)
+
+
+async def read_topic(settings: Settings, topic: str, count: int, timeout: float = 20.0) -> list:
+    """Every record of a topic from the beginning, until `count` have arrived."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False,
+                                auto_offset_reset="earliest", fetch_max_wait_ms=50,
+                                max_partition_fetch_bytes=8 * 1024 * 1024)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        records = []
+        deadline = time.monotonic() + timeout
+        while len(records) < count and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for items in batch.values():
+                records.extend(items)
+        return records
+    finally:
+        await consumer.stop()
+
+
+def header(record, name: str) -> str | None:
+    return next((value.decode() for key, value in record.headers if key == name), None)
+
+
+async def history(pool: asyncpg.Pool, user_id: int | None = None) -> list[tuple]:
+    rows = await pool.fetch(
+        "SELECT user_id, segment_slug, operation, source, reason FROM membership_history "
+        "WHERE $1::bigint IS NULL OR user_id = $1 ORDER BY id", user_id)
+    return [tuple(row) for row in rows]

@@ -1,0 +1,39 @@
+import pytest
+
+from services.command_consumer.parsing import InvalidRecord, RecordRef, ValidCommand, parse_record
+from shared.settings import Settings
+
+SETTINGS = Settings(_env_file=None, max_command_bytes=2048)
+
+
+def record(value: bytes, topic: str = "assignments.commands") -> RecordRef:
+    return RecordRef(topic, 3, 42, b"1", value)
+
+
+@pytest.mark.parametrize(("value", "code"), [
+    (b"not json", "invalid_json"),
+    (b"\xff\xfe{}", "invalid_json"),
+    (b"[1, 2]", "not_an_object"),
+    (b'{"type": "drop_table"}', "unknown_type"),
+    (b'{"user_id": 1}', "unknown_type"),
+    (b'{"type": "create_segment", "slug": "A"}', "wrong_topic"),
+    (b'{"type": "create_user", "user_id": -1}', "invalid_field"),
+    (b'{"type": "create_user", "user_id": 1, "pad": "' + b"x" * 3000 + b'"}', "too_large"),
+])
+def test_invalid_records_get_a_reason(value, code):
+    parsed = parse_record(record(value), SETTINGS)
+    assert isinstance(parsed, InvalidRecord)
+    assert parsed.code == code
+    assert parsed.message
+
+
+def test_command_id_defaults_to_the_record_position():
+    parsed = parse_record(record(b'{"type": "create_user", "user_id": 1}'), SETTINGS)
+    assert isinstance(parsed, ValidCommand)
+    assert parsed.command_id == "assignments.commands:3:42"
+
+
+def test_invalid_record_keeps_a_valid_command_id():
+    parsed = parse_record(record(b'{"type": "create_user", "user_id": "x", "command_id": "c-1"}'), SETTINGS)
+    assert isinstance(parsed, InvalidRecord) and parsed.command_id == "c-1"
+    assert "user_id" in parsed.message
