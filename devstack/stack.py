@@ -139,8 +139,8 @@ class Stack:
             f"  query API        {api}",
             f"  API docs         {api}/docs",
             f"  API metrics      {api}/metrics",
-            f"  consumer metrics http://127.0.0.1:{self.settings.consumer_metrics_port}/metrics",
-            f"  expiry metrics   http://127.0.0.1:{self.settings.expiry_metrics_port}/metrics",
+            f"  consumer metrics {_metrics_url(self.settings.consumer_metrics_port)}",
+            f"  expiry metrics   {_metrics_url(self.settings.expiry_metrics_port)}",
             f"  Kafka            {self.env.get('KAFKA_BOOTSTRAP_SERVERS')}"
             + (" (embedded, in memory)" if self.kafka else ""),
             f"  PostgreSQL       {redact(database)}" + (" (embedded, data in "
@@ -148,3 +148,7 @@ class Stack:
             f"  logs             {self.log_dir}",
             "Press Ctrl-C to stop everything.",
         ])
+
+
+def _metrics_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}/metrics" if port else "disabled (port 0)"

@@ -89,3 +89,18 @@ async def pool(settings: Settings):
     pool = await create_pool(settings.database_url, min_size=1, max_size=8)
     yield pool
     await pool.close()
+
+
+@pytest.fixture
+async def api(settings: Settings):
+    """The query API in-process (lifespan included) behind an httpx client."""
+    import httpx
+
+    from services.query_api.app import create_app
+
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as client:
+            client.app = app
+            yield client

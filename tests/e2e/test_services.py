@@ -1,0 +1,175 @@
+"""The three services as real processes, the way `make run` starts them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from devstack.embedded import EmbeddedPostgres, free_port
+from devstack.stack import Stack
+from tests.support import Publisher
+
+pytestmark = pytest.mark.e2e
+
+
+async def poll(predicate, timeout: float = 30.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(interval)
+
+
+async def test_commands_on_kafka_become_reads_over_http(settings, tmp_path):
+    settings = settings.model_copy(update={"api_port": free_port(), "data_dir": tmp_path,
+                                           "consumer_metrics_port": free_port(),
+                                           "expiry_metrics_port": free_port()})
+    stack = Stack(settings, say=lambda *_: None)
+    stack.env.update({key.upper(): str(value) for key, value in settings.model_dump().items()
+                      if value is not None and key != "data_dir"})
+    try:
+        stack.start_servers()  # external servers given: nothing embedded is started
+        assert stack.postgres is None and stack.kafka is None
+        stack.prepare()
+        stack.start_services()
+        stack.wait_ready()
+        processes = list(stack.services.values())
+        async with Publisher(settings) as publish, httpx.AsyncClient(base_url=stack.api_url()) as http:
+            await publish.segment({"type": "create_segment", "slug": "AVITO_VOICE_MESSAGES", "command_id": "s1"})
+            await publish.segment({"type": "create_segment", "slug": "AVITO_DISCOUNT_30", "command_id": "s2"})
+
+            async def applied(command_id):
+                response = await http.get(f"/commands/{command_id}")
+                return response.json() if response.status_code == 200 else None
+
+            assert (await poll(lambda: applied("s2")))["status"] == "applied"
+            await publish.user({"type": "update_user_segments", "user_id": 1000, "command_id": "u1",
+                                "add": ["AVITO_VOICE_MESSAGES", "AVITO_DISCOUNT_30"], "ttl_seconds": 2})
+            outcome = await poll(lambda: applied("u1"))
+            assert outcome["status"] == "applied"
+            segments = (await http.get("/users/1000/segments")).json()["segments"]
+            assert [s["slug"] for s in segments] == ["AVITO_DISCOUNT_30", "AVITO_VOICE_MESSAGES"]
+
+            async def expired():
+                return (await http.get("/users/1000/segments")).json()["segments"] == []
+
+            assert await poll(expired, timeout=10)
+            consumer_metrics = (await http.get(f"http://127.0.0.1:{settings.consumer_metrics_port}/metrics")).text
+            assert 'segmentation_commands_total{status="applied",type="update_user_segments"} 1.0' in consumer_metrics
+
+            async def removed_by_worker():
+                text = (await http.get(f"http://127.0.0.1:{settings.expiry_metrics_port}/metrics")).text
+                return "segmentation_memberships_expired_total 2.0" in text
+
+            assert await poll(removed_by_worker, timeout=10)
+    finally:
+        stack.close()
+    assert all(p.poll() is not None for p in processes)
+    # Each stopped on SIGTERM (uvicorn re-raises it after its graceful shutdown); none needed SIGKILL.
+    assert all(p.returncode in (0, -signal.SIGTERM) for p in processes), [p.returncode for p in processes]
+
+
+def _launcher_env(tmp_path: Path, api_port: int) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS")}
+    env.update(DATA_DIR=str(tmp_path / "data"), API_PORT=str(api_port), CONSUMER_METRICS_PORT=str(free_port()),
+               EXPIRY_METRICS_PORT=str(free_port()))
+    return env
+
+
+def _wait_ready(url: str, launcher: subprocess.Popen, timeout: float = 60.0) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        assert launcher.poll() is None, "the launcher exited before the API was ready"
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"/readyz not 200 within {timeout}s")
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def _alive(process: psutil.Process) -> bool:
+    """Running and not a zombie (a detached server that exited may wait to be reaped by PID 1)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _postgres_of(data_dir: Path) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if _alive(process) and any(str(data_dir) in part for part in process.info["cmdline"] or ()):
+            found.append(process)
+    return found
+
+
+@pytest.mark.skipif(bool(os.environ.get("DATABASE_URL") or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")),
+                    reason="exercises the embedded defaults of make run")
+def test_make_run_starts_everything_embedded_and_ctrl_c_leaves_nothing(tmp_path):
+    api_port = free_port()
+    url = f"http://127.0.0.1:{api_port}"
+    command = [sys.executable, "-m", "devstack", "run"]
+    launcher = subprocess.Popen(command, env=_launcher_env(tmp_path, api_port), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        ready_after = _wait_ready(url, launcher)
+        print(f"make run: API ready after {ready_after:.1f}s")
+        started = _descendants(launcher.pid) + _postgres_of(tmp_path / "data" / "postgres")
+        assert len(started) >= 5  # broker, three services, PostgreSQL (and its workers)
+        response = httpx.post(f"{url}/commands", json={"type": "create_segment", "slug": "S", "percent": 100})
+        assert response.status_code == 202
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if httpx.get(f"{url}/users/42/segments").json()["segments"]:
+                break
+            time.sleep(0.1)
+        assert httpx.get(f"{url}/users/42/segments").json()["segments"] == [
+            {"slug": "S", "source": "auto", "expires_at": None}]
+
+        # A killed launcher: its children get SIGTERM from the kernel (PDEATHSIG) and exit, but
+        # PostgreSQL runs detached and stays as a stray; the next run stops it and starts afresh.
+        children = _descendants(launcher.pid)
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        _, alive = psutil.wait_procs(children, timeout=20)
+        assert alive == []
+        strays = _postgres_of(tmp_path / "data" / "postgres")
+        assert strays
+        launcher = subprocess.Popen(command, env=_launcher_env(tmp_path, api_port), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+        _wait_ready(url, launcher)
+        assert httpx.get(f"{url}/segments").json()["segments"][0]["slug"] == "S"  # data kept across runs
+        assert not any(_alive(p) for p in strays)
+        started = _descendants(launcher.pid) + _postgres_of(tmp_path / "data" / "postgres")
+
+        launcher.send_signal(signal.SIGINT)  # Ctrl-C
+        output, _ = launcher.communicate(timeout=60)
+        assert launcher.returncode == 0, output
+        assert "stopped" in output
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        if _postgres_of(tmp_path / "data" / "postgres"):  # only after a failure above
+            EmbeddedPostgres(tmp_path / "data" / "postgres").stop("immediate")
+    time.sleep(0.5)
+    alive = [p for p in started if _alive(p)]
+    assert alive == [], f"left running: {[p.cmdline() for p in alive]}"
+    assert _postgres_of(tmp_path / "data" / "postgres") == []
