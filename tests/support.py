@@ -38,6 +38,13 @@ class Publisher:
         return await self.raw(self.settings.assignments_commands_topic, command,
                               key=str(command.get("user_id")), **kwargs)
 
+    async def users(self, commands: list[dict[str, Any]]) -> None:
+        """Many user commands, enqueued one after the other (so per-key order is the list's order),
+        then acknowledged together."""
+        deliveries = [await self.producer.send(self.settings.assignments_commands_topic, orjson.dumps(c),
+                                               key=str(c["user_id"]).encode()) for c in commands]
+        await asyncio.gather(*deliveries)
+
     async def raw(self, topic: str, value: dict | bytes | None, key: str | bytes | None = None,
                   headers: list[tuple[str, bytes]] | None = None):
         if isinstance(value, dict):
@@ -101,3 +108,48 @@ async def history(pool: asyncpg.Pool, user_id: int | None = None) -> list[tuple]
         "SELECT user_id, segment_slug, operation, source, reason FROM membership_history "
         "WHERE $1::bigint IS NULL OR user_id = $1 ORDER BY id", user_id)
     return [tuple(row) for row in rows]
+
+
+def service_env(settings: Settings, **overrides: str) -> dict[str, str]:
+    """Environment for a service process configured like `settings`."""
+    import os
+
+    env = dict(os.environ)
+    for key, value in settings.model_dump().items():
+        if value is not None:
+            env[key.upper()] = str(value)
+    env.update(overrides)
+    return env
+
+
+class MembershipModel:
+    """The contract's explicit-membership rules, as simply as they can be said (no TTL, no rollout)."""
+
+    def __init__(self) -> None:
+        self.members: dict[int, set[str]] = {}
+        self.history: dict[int, list[tuple[str, str]]] = {}
+
+    def apply(self, user_id: int, add: list[str], remove: list[str]) -> None:
+        current = self.members.setdefault(user_id, set())
+        log = self.history.setdefault(user_id, [])
+        if set(add) & set(remove):
+            return  # rejected
+        for slug in dict.fromkeys(add):
+            if slug not in current:
+                current.add(slug)
+                log.append((slug, "I"))
+        for slug in dict.fromkeys(remove):
+            if slug in current:
+                current.discard(slug)
+                log.append((slug, "D"))
+
+    async def assert_matches(self, pool: asyncpg.Pool) -> None:
+        rows = await pool.fetch("SELECT m.user_id, s.slug FROM memberships m JOIN segments s ON s.id = m.segment_id")
+        stored: dict[int, set[str]] = {}
+        for row in rows:
+            stored.setdefault(row["user_id"], set()).add(row["slug"])
+        assert stored == {u: s for u, s in self.members.items() if s}
+        stored_history: dict[int, list[tuple[str, str]]] = {}
+        for row in await pool.fetch("SELECT user_id, segment_slug, operation FROM membership_history ORDER BY id"):
+            stored_history.setdefault(row["user_id"], []).append((row["segment_slug"], row["operation"]))
+        assert stored_history == {u: h for u, h in self.history.items() if h}

@@ -1,0 +1,114 @@
+"""The consumer's guarantees under faults: a killed process, a restarted database, a bad deploy."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from services.command_consumer.consumer import CommandConsumer, PoisonGuardTripped
+from tests.support import (
+    MembershipModel,
+    Publisher,
+    read_topic,
+    running_consumer,
+    service_env,
+    wait_for_outcomes,
+)
+
+pytestmark = pytest.mark.integration
+SEGMENTS = [f"S{i}" for i in range(6)]
+
+
+async def wait_for_count(pool, query: str, at_least: int, timeout: float = 60.0) -> None:
+    async with asyncio.timeout(timeout):
+        while await pool.fetchval(query) < at_least:  # noqa: ASYNC110 - polling another process's writes
+            await asyncio.sleep(0.05)
+
+
+def random_commands(count: int, users: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    commands = []
+    for i in range(count):
+        picks = rng.sample(SEGMENTS, rng.randint(1, 3))
+        split = rng.randint(0, len(picks))
+        commands.append({"type": "update_user_segments", "user_id": rng.randint(1, users),
+                         "add": picks[:split], "remove": picks[split:], "command_id": f"c{i}"})
+    return commands
+
+
+async def create_segments(publish, pool) -> None:
+    for slug in SEGMENTS:
+        await publish.segment({"type": "create_segment", "slug": slug, "command_id": f"create-{slug}"})
+
+
+async def test_sigkill_mid_stream_then_restart_matches_the_model(settings, pool):
+    commands = random_commands(4000, users=300, seed=7)
+    model = MembershipModel()
+    for command in commands:
+        model.apply(command["user_id"], command["add"], command["remove"])
+    env = service_env(settings, CONSUMER_MAX_BATCH="200", CONSUMER_METRICS_PORT="0")
+
+    def start():
+        return subprocess.Popen([sys.executable, "-m", "services.command_consumer"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    kills = 0
+    consumer = start()
+    try:
+        async with Publisher(settings) as publish:
+            await create_segments(publish, pool)
+            await wait_for_outcomes(pool, [f"create-{slug}" for slug in SEGMENTS])
+            for start_at in range(0, len(commands), 500):
+                await publish.users(commands[start_at:start_at + 500])
+                applied = await pool.fetchval("SELECT count(*) FROM command_outcomes")
+                if applied > len(SEGMENTS) and kills < 3:
+                    consumer.send_signal(signal.SIGKILL)
+                    consumer.wait()
+                    kills += 1
+                    consumer = start()
+                await asyncio.sleep(0.3)
+        await wait_for_outcomes(pool, [c["command_id"] for c in commands], timeout=120)
+    finally:
+        consumer.send_signal(signal.SIGTERM)
+        assert consumer.wait(30) == 0
+    assert kills == 3
+    await model.assert_matches(pool)
+    assert await pool.fetchval("SELECT count(*) FROM command_outcomes") == len(commands) + len(SEGMENTS)
+    print(f"{len(commands)} commands, {kills} kills: state and history equal the model")
+
+
+async def test_database_restarted_mid_stream(infra, settings, pool):
+    if infra.postgres is None:
+        pytest.skip("needs the embedded PostgreSQL the test session owns")
+    commands = random_commands(3000, users=200, seed=11)
+    model = MembershipModel()
+    for command in commands:
+        model.apply(command["user_id"], command["add"], command["remove"])
+    settings = settings.model_copy(update={"consumer_max_batch": 100})
+    async with Publisher(settings) as publish, running_consumer(settings, pool):
+        await create_segments(publish, pool)
+        await wait_for_outcomes(pool, [f"create-{slug}" for slug in SEGMENTS])
+        sent = asyncio.create_task(publish.users(commands))
+        await wait_for_count(pool, "SELECT count(*) FROM command_outcomes", 500)
+        await asyncio.to_thread(infra.postgres.stop, "immediate")  # a crash, not a clean shutdown
+        await asyncio.sleep(1.5)  # the consumer meets a dead database and backs off
+        await asyncio.to_thread(infra.postgres.start)
+        await sent
+        await wait_for_outcomes(pool, [c["command_id"] for c in commands], timeout=120)
+    await model.assert_matches(pool)
+
+
+async def test_guard_stops_the_consumer_on_a_flood_of_invalid_records(settings, pool):
+    settings = settings.model_copy(update={"poison_guard_window": 50, "poison_guard_max_invalid_share": 0.9})
+    async with Publisher(settings) as publish:
+        for i in range(200):
+            await publish.raw(settings.assignments_commands_topic, b"garbage %d" % i, key=str(i % 7))
+        with pytest.raises(PoisonGuardTripped, match="invalid"):
+            await asyncio.wait_for(CommandConsumer(settings, pool).run(), 60)
+    dead_lettered = await read_topic(settings, settings.dlq_topic, 200, timeout=3)
+    assert len(dead_lettered) < 200  # it stopped instead of dead-lettering the whole flood
