@@ -88,8 +88,8 @@ class CreateUser(CommandEnvelope):
 class UpdateUserSegments(CommandEnvelope):
     type: Literal["update_user_segments"]
     user_id: UserId
-    add: Annotated[list[Slug], Field(max_length=MAX_SLUGS_PER_LIST)] = []
-    remove: Annotated[list[Slug], Field(max_length=MAX_SLUGS_PER_LIST)] = []
+    add: Annotated[list[Slug], Field(max_length=MAX_SLUGS_PER_LIST, default_factory=list)]
+    remove: Annotated[list[Slug], Field(max_length=MAX_SLUGS_PER_LIST, default_factory=list)]
     ttl_seconds: Annotated[int, Field(strict=True, ge=1, le=MAX_TTL_SECONDS)] | None = None
     expires_at: AwareDatetime | None = None
 

@@ -29,10 +29,11 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
 
 
 async def _init_connection(connection: asyncpg.Connection) -> None:
-    for type_name in ("json", "jsonb"):
-        await connection.set_type_codec(
-            type_name, encoder=lambda v: orjson.dumps(v).decode(), decoder=orjson.loads, schema="pg_catalog"
-        )
+    # Binary codecs (jsonb's binary form is a version byte, then the text) so that COPY works too.
+    await connection.set_type_codec("jsonb", schema="pg_catalog", format="binary",
+                                    encoder=lambda v: b"\x01" + orjson.dumps(v), decoder=lambda b: orjson.loads(b[1:]))
+    await connection.set_type_codec("json", schema="pg_catalog", format="binary",
+                                    encoder=orjson.dumps, decoder=orjson.loads)
 
 
 async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:

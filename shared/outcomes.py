@@ -68,7 +68,7 @@ class Outcome(BaseModel):
 
 def format_timestamp(moment: datetime) -> str:
     """RFC 3339 in UTC with milliseconds and a Z, as in the contract's example."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")[:23] + "Z"
 
 
 def outcome_from_record(row) -> dict[str, Any]:

@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     topic_partitions: int = Field(8, ge=1)
 
     # Command consumer.
-    consumer_max_batch: int = Field(1000, ge=1)
+    consumer_max_batch: int = Field(4000, ge=1)
     consumer_fetch_max_wait_ms: int = Field(10, ge=0)
     consumer_session_timeout_ms: int = Field(10_000, ge=1000)
     consumer_heartbeat_interval_ms: int = Field(1_000, ge=100)
@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     @property
     def command_topics(self) -> tuple[str, str]:
         return (self.segments_commands_topic, self.assignments_commands_topic)
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as the environment variables a service process reads."""
+        return {name.upper(): str(value) for name, value in self.model_dump().items() if value is not None}
 
     def require_database_url(self) -> str:
         if not self.database_url:

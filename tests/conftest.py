@@ -9,10 +9,9 @@ import uuid
 import asyncpg
 import pytest
 
-from shared.db import apply_migrations
+from devstack.infra import Infra, fresh_database, start_infra
 from shared.kafka import ensure_topics
 from shared.settings import Settings
-from tests.infra import Infra, start_infra
 
 TEMPLATE_DB = "segmentation_test_template"
 
@@ -34,13 +33,7 @@ def infra():
 
 
 async def _create_template(admin_url: str) -> None:
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DB} WITH (FORCE)")
-        await conn.execute(f"CREATE DATABASE {TEMPLATE_DB}")
-    finally:
-        await conn.close()
-    apply_migrations(_with_database(admin_url, TEMPLATE_DB))
+    await fresh_database(admin_url, TEMPLATE_DB)
 
 
 @pytest.fixture

@@ -114,12 +114,7 @@ def service_env(settings: Settings, **overrides: str) -> dict[str, str]:
     """Environment for a service process configured like `settings`."""
     import os
 
-    env = dict(os.environ)
-    for key, value in settings.model_dump().items():
-        if value is not None:
-            env[key.upper()] = str(value)
-    env.update(overrides)
-    return env
+    return {**os.environ, **settings.to_env(), **overrides}
 
 
 class MembershipModel:

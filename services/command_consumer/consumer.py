@@ -112,10 +112,10 @@ class CommandConsumer:
             # The partitions moved on: their new owner redelivers and the inbox makes that harmless.
             log.warning("offset commit refused after rebalance", error=str(error))
         self._update_lag(offsets)
-        for processed in results:
-            for item in processed:
-                if not item.replayed:
-                    metrics.COMMANDS.labels(item.outcome["type"] or "unknown", item.outcome["status"]).inc()
+        counts = collections.Counter((item.outcome["type"] or "unknown", item.outcome["status"])
+                                     for processed in results for item in processed if not item.replayed)
+        for (command_type, status), count in counts.items():
+            metrics.COMMANDS.labels(command_type, status).inc(count)
 
     def _check_poison_guard(self, batch) -> None:
         self._recent_invalid.extend(isinstance(p, InvalidRecord) for p in batch)

@@ -13,7 +13,7 @@ from decimal import Decimal
 
 from shared.commands import CreateUser, UpdateUserSegments
 from shared.outcomes import ErrorCode, Status, format_timestamp
-from shared.rollout import is_covered
+from shared.rollout import rollout_bucket, rollout_threshold
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,20 +21,30 @@ class SegmentRef:
     id: int
     slug: str
     percent: Decimal
+    threshold: int = field(init=False)  # rollout buckets below it are covered
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "threshold", rollout_threshold(self.percent))
 
 
-@dataclass(slots=True)
 class UserState:
-    user_id: int
-    registered: bool = False
-    explicit: dict[int, datetime | None] = field(default_factory=dict)  # segment id → expires_at
-    excluded: set[int] = field(default_factory=set)
-    changed_explicit: set[int] = field(default_factory=set)
-    changed_exclusions: set[int] = field(default_factory=set)
-    newly_registered: bool = False
+    """One user's explicit memberships and exclusions, and which of them a batch changed."""
+
+    __slots__ = ("changed_exclusions", "changed_explicit", "excluded", "explicit", "newly_registered",
+                 "registered", "user_id")
+
+    def __init__(self, user_id: int, registered: bool = False,
+                 explicit: dict[int, datetime | None] | None = None, excluded: set[int] | None = None) -> None:
+        self.user_id = user_id
+        self.registered = registered
+        self.explicit = explicit if explicit is not None else {}  # segment id → expires_at (None: permanent)
+        self.excluded = excluded if excluded is not None else set()
+        self.changed_explicit: set[int] = set()
+        self.changed_exclusions: set[int] = set()
+        self.newly_registered = False
 
     def covered(self, segment: SegmentRef) -> bool:
-        return is_covered(segment.slug, self.user_id, segment.percent)
+        return segment.threshold > 0 and rollout_bucket(segment.slug, self.user_id) < segment.threshold
 
     def is_member(self, segment: SegmentRef, now: datetime) -> bool:
         if segment.id in self.explicit:

@@ -70,6 +70,19 @@ def parse_record(record: RecordRef, settings: Settings) -> ParsedRecord:
     if len(value) > settings.max_command_bytes:
         return InvalidRecord(record, record.default_command_id, None, ErrorCode.TOO_LARGE,
                              f"record of {len(value)} bytes is over the {settings.max_command_bytes}-byte limit")
+    try:  # the usual case in one pass; the slower path below explains what is wrong
+        command = command_adapter.validate_json(value)
+    except ValidationError:
+        pass
+    else:
+        expected = (SEGMENT_COMMAND_TYPES if record.topic == settings.segments_commands_topic
+                    else USER_COMMAND_TYPES)
+        if command.type in expected:
+            return ValidCommand(record, command.command_id or record.default_command_id, command)
+    return _explain_invalid(record, value, settings)
+
+
+def _explain_invalid(record: RecordRef, value: bytes, settings: Settings) -> ParsedRecord:
     try:
         raw = orjson.loads(value)
     except orjson.JSONDecodeError as error:

@@ -9,6 +9,8 @@ import asyncpg
 
 from services.command_consumer.membership import HistoryRow, SegmentRef, UserState
 
+OUTCOME_COLUMNS = ("command_id", "type", "status", "error", "result", "processed_at", "source_topic",
+                   "source_partition", "source_offset")
 HISTORY_COLUMNS = ("user_id", "segment_slug", "operation", "executed_at", "source", "reason", "command_id")
 
 
@@ -23,15 +25,9 @@ async def fetch_outcomes(conn: asyncpg.Connection, command_ids: list[str]) -> di
 
 
 async def insert_outcomes(conn: asyncpg.Connection, outcomes: list[tuple]) -> None:
-    # A plain INSERT: a concurrent writer of the same command id (a zombie consumer after a
-    # rebalance) makes this transaction fail and retry, and the retry finds the stored outcome.
-    await conn.execute(
-        """INSERT INTO command_outcomes (command_id, type, status, error, result, processed_at,
-                                         source_topic, source_partition, source_offset)
-           SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[], $5::jsonb[],
-                                $6::timestamptz[], $7::text[], $8::int[], $9::bigint[])""",
-        *map(list, zip(*outcomes, strict=False)),
-    )
+    # COPY, not INSERT … ON CONFLICT: a concurrent writer of the same command id (a zombie consumer
+    # after a rebalance) makes this transaction fail and retry, and the retry finds the stored outcome.
+    await conn.copy_records_to_table("command_outcomes", records=outcomes, columns=OUTCOME_COLUMNS)
 
 
 async def insert_history(conn: asyncpg.Connection, rows: list[HistoryRow]) -> None:
@@ -150,11 +146,21 @@ async def update_segment(conn: asyncpg.Connection, segment_id: int, percent: Dec
 
 async def record_rollout_event(conn: asyncpg.Connection, segment_id: int, slug: str, old: Decimal, new: Decimal,
                                reason: str, now: datetime, command_id: str) -> None:
-    await conn.execute(
+    """A percent change of a segment, with the users it does not move (explicit members and
+    excluded users), so reports can expand it per user exactly without a row per covered user."""
+    event_id = await conn.fetchval(
         """INSERT INTO rollout_events (segment_id, segment_slug, old_percent, new_percent, reason,
                                        executed_at, command_id)
-           VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+           VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id""",
         segment_id, slug, old, new, reason, now, command_id,
+    )
+    await conn.execute(
+        """INSERT INTO rollout_event_overrides (event_id, user_id)
+           SELECT $1::bigint, user_id FROM memberships
+           WHERE segment_id = $2 AND (expires_at IS NULL OR expires_at > $3)
+           UNION
+           SELECT $1::bigint, user_id FROM rollout_exclusions WHERE segment_id = $2""",
+        event_id, segment_id, now,
     )
 
 

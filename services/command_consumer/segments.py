@@ -49,10 +49,10 @@ async def delete_segment(conn: asyncpg.Connection, command: DeleteSegment, now: 
     if segment is None:
         return Decision(Status.REJECTED, error_code=ErrorCode.SEGMENT_NOT_FOUND,
                         error_message=f"no live segment {command.slug}")
-    removed = await repository.delete_segment(conn, segment["id"], command.slug, now, command_id)
-    if segment["percent"] > 0:
+    if segment["percent"] > 0:  # first: the event notes who is in or out explicitly right now
         await repository.record_rollout_event(conn, segment["id"], command.slug, segment["percent"], 0,
                                               "segment_deleted", now, command_id)
+    removed = await repository.delete_segment(conn, segment["id"], command.slug, now, command_id)
     return Decision(Status.APPLIED, result={"slug": command.slug, "explicit_members_removed": removed})
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -47,6 +48,7 @@ RETURNING m.user_id, s.slug, s.percent, m.expires_at
 class BatchResult:
     removed: int
     full: bool
+    lags: list[float]  # seconds from each row's expiry to its removal
 
 
 async def expire_batch(conn: asyncpg.Connection, batch_size: int) -> BatchResult:
@@ -62,11 +64,12 @@ async def expire_batch(conn: asyncpg.Connection, batch_size: int) -> BatchResult
                 "membership_history", records=history,
                 columns=("user_id", "segment_slug", "operation", "executed_at", "source", "reason", "command_id"))
     removed_at = datetime.now(UTC)
-    for row in rows:
-        LAG.observe(max(0.0, (removed_at - row["expires_at"]).total_seconds()))
+    lags = [max(0.0, (removed_at - row["expires_at"]).total_seconds()) for row in rows]
+    for lag in lags:
+        LAG.observe(lag)
     EXPIRED.inc(len(rows))
     BATCH_DURATION.observe(time.monotonic() - started)
-    return BatchResult(len(rows), len(rows) >= batch_size)
+    return BatchResult(len(rows), len(rows) >= batch_size, lags)
 
 
 async def seconds_until_next_expiry(conn: asyncpg.Connection) -> float | None:
@@ -76,8 +79,10 @@ async def seconds_until_next_expiry(conn: asyncpg.Connection) -> float | None:
 
 
 class ExpiryWorker:
-    def __init__(self, pool: asyncpg.Pool, batch_size: int, max_sleep_seconds: float) -> None:
+    def __init__(self, pool: asyncpg.Pool, batch_size: int, max_sleep_seconds: float,
+                 on_batch: Callable[[BatchResult], None] | None = None) -> None:
         self.pool = pool
+        self.on_batch = on_batch
         self.batch_size = batch_size
         self.max_sleep_seconds = max_sleep_seconds
         self.stopping = asyncio.Event()
@@ -93,6 +98,8 @@ class ExpiryWorker:
             try:
                 async with self.pool.acquire() as conn:
                     result = await expire_batch(conn, self.batch_size)
+                    if self.on_batch:
+                        self.on_batch(result)
                     if result.removed:
                         log.info("memberships expired", count=result.removed)
                     await self._report_backlog(conn)

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from decimal import Decimal
 
 import asyncpg
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
-from shared.rollout import rollout_bucket, rollout_threshold
+from shared.rollout import is_covered
 
 CSV_HEADER = "user_id,segment_slug,operation,executed_at,source,reason\n"
 CURSOR_PREFETCH = 5000
@@ -62,11 +61,6 @@ def _format(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _covered(slug: str, user_id: int, percent: Decimal) -> bool:
-    threshold = rollout_threshold(percent)
-    return threshold > 0 and rollout_bucket(slug, user_id) < threshold
-
-
 EXPLICIT_SQL = """
 SELECT executed_at, user_id, segment_slug,
        user_id::text || ',' || segment_slug || ',' || operation || ','
@@ -77,16 +71,29 @@ WHERE executed_at >= $1 AND executed_at < $2 AND ($3::bigint IS NULL OR user_id 
 ORDER BY executed_at, user_id, segment_slug, id
 """
 
+# Rollout events of the month; `overridden` is whether the one user asked about held an explicit
+# membership or an exclusion for the segment at that moment (then the event did not move it).
 EVENTS_SQL = """
-SELECT segment_slug, old_percent, new_percent, reason, executed_at FROM rollout_events
-WHERE executed_at >= $1 AND executed_at < $2 ORDER BY executed_at, segment_slug
+SELECT e.id, e.segment_slug, e.old_percent, e.new_percent, e.reason, e.executed_at,
+       $3::bigint IS NOT NULL AND EXISTS (
+           SELECT 1 FROM rollout_event_overrides o WHERE o.event_id = e.id AND o.user_id = $3) AS overridden
+FROM rollout_events e
+WHERE e.executed_at >= $1 AND e.executed_at < $2
+ORDER BY e.executed_at, e.segment_slug
+"""
+
+# Every registered user an event may have moved, in user_id order, streamed.
+EVENT_USERS_SQL = """
+SELECT u.user_id FROM users u
+WHERE NOT EXISTS (SELECT 1 FROM rollout_event_overrides o WHERE o.event_id = $1 AND o.user_id = u.user_id)
+ORDER BY u.user_id
 """
 
 
 def _rollout_line(user_id: int, event: asyncpg.Record) -> tuple | None:
     slug = event["segment_slug"]
-    before = _covered(slug, user_id, event["old_percent"])
-    after = _covered(slug, user_id, event["new_percent"])
+    before = is_covered(slug, user_id, event["old_percent"])
+    after = is_covered(slug, user_id, event["new_percent"])
     if before == after:
         return None
     operation = "I" if after else "D"
@@ -100,15 +107,14 @@ async def _explicit_rows(conn: asyncpg.Connection, start, end, user_id) -> Async
 
 
 async def _rollout_rows(conn: asyncpg.Connection, start, end, user_id) -> AsyncIterator[tuple]:
-    events = await conn.fetch(EVENTS_SQL, start, end)
-    for event in events:
+    """Entries and exits the rollout caused, derived from its events (no row per covered user)."""
+    for event in await conn.fetch(EVENTS_SQL, start, end, user_id):
         if user_id is not None:
-            row = _rollout_line(user_id, event)
+            row = None if event["overridden"] else _rollout_line(user_id, event)
             if row:
                 yield row
             continue
-        # All-users report: every registered user, streamed in user_id order.
-        async for user in conn.cursor("SELECT user_id FROM users ORDER BY user_id", prefetch=CURSOR_PREFETCH):
+        async for user in conn.cursor(EVENT_USERS_SQL, event["id"], prefetch=CURSOR_PREFETCH):
             row = _rollout_line(user["user_id"], event)
             if row:
                 yield row

@@ -1,4 +1,4 @@
-"""The real servers a test session runs against.
+"""The real servers a test session or a benchmark runs against.
 
 - default: the embedded Tansu broker and embedded PostgreSQL, started on free ports and stopped
   at the end of the session;
@@ -64,3 +64,22 @@ def _containers(exit_stack: ExitStack) -> Infra:
     postgres = exit_stack.enter_context(PostgresContainer(POSTGRES_IMAGE, driver=None))
     kafka = exit_stack.enter_context(KafkaContainer(KAFKA_IMAGE).with_kraft())
     return Infra(postgres.get_connection_url(), kafka.get_bootstrap_server(), _exit=exit_stack)
+
+
+async def fresh_database(admin_url: str, name: str) -> str:
+    """Create (or recreate) database `name` on the server, migrated; returns its URL."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    import asyncpg
+
+    from shared.db import apply_migrations
+
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await conn.execute(f"CREATE DATABASE {name}")
+    finally:
+        await conn.close()
+    url = urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
+    apply_migrations(url)
+    return url

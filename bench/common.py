@@ -1,0 +1,81 @@
+"""What the benchmarks share: servers, a fresh database and topics, machine facts, percentiles."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from devstack.infra import fresh_database, start_infra
+from shared.db import create_pool
+from shared.kafka import ensure_topics
+from shared.settings import Settings
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+@contextlib.asynccontextmanager
+async def bench_environment(name: str, **overrides) -> AsyncIterator[tuple]:
+    """Servers (embedded unless DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS), then per call of
+    `new(label)` a migrated database and topics of its own."""
+    infra = await asyncio.to_thread(start_infra)
+    pools = []
+    try:
+        async def new(label: str):
+            prefix = f"bench_{name}_{label}_{uuid.uuid4().hex[:6]}"
+            url = await fresh_database(infra.database_url, prefix)
+            settings = Settings(_env_file=None, database_url=url, kafka_bootstrap_servers=infra.kafka_bootstrap_servers,
+                                segments_commands_topic=f"{prefix}.segments.commands",
+                                assignments_commands_topic=f"{prefix}.assignments.commands",
+                                results_topic=f"{prefix}.results", dlq_topic=f"{prefix}.dlq",
+                                consumer_group=f"{prefix}-group", consumer_metrics_port=0,
+                                expiry_metrics_port=0, **overrides)
+            await ensure_topics(settings)
+            pool = await create_pool(url, min_size=1, max_size=12)
+            pools.append(pool)
+            return settings, pool
+
+        yield infra, new
+    finally:
+        for pool in pools:
+            await pool.close()
+        await asyncio.to_thread(infra.close)
+
+
+class Progress:
+    """Progress on stderr: one line redrawn on a terminal, a line every few seconds elsewhere."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label, self.total, self.started, self.shown = label, total, time.monotonic(), 0.0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        finished = done >= self.total
+        if now - self.shown < (0.5 if self.tty else 5.0) and not finished:
+            return
+        self.shown = now
+        rate = done / max(now - self.started, 1e-9)
+        line = f"  {self.label}: {done:,}/{self.total:,} ({rate:,.0f}/s)"
+        if self.tty:
+            print("\r" + line, end="\n" if finished else "", flush=True, file=sys.stderr)
+        else:
+            print(line, flush=True, file=sys.stderr)

@@ -1,0 +1,185 @@
+"""Command consumer: sustained throughput against the one-transaction-per-command baseline, and
+end-to-end latency at a steady rate. Same broker, same database server, same run.
+
+    python -m bench.consumer_throughput [--commands 200000] [--baseline-commands 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+from datetime import UTC, datetime
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from bench.common import Progress, bench_environment, machine, percentile
+from bench.simple_consumer import run_simple_consumer
+from services.command_consumer.consumer import CommandConsumer
+
+
+def generate(count: int, users: int, segments: int, seed: int = 1) -> list[dict]:
+    rng = random.Random(seed)
+    slugs = [f"SEGMENT_{i}" for i in range(segments)]
+    commands = []
+    for i in range(count):
+        picked = rng.sample(slugs, rng.randint(1, 3))
+        field = "remove" if rng.random() < 0.2 else "add"
+        commands.append({"type": "update_user_segments", "command_id": f"bench-{i}",
+                         "user_id": rng.randint(1, users), field: picked})
+    return commands
+
+
+async def seed_segments(pool, segments: int) -> None:
+    await pool.execute("INSERT INTO segments (slug, created_at, updated_at) "
+                       "SELECT 'SEGMENT_' || g, now(), now() FROM generate_series(0, $1 - 1) AS g", segments)
+
+
+async def preload(settings, commands: list[dict]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, linger_ms=20,
+                                max_batch_size=256 * 1024, acks="all")
+    await producer.start()
+    progress = Progress("preloading", len(commands))
+    try:
+        deliveries = []
+        for i, command in enumerate(commands, 1):
+            deliveries.append(await producer.send(settings.assignments_commands_topic, orjson.dumps(command),
+                                                  key=str(command["user_id"]).encode()))
+            if i % 10_000 == 0:
+                await asyncio.gather(*deliveries)
+                deliveries.clear()
+                progress.update(i)
+        await asyncio.gather(*deliveries)
+        progress.update(len(commands))
+    finally:
+        await producer.stop()
+
+
+async def measure_until_stored(pool, total: int, label: str, run) -> float:
+    """Commands/s from the first outcome stored to the last one."""
+    task = asyncio.create_task(run())
+    progress = Progress(label, total)
+    first = None
+    try:
+        while True:
+            done = await pool.fetchval("SELECT count(*) FROM command_outcomes")
+            if done and first is None:
+                first = (time.monotonic(), done)
+            progress.update(done)
+            if done >= total:
+                return (total - first[1]) / (time.monotonic() - first[0])
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.1)
+    finally:
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def consume_all(settings, pool) -> None:
+    consumer = CommandConsumer(settings, pool)
+    try:
+        await consumer.run()
+    except asyncio.CancelledError:
+        consumer.stop()
+        raise
+
+
+async def latency_at_steady_rate(settings, pool, rate: int, seconds: float) -> list[float]:
+    consumer = CommandConsumer(settings, pool)
+    consuming = asyncio.create_task(consumer.run())
+    results = AIOKafkaConsumer(settings.results_topic, bootstrap_servers=settings.kafka_bootstrap_servers,
+                               auto_offset_reset="earliest", fetch_max_wait_ms=5)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all", linger_ms=0)
+    await results.start()
+    await producer.start()
+    sent_at: dict[str, float] = {}
+    latencies: list[float] = []
+    try:
+        # Warm up: wait until the consumer has joined and applies a command.
+        warm_up = {"type": "create_user", "user_id": 1, "command_id": "warm"}
+        await producer.send_and_wait(settings.assignments_commands_topic, orjson.dumps(warm_up), key=b"1")
+        async for record in results:
+            if record.key == b"warm":
+                break
+
+        async def read_results(expected: int):
+            async for record in results:
+                command_id = record.key.decode()
+                if command_id in sent_at:
+                    latencies.append(time.time() - sent_at[command_id])
+                    if len(latencies) >= expected:
+                        return
+
+        commands = generate(int(rate * seconds), users=100_000, segments=50, seed=2)
+        reader = asyncio.create_task(read_results(len(commands)))
+        started = time.monotonic()
+        progress = Progress(f"steady {rate}/s", len(commands))
+        for i, command in enumerate(commands):
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            sent_at[command["command_id"]] = time.time()
+            await producer.send(settings.assignments_commands_topic, orjson.dumps(command),
+                                key=str(command["user_id"]).encode())
+            progress.update(i + 1)
+        await asyncio.wait_for(reader, 60)
+        return latencies
+    finally:
+        consumer.stop()
+        await asyncio.gather(consuming, return_exceptions=True)
+        await results.stop()
+        await producer.stop()
+
+
+async def main(args) -> None:
+    print(f"machine: {machine()}")
+    async with bench_environment("consumer", topic_partitions=args.partitions) as (_infra, new):
+        commands = generate(args.commands, args.users, args.segments)
+
+        settings, pool = await new("batched")
+        await seed_segments(pool, args.segments)
+        await preload(settings, commands)
+        batched = await measure_until_stored(pool, len(commands), "batched consumer",
+                                             lambda: consume_all(settings, pool))
+
+        baseline_commands = commands[: args.baseline_commands]
+        settings, pool = await new("simple")
+        await seed_segments(pool, args.segments)
+        await preload(settings, baseline_commands)
+        simple = await measure_until_stored(pool, len(baseline_commands), "simple loop",
+                                            lambda: run_simple_consumer(settings, pool, len(baseline_commands)))
+
+        settings, pool = await new("latency")
+        await seed_segments(pool, args.segments)
+        latencies = await latency_at_steady_rate(settings, pool, args.rate, args.latency_seconds)
+
+    print(f"\nconsumer throughput ({datetime.now(UTC):%Y-%m-%d}, {args.partitions} partitions, "
+          f"{args.users:,} users, {args.segments} segments)")
+    print(f"  batched consumer : {batched:10,.0f} commands/s  ({len(commands):,} commands)")
+    print(f"  simple loop      : {simple:10,.0f} commands/s  ({len(baseline_commands):,} commands, "
+          "one transaction each)")
+    print(f"  ratio            : {batched / simple:10.1f}x   (target >= 15,000/s and >= 10x)")
+    print(f"  latency at {args.rate}/s  : p50 {percentile(latencies, 0.5) * 1000:.1f} ms, "
+          f"p99 {percentile(latencies, 0.99) * 1000:.1f} ms over {len(latencies):,} commands "
+          "(produce → outcome durable and published; target p99 <= 100 ms)")
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--commands", type=int, default=200_000)
+    parser.add_argument("--baseline-commands", type=int, default=20_000,
+                        help="the baseline's rate is steady, so a sample of the same commands suffices")
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--segments", type=int, default=50)
+    parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument("--rate", type=int, default=500)
+    parser.add_argument("--latency-seconds", type=float, default=20)
+    asyncio.run(main(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,151 @@
+"""Expiry worker: rows/s on a past-due backlog against the limit (one DELETE … RETURNING feeding one
+history INSERT), while the command consumer keeps applying commands to other users; then the lag
+from expiry to removal at steady state.
+
+    python -m bench.expiry [--rows 200000] [--batch-size 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import time
+
+import orjson
+from aiokafka import AIOKafkaProducer
+
+from bench.common import Progress, bench_environment, machine, percentile
+from devstack.embedded import stop_process
+from services.expiry_worker.worker import ExpiryWorker
+
+LIMIT_SQL = """
+WITH gone AS (DELETE FROM memberships m USING segments s
+              WHERE s.id = m.segment_id AND m.expires_at <= now()
+              RETURNING m.user_id, s.slug, m.expires_at)
+INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, reason)
+SELECT user_id, slug, 'D', expires_at, 'manual', 'ttl' FROM gone
+"""
+
+
+async def seed_backlog(pool, rows: int) -> None:
+    if not await pool.fetchval("SELECT count(*) FROM segments"):
+        await pool.execute("INSERT INTO segments (slug, created_at, updated_at) "
+                           "SELECT 'SEGMENT_' || g, now(), now() FROM generate_series(0, 49) AS g")
+    await pool.execute(
+        """INSERT INTO memberships (user_id, segment_id, added_at, expires_at)
+           SELECT g, (SELECT min(id) FROM segments) + g % 50, now() - interval '1 hour',
+                  now() - interval '1 second' * (g % 600)
+           FROM generate_series(1, $1) AS g""", rows)
+    await pool.execute("VACUUM ANALYZE memberships")
+
+
+async def other_users_traffic(settings, rate: int, stop: asyncio.Event) -> int:
+    """update_user_segments for users the backlog does not contain, at a steady rate."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, linger_ms=5)
+    await producer.start()
+    sent, started, rng = 0, time.monotonic(), random.Random(3)
+    try:
+        while not stop.is_set():
+            user_id = 10_000_000 + rng.randint(1, 100_000)
+            command = {"type": "update_user_segments", "user_id": user_id,
+                       "add": [f"SEGMENT_{rng.randint(0, 49)}"]}
+            await producer.send(settings.assignments_commands_topic, orjson.dumps(command),
+                                key=str(user_id).encode())
+            sent += 1
+            delay = started + sent / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+    finally:
+        await producer.stop()
+    return sent
+
+
+async def drain(pool, batch_size: int, total: int) -> float:
+    worker = ExpiryWorker(pool, batch_size, max_sleep_seconds=0.05)
+    removed = 0
+    progress = Progress("expiring", total)
+
+    def count(result):
+        nonlocal removed
+        removed += result.removed
+        progress.update(removed)
+        if removed >= total:
+            worker.stop()
+
+    worker.on_batch = count
+    started = time.monotonic()
+    await worker.run()
+    return total / (time.monotonic() - started)
+
+
+async def steady_lag(pool, per_second: int, seconds: int) -> list[float]:
+    await pool.execute(
+        """INSERT INTO memberships (user_id, segment_id, added_at, expires_at)
+           SELECT 20000000 + g, (SELECT min(id) FROM segments), now(),
+                  now() + interval '2 seconds' + interval '1 second' * g / $1
+           FROM generate_series(1, $1 * $2) AS g""", per_second, seconds)
+    lags: list[float] = []
+    worker = ExpiryWorker(pool, batch_size=1000, max_sleep_seconds=1.0, on_batch=lambda r: lags.extend(r.lags))
+    task = asyncio.create_task(worker.run())
+    await asyncio.sleep(seconds + 4)
+    worker.stop()
+    await task
+    return lags
+
+
+async def main(args) -> None:
+    print(f"machine: {machine()}")
+    async with bench_environment("expiry") as (_infra, new):
+        settings, pool = await new("worker")
+        await seed_backlog(pool, args.rows)
+        env = {**os.environ, **settings.to_env(), "LOG_LEVEL": "WARNING"}
+        consumer = subprocess.Popen(  # noqa: ASYNC220 - started once, before the measurement
+            [sys.executable, "-m", "services.command_consumer"], env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stop = asyncio.Event()
+        traffic = asyncio.create_task(other_users_traffic(settings, args.command_rate, stop))
+        try:
+            await asyncio.sleep(6)  # the consumer joins its group and is applying commands
+            applied_before = await pool.fetchval("SELECT count(*) FROM command_outcomes")
+            worker_rate = await drain(pool, args.batch_size, args.rows)
+            applied_during = await pool.fetchval("SELECT count(*) FROM command_outcomes") - applied_before
+        finally:
+            stop.set()
+            await traffic
+            stop_process(consumer)
+        assert await pool.fetchval("SELECT count(*) FROM memberships WHERE user_id < 10000000") == 0
+
+        settings, pool = await new("limit")
+        await seed_backlog(pool, args.rows)
+        started = time.monotonic()
+        await pool.execute(LIMIT_SQL)
+        limit_rate = args.rows / (time.monotonic() - started)
+
+        lags = await steady_lag(pool, args.steady_rate, args.steady_seconds)
+
+    print(f"\nexpiry of {args.rows:,} past-due memberships (batch {args.batch_size:,})")
+    print(f"  worker       : {worker_rate:10,.0f} rows/s  (consumer applied {applied_during:,} other commands "
+          "meanwhile)")
+    print(f"  limit        : {limit_rate:10,.0f} rows/s  (one DELETE … RETURNING into one INSERT, "
+          "nothing else running)")
+    print(f"  ratio        : {worker_rate / limit_rate:10.0%}   (target >= 50%)")
+    print(f"  steady lag   : p50 {percentile(lags, 0.5):.3f} s, p99 {percentile(lags, 0.99):.3f} s over "
+          f"{len(lags):,} expiries at {args.steady_rate}/s (target p99 <= 2 s)")
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--batch-size", type=int, default=5000)
+    parser.add_argument("--command-rate", type=int, default=1000, help="commands/s to other users meanwhile")
+    parser.add_argument("--steady-rate", type=int, default=500, help="expiries per second in the lag phase")
+    parser.add_argument("--steady-seconds", type=int, default=15)
+    asyncio.run(main(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    cli()

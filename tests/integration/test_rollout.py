@@ -1,0 +1,140 @@
+"""Percent rollout through the real pipeline: coverage at read time, exclusions, exact history."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from urllib.parse import urlsplit
+
+import pytest
+
+from shared.rollout import rollout_bucket
+from tests.support import Publisher, running_consumer, wait_for_outcomes
+
+pytestmark = pytest.mark.integration
+SLUG = "AVITO_VOICE_MESSAGES"
+
+
+def user_in_buckets(low: int, high: int, slug: str = SLUG, skip: int = 0) -> int:
+    found = (u for u in range(1, 10_000_000) if low <= rollout_bucket(slug, u) < high)
+    for _ in range(skip):
+        next(found)
+    return next(found)
+
+
+async def segments_of(api, user_id: int) -> list[tuple[str, str]]:
+    await api.app.state.resources.rollout.refresh()
+    body = (await api.get(f"/users/{user_id}/segments")).json()
+    return [(s["slug"], s["source"]) for s in body["segments"]]
+
+
+async def report(api, user_id: int | None = None) -> list[str]:
+    now = datetime.now(UTC)
+    params = {"year": now.year, "month": now.month}
+    if user_id is not None:
+        params["user_id"] = user_id
+    link = (await api.get("/reports/history", params=params)).json()["report_link"]
+    parts = urlsplit(link)
+    lines = (await api.get(f"{parts.path}?{parts.query}")).text.splitlines()
+    assert lines[0] == "user_id,segment_slug,operation,executed_at,source,reason"
+    return [",".join(line.split(",")[:3] + line.split(",")[4:]) for line in lines[1:]]  # without the time
+
+
+async def apply(publish, pool, *commands) -> dict:
+    ids = []
+    for command in commands:
+        ids.append(command["command_id"])
+        if "slug" in command:
+            await publish.segment(command)
+        else:
+            await publish.user(command)
+        await wait_for_outcomes(pool, [ids[-1]])  # one after the other: no order across topics
+    outcomes = await wait_for_outcomes(pool, ids)
+    assert all(o["status"] == "applied" for o in outcomes.values()), outcomes
+    return outcomes
+
+
+async def test_percent_raised_then_lowered_with_the_history_of_a_user_never_seen(settings, pool, api):
+    mover = user_in_buckets(1000, 3000)      # in at 30 %, out at 10 % and 5 %
+    stayer = user_in_buckets(0, 500)         # in all along
+    async with Publisher(settings) as publish, running_consumer(settings, pool):
+        await apply(publish, pool,
+                    {"type": "create_segment", "slug": SLUG, "percent": 10, "command_id": "create"})
+        assert await segments_of(api, mover) == []
+        assert await segments_of(api, stayer) == [(SLUG, "auto")]
+        await apply(publish, pool, {"type": "update_segment", "slug": SLUG, "percent": 30, "command_id": "up"})
+        assert await segments_of(api, mover) == [(SLUG, "auto")]
+        await apply(publish, pool, {"type": "update_segment", "slug": SLUG, "percent": 5, "command_id": "down"})
+        assert await segments_of(api, mover) == []
+    assert await pool.fetchval("SELECT count(*) FROM memberships") == 0  # no per-user rows
+    assert await pool.fetchval("SELECT count(*) FROM users") == 0  # neither user was ever seen
+    assert await report(api, mover) == [f"{mover},{SLUG},I,auto,percent_changed",
+                                        f"{mover},{SLUG},D,auto,percent_changed"]
+    assert await report(api, stayer) == [f"{stayer},{SLUG},I,auto,created"]
+
+
+async def test_exclusion_holds_through_percent_changes_until_an_explicit_add(settings, pool, api):
+    user_id = user_in_buckets(0, 1000)  # covered at 10 %
+    async with Publisher(settings) as publish, running_consumer(settings, pool):
+        await apply(publish, pool,
+                    {"type": "create_segment", "slug": SLUG, "percent": 10, "command_id": "create"},
+                    {"type": "update_user_segments", "user_id": user_id, "remove": [SLUG], "command_id": "rm"})
+        assert await segments_of(api, user_id) == []
+        await apply(publish, pool,
+                    {"type": "update_segment", "slug": SLUG, "percent": 0, "command_id": "zero"},
+                    {"type": "update_segment", "slug": SLUG, "percent": 50, "command_id": "half"})
+        assert await segments_of(api, user_id) == []  # excluded whatever the percent does
+        await apply(publish, pool, {"type": "update_user_segments", "user_id": user_id, "add": [SLUG],
+                                    "command_id": "add"})
+        assert await segments_of(api, user_id) == [(SLUG, "manual")]
+        await apply(publish, pool, {"type": "update_user_segments", "user_id": user_id, "remove": [SLUG],
+                                    "command_id": "rm2"},
+                    {"type": "update_user_segments", "user_id": user_id, "add": [SLUG], "ttl_seconds": 3600,
+                     "command_id": "add-ttl"})
+    assert await report(api, user_id) == [
+        f"{user_id},{SLUG},I,auto,created",
+        f"{user_id},{SLUG},D,manual,manual",
+        f"{user_id},{SLUG},I,manual,manual",
+        f"{user_id},{SLUG},D,manual,manual",
+        f"{user_id},{SLUG},I,manual,manual",
+    ]
+
+
+async def test_segment_deleted_while_covering_users(settings, pool, api):
+    covered = user_in_buckets(0, 5000)
+    explicit_and_covered = user_in_buckets(0, 5000, skip=1)
+    outside = user_in_buckets(5000, 10000)
+    async with Publisher(settings) as publish, running_consumer(settings, pool):
+        await apply(publish, pool,
+                    {"type": "create_segment", "slug": SLUG, "percent": 50, "command_id": "create"},
+                    {"type": "update_user_segments", "user_id": explicit_and_covered, "add": [SLUG],
+                     "command_id": "add"},
+                    {"type": "update_user_segments", "user_id": outside, "add": [SLUG], "command_id": "add2"},
+                    {"type": "delete_segment", "slug": SLUG, "command_id": "delete"})
+        for user_id in (covered, explicit_and_covered, outside):
+            assert await segments_of(api, user_id) == []
+    assert await report(api, covered) == [f"{covered},{SLUG},I,auto,created",
+                                          f"{covered},{SLUG},D,auto,segment_deleted"]
+    # In through the rollout, then explicitly: it left once, by the deletion of its explicit membership.
+    assert await report(api, explicit_and_covered) == [f"{explicit_and_covered},{SLUG},I,auto,created",
+                                                       f"{explicit_and_covered},{SLUG},D,manual,segment_deleted"]
+    assert await report(api, outside) == [f"{outside},{SLUG},I,manual,manual",
+                                          f"{outside},{SLUG},D,manual,segment_deleted"]
+
+
+async def test_all_users_report_has_rollout_rows_for_every_registered_user(settings, pool, api):
+    registered = list(range(1, 301))
+    async with Publisher(settings) as publish, running_consumer(settings, pool):
+        await publish.users([{"type": "create_user", "user_id": u, "command_id": f"u{u}"} for u in registered])
+        await wait_for_outcomes(pool, [f"u{u}" for u in registered])
+        await apply(publish, pool,
+                    {"type": "create_segment", "slug": SLUG, "percent": 20, "command_id": "create"},
+                    {"type": "update_user_segments", "user_id": 7, "add": [SLUG], "command_id": "add7"},
+                    {"type": "update_segment", "slug": SLUG, "percent": 40, "command_id": "up"})
+    rows = await report(api)
+    expected_created = [f"{u},{SLUG},I,auto,created" for u in registered if rollout_bucket(SLUG, u) < 2000]
+    expected_raised = [f"{u},{SLUG},I,auto,percent_changed" for u in registered
+                       if 2000 <= rollout_bucket(SLUG, u) < 4000 and u != 7]
+    manual = [f"7,{SLUG},I,manual,manual"] if rollout_bucket(SLUG, 7) >= 2000 else []
+    assert rows == expected_created + manual + expected_raised
+    assert 30 < len(expected_created) < 90 and expected_raised
+    assert all(int(row.split(",")[0]) in registered for row in rows)
