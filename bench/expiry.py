@@ -2,7 +2,7 @@
 history INSERT), while the command consumer keeps applying commands to other users; then the lag
 from expiry to removal at steady state.
 
-    python -m bench.expiry [--rows 200000] [--batch-size 5000]
+    python -m bench.expiry [--rows 200000] [--batch-size EXPIRY_BATCH_SIZE]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaProducer
 from bench.common import Progress, bench_environment, machine, percentile
 from devstack.embedded import stop_process
 from services.expiry_worker.worker import ExpiryWorker
+from shared.settings import Settings
 
 LIMIT_SQL = """
 WITH gone AS (DELETE FROM memberships m USING segments s
@@ -86,8 +87,8 @@ async def steady_lag(pool, per_second: int, seconds: int) -> list[float]:
     await pool.execute(
         """INSERT INTO memberships (user_id, segment_id, added_at, expires_at)
            SELECT 20000000 + g, (SELECT min(id) FROM segments), now(),
-                  now() + interval '2 seconds' + interval '1 second' * g / $1
-           FROM generate_series(1, $1 * $2) AS g""", per_second, seconds)
+                  now() + interval '2 seconds' + interval '1 second' * (g::float8 / $1::int)
+           FROM generate_series(1, $1::int * $2::int) AS g""", per_second, seconds)
     lags: list[float] = []
     worker = ExpiryWorker(pool, batch_size=1000, max_sleep_seconds=1.0, on_batch=lambda r: lags.extend(r.lags))
     task = asyncio.create_task(worker.run())
@@ -140,7 +141,7 @@ async def main(args) -> None:
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--batch-size", type=int, default=5000)
+    parser.add_argument("--batch-size", type=int, default=Settings().expiry_batch_size)
     parser.add_argument("--command-rate", type=int, default=1000, help="commands/s to other users meanwhile")
     parser.add_argument("--steady-rate", type=int, default=500, help="expiries per second in the lag phase")
     parser.add_argument("--steady-seconds", type=int, default=15)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections.abc import Callable
 
@@ -19,6 +20,14 @@ def bootstrap(service: str) -> Settings:
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format, service=service)
     return settings
+
+
+def tune_gc() -> None:
+    """Batches allocate many short-lived objects and few cycles: keep the startup heap out of
+    collections and collect the young generation less often (measured on the command consumer;
+    it did not help the API's latency tail, which is CPU queueing)."""
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> None:

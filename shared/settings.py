@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     max_request_body_bytes: int = Field(1_048_576, ge=1024)
 
     # Expiry worker.
-    expiry_batch_size: int = Field(1000, ge=1)
+    expiry_batch_size: int = Field(10_000, ge=1)
     expiry_max_sleep_seconds: float = Field(1.0, gt=0)
     expiry_metrics_port: int = 9102
 

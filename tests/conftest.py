@@ -4,6 +4,7 @@ template), its own topics and consumer group, so tests never see each other's da
 from __future__ import annotations
 
 import asyncio
+import signal
 import uuid
 
 import asyncpg
@@ -14,6 +15,16 @@ from shared.kafka import ensure_topics
 from shared.settings import Settings
 
 TEMPLATE_DB = "segmentation_test_template"
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config):
+    # SIGTERM (a CI timeout, `kill`) would end pytest without fixture teardown, leaving the
+    # session's servers running; as an interrupt, pytest tears everything down first.
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _with_database(url: str, name: str) -> str:

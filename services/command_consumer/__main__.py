@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import sys
 
 import structlog
 
 from services.command_consumer.consumer import CommandConsumer, DatabaseUnavailable, PoisonGuardTripped
 from shared.db import create_pool
-from shared.service import bootstrap, on_shutdown_signal, serve_metrics
+from shared.service import bootstrap, on_shutdown_signal, serve_metrics, tune_gc
 
 log = structlog.get_logger("command_consumer")
 
 
 async def main() -> int:
     settings = bootstrap("command_consumer")
-    # Batches allocate many short-lived objects and few cycles: keep the startup heap out of
-    # collections and collect the young generation less often.
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
+    tune_gc()
     pool = await create_pool(settings.require_database_url(), min_size=1,
                              max_size=max(settings.db_pool_max_size, settings.topic_partitions + 2))
     serve_metrics(settings.consumer_metrics_port)

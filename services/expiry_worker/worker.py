@@ -19,7 +19,7 @@ import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
 from shared.db import TRANSIENT_DB_ERRORS
-from shared.rollout import is_covered
+from shared.rollout import rollout_bucket, rollout_threshold
 
 log = structlog.get_logger("expiry_worker")
 
@@ -29,6 +29,9 @@ LAG = Histogram("segmentation_expiry_lag_seconds", "From a membership's expires_
                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300))
 BATCH_DURATION = Histogram("segmentation_expiry_batch_seconds", "Duration of one expiry batch transaction")
 
+# One statement: claim due rows (skipping rows another worker or the command consumer holds),
+# delete them re-checking the expiry under the lock, and record the exits of segments without a
+# rollout. Rows of rollout segments come back for the coverage check, which needs the hash.
 EXPIRE_SQL = """
 WITH due AS (
     SELECT user_id, segment_id FROM memberships
@@ -36,11 +39,16 @@ WITH due AS (
     ORDER BY expires_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM memberships m USING due, segments s
+    WHERE m.user_id = due.user_id AND m.segment_id = due.segment_id AND s.id = m.segment_id
+      AND m.expires_at <= now()
+    RETURNING m.user_id, s.slug, s.percent, m.expires_at
+), recorded AS (
+    INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, reason)
+    SELECT user_id, slug, 'D', expires_at, 'manual', 'ttl' FROM gone WHERE percent = 0
 )
-DELETE FROM memberships m USING due, segments s
-WHERE m.user_id = due.user_id AND m.segment_id = due.segment_id AND s.id = m.segment_id
-  AND m.expires_at <= now()
-RETURNING m.user_id, s.slug, s.percent, m.expires_at
+SELECT user_id, slug, percent, expires_at FROM gone
 """
 
 
@@ -57,8 +65,9 @@ async def expire_batch(conn: asyncpg.Connection, batch_size: int) -> BatchResult
         rows = await conn.fetch(EXPIRE_SQL, batch_size)
         # A user the segment's rollout still covers stays in: no exit to record. (An explicit
         # membership and an exclusion never coexist, so coverage alone decides.)
-        history = [(r["user_id"], r["slug"], "D", r["expires_at"], "manual", "ttl", None)
-                   for r in rows if not is_covered(r["slug"], r["user_id"], r["percent"])]
+        history = [(user_id, slug, "D", expires_at, "manual", "ttl", None)
+                   for user_id, slug, percent, expires_at in rows
+                   if percent and rollout_bucket(slug, user_id) >= rollout_threshold(percent)]
         if history:
             await conn.copy_records_to_table(
                 "membership_history", records=history,

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
+import shutil
+import tempfile
 
 import uvicorn
 
@@ -21,9 +25,14 @@ def cli() -> None:
     args = parser.parse_args()
     settings = bootstrap("query_api")
     settings.require_database_url()
+    workers = args.workers or settings.api_workers
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Each worker is a process: metrics go through files that /metrics adds up.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="segmentation-metrics-")
+        atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
     uvicorn.run("services.query_api.app:create_app", factory=True,
                 host=args.host or settings.api_host, port=args.port or settings.api_port,
-                workers=args.workers or settings.api_workers, log_level="warning",
+                workers=workers, log_level="warning",
                 access_log=False, timeout_graceful_shutdown=10)
 
 

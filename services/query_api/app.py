@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from services.query_api.dependencies import Resources
+from services.query_api.fast_path import UserSegmentsFastPath
 from services.query_api.http_metrics import BodySizeLimitMiddleware, MetricsMiddleware
 from services.query_api.reports import ReportSigner
 from services.query_api.rollout_cache import RolloutCache
@@ -33,8 +34,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # The API's queries never change session state, so connections skip the reset round trip.
         pool = await create_pool(settings.require_database_url(), min_size=settings.db_pool_min_size,
-                                 max_size=settings.db_pool_max_size)
+                                 max_size=settings.db_pool_max_size, reset_sessions=False)
         rollout = RolloutCache(pool, settings.rollout_cache_refresh_seconds)
         await rollout.start()
         resources = Resources(settings, pool, rollout,
@@ -52,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   lifespan=lifespan)
     for module in (users, segments, reports, commands, health):
         app.include_router(module.router)
+    app.add_middleware(UserSegmentsFastPath)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     app.add_middleware(MetricsMiddleware)
     return app

@@ -23,7 +23,8 @@ class Resources:
     producer: AIOKafkaProducer | None = None
 
 
-def get_resources(request: Request) -> Resources:
+async def get_resources(request: Request) -> Resources:
+    # async: a plain def dependency would run in the thread pool, a thread hop per request
     return request.app.state.resources
 
 

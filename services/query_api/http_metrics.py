@@ -13,11 +13,13 @@ LATENCY = Histogram("segmentation_http_request_seconds", "HTTP request latency b
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
 
 UNCOUNTED = frozenset({"/metrics"})
+BODILESS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class MetricsMiddleware:
     def __init__(self, app) -> None:
         self.app = app
+        self._children: dict[tuple, tuple] = {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in UNCOUNTED:
@@ -34,10 +36,14 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
-            REQUESTS.labels(template, scope["method"], str(status)).inc()
-            LATENCY.labels(template, scope["method"]).observe(time.perf_counter() - started)
+            template = getattr(scope.get("route"), "path", "unmatched")
+            key = (template, scope["method"], status)
+            children = self._children.get(key)
+            if children is None:  # label lookups take a lock; do them once per combination
+                children = self._children[key] = (REQUESTS.labels(template, scope["method"], str(status)),
+                                                  LATENCY.labels(template, scope["method"]))
+            children[0].inc()
+            children[1].observe(time.perf_counter() - started)
 
 
 class BodySizeLimitMiddleware:
@@ -48,7 +54,7 @@ class BodySizeLimitMiddleware:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in BODILESS:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:

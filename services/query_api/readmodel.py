@@ -6,6 +6,7 @@ from typing import Any
 
 import asyncpg
 import mmh3
+import orjson
 
 from services.query_api.rollout_cache import RolloutSegment
 from shared.outcomes import format_timestamp
@@ -42,6 +43,11 @@ async def user_segments(pool: asyncpg.Pool, rollout: tuple[RolloutSegment, ...],
         if mmh3.hash(slug + suffix, 0, signed=False) % BUCKETS < segment.threshold:
             segments[slug] = {"slug": slug, "source": "auto", "expires_at": None}
     return [segments[slug] for slug in sorted(segments)]
+
+
+async def user_segments_json(pool: asyncpg.Pool, rollout: tuple[RolloutSegment, ...], user_id: int) -> bytes:
+    """The body of GET /users/{user_id}/segments."""
+    return orjson.dumps({"user_id": user_id, "segments": await user_segments(pool, rollout, user_id)})
 
 
 async def user(pool: asyncpg.Pool, user_id: int) -> asyncpg.Record | None:

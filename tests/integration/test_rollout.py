@@ -138,3 +138,35 @@ async def test_all_users_report_has_rollout_rows_for_every_registered_user(setti
     assert rows == expected_created + manual + expected_raised
     assert 30 < len(expected_created) < 90 and expected_raised
     assert all(int(row.split(",")[0]) in registered for row in rows)
+
+
+async def test_all_users_report_with_rollout_rows_streams_with_flat_memory(pool):
+    import tracemalloc
+
+    from services.query_api.reports import stream_report
+
+    users = 100_000
+    await pool.execute("INSERT INTO users SELECT g, now() FROM generate_series(1, $1) AS g", users)
+    segment_id = await pool.fetchval("INSERT INTO segments (slug, percent, created_at, updated_at) "
+                                     "VALUES ($1, 50, '2023-09-10', '2023-09-10') RETURNING id", SLUG)
+    await pool.execute("INSERT INTO rollout_events (segment_id, segment_slug, old_percent, new_percent, reason, "
+                       "executed_at, command_id) VALUES ($1, $2, 0, 50, 'created', '2023-09-10', 'c')",
+                       segment_id, SLUG)
+    await pool.execute("INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, "
+                       "reason) VALUES (5, 'OTHER', 'I', '2023-09-11', 'manual', 'manual')")
+    tracemalloc.start()
+    lines, chunks, last = 0, 0, None
+    try:
+        async for chunk in stream_report(pool, 2023, 9, None):
+            chunks += 1
+            rows = chunk.decode().splitlines()
+            lines += len(rows)
+            last = rows[-1]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    covered = sum(1 for u in range(1, users + 1) if rollout_bucket(SLUG, u) < 5000)
+    assert lines == 1 + covered + 1  # header, the rollout's entries, the explicit row after them
+    assert last == "5,OTHER,I,2023-09-11 00:00:00,manual,manual"
+    assert chunks > 5
+    assert peak < 8 * 1024 * 1024, f"peak {peak} bytes: the report was held in memory"

@@ -1,0 +1,87 @@
+"""Streaming a 1,000,000-row history CSV through the API against PostgreSQL's own
+COPY … TO STDOUT of the same rows, with the API process's peak memory.
+
+    python -m bench.report_stream [--rows 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+
+import httpx
+import psutil
+
+from bench.common import bench_environment, machine
+from bench.read_throughput import serve
+from devstack.embedded import free_port, stop_process
+
+COPY_QUERY = """SELECT user_id, segment_slug, operation,
+                       to_char(executed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'), source, reason
+                FROM membership_history WHERE executed_at >= '2023-09-01' AND executed_at < '2023-10-01'
+                ORDER BY executed_at, user_id, segment_slug"""
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    async def write(self, chunk: bytes) -> None:
+        self.bytes += len(chunk)
+
+
+async def main(args) -> None:
+    print(f"machine: {machine()}")
+    async with bench_environment("reports") as (_infra, new):
+        settings, pool = await new("history")
+        print(f"  seeding {args.rows:,} history rows…", file=sys.stderr, flush=True)
+        await pool.execute(
+            """INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, reason)
+               SELECT 1 + g % 200000, 'SEGMENT_' || (g % 100), CASE WHEN g % 3 = 0 THEN 'D' ELSE 'I' END,
+                      '2023-09-01'::timestamptz + g * interval '2 seconds', 'manual', 'manual'
+               FROM generate_series(1, $1) AS g""", args.rows)
+        await pool.execute("VACUUM ANALYZE membership_history")
+
+        async with pool.acquire() as conn:  # the limit: the database writing the same CSV itself
+            sink = Sink()
+            started = time.monotonic()
+            await conn.copy_from_query(COPY_QUERY, output=sink.write, format="csv", header=True)
+            copy_rate = args.rows / (time.monotonic() - started)
+
+        port = free_port()
+        env = {**os.environ, **settings.to_env(), "API_PORT": str(port), "LOG_LEVEL": "WARNING"}
+        api = serve([sys.executable, "-m", "services.query_api", "--workers", "1"], env, port)
+        try:
+            worker = psutil.Process(api.pid)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=300) as http:
+                link = (await http.get("/reports/history", params={"year": 2023, "month": 9})).json()["report_link"]
+                idle_rss = worker.memory_info().rss
+                peak_rss, lines = idle_rss, 0
+                started = time.monotonic()
+                async with http.stream("GET", link) as response:
+                    async for chunk in response.aiter_bytes():
+                        lines += chunk.count(b"\n")
+                        peak_rss = max(peak_rss, worker.memory_info().rss)
+                api_rate = args.rows / (time.monotonic() - started)
+        finally:
+            stop_process(api)
+    assert lines == args.rows + 1, lines
+    print(f"\nhistory report of {args.rows:,} rows (one month, all users)")
+    print(f"  API stream   : {api_rate:10,.0f} rows/s")
+    print(f"  COPY TO STDOUT: {copy_rate:9,.0f} rows/s  (the same rows, formatted by PostgreSQL)")
+    print(f"  ratio        : {api_rate / copy_rate:10.0%}   (target >= 50%)")
+    print(f"  API RSS      : {idle_rss / 2**20:.0f} MB idle, {peak_rss / 2**20:.0f} MB peak while streaming "
+          "(target < 150 MB)")
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    asyncio.run(main(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    cli()
