@@ -5,11 +5,18 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 PYTEST_ARGS ?=
+.DEFAULT_GOAL := help
 
-.PHONY: run test test-unit test-integration test-e2e migrate bench install install-test clean help
+up: ## the full stack in Docker: Kafka (KRaft), Kafka UI, PostgreSQL, services, Prometheus, Grafana
+	docker compose up -d --build
+
+down: ## stop the Docker stack
+	docker compose down
+
+.PHONY: up down run test test-unit test-integration test-e2e migrate bench install install-test clean help
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

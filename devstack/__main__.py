@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import signal
 import sys
 import time
 
 from devstack.stack import SERVICES, Stack
 from shared.db import apply_migrations
+from shared.kafka import ensure_topics
 from shared.settings import get_settings
 
 RESTART_LIMIT = 5
@@ -56,8 +58,16 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", help="start everything (default)")
     sub.add_parser("migrate", help="apply pending migrations to DATABASE_URL (or the embedded database)")
+    sub.add_parser("provision", help="apply migrations and create the topics on DATABASE_URL and "
+                   "KAFKA_BOOTSTRAP_SERVERS (the one-shot job of a deployment)")
     args = parser.parse_args()
     settings = get_settings()
+    if args.command == "provision":
+        applied = apply_migrations(settings.require_database_url())
+        created = asyncio.run(ensure_topics(settings))
+        print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}; "
+              f"topics created: {', '.join(created) or 'none (present)'}")
+        return
     if args.command == "migrate":
         if settings.database_url:
             applied = apply_migrations(settings.database_url)

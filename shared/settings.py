@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     poison_guard_window: int = Field(500, ge=10)
     poison_guard_max_invalid_share: float = Field(0.9, gt=0, le=1)
     consumer_metrics_port: int = 9101
+    metrics_host: str = "127.0.0.1"  # where the consumer and the worker serve /metrics
 
     # Query API.
     api_host: str = "127.0.0.1"

@@ -20,7 +20,7 @@ async def main() -> int:
     tune_gc()
     pool = await create_pool(settings.require_database_url(), min_size=1,
                              max_size=max(settings.db_pool_max_size, settings.topic_partitions + 2))
-    serve_metrics(settings.consumer_metrics_port)
+    serve_metrics(settings.consumer_metrics_port, settings.metrics_host)
     consumer = CommandConsumer(settings, pool)
     on_shutdown_signal(consumer.stop)
     try:

@@ -61,7 +61,10 @@ async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord]) -> li
             slugs = sorted({slug for p in fresh_user_commands if isinstance(p.command, UpdateUserSegments)
                             for slug in (*p.command.add, *p.command.remove)})
             segments = await repository.lock_live_segments(conn, slugs)
-            states = await repository.load_user_states(conn, user_ids)
+            pairs = sorted({(p.command.user_id, segments[slug].id) for p in fresh_user_commands
+                            if isinstance(p.command, UpdateUserSegments)
+                            for slug in (*p.command.add, *p.command.remove) if slug in segments})
+            states = await repository.load_user_states(conn, user_ids, pairs)
 
         processed: list[Processed] = []
         new_outcomes: dict[str, tuple] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from typing import NamedTuple
 
 from shared.commands import CreateUser, UpdateUserSegments
 from shared.outcomes import ErrorCode, Status, format_timestamp
@@ -54,8 +55,7 @@ class UserState:
         return segment.id not in self.excluded and self.covered(segment)
 
 
-@dataclass(frozen=True, slots=True)
-class HistoryRow:
+class HistoryRow(NamedTuple):  # a tuple: built for every entry and exit, so cheap to make
     user_id: int
     segment_slug: str
     operation: str  # I entered, D left

@@ -51,22 +51,34 @@ async def lock_live_segments(conn: asyncpg.Connection, slugs: list[str]) -> dict
     return {row["slug"]: SegmentRef(row["id"], row["slug"], row["percent"]) for row in rows}
 
 
-async def load_user_states(conn: asyncpg.Connection, user_ids: list[int]) -> dict[int, UserState]:
+async def load_user_states(conn: asyncpg.Connection, user_ids: list[int],
+                           pairs: list[tuple[int, int]]) -> dict[int, UserState]:
+    """The registration of the batch's users, and their memberships and exclusions for the
+    (user, segment) pairs its commands name, row-locked: the expiry worker skips locked rows, so it
+    cannot remove a membership this batch is deciding about."""
     states = {user_id: UserState(user_id) for user_id in user_ids}
     for row in await conn.fetch("SELECT user_id FROM users WHERE user_id = ANY($1::bigint[])", user_ids):
         states[row["user_id"]].registered = True
-    for row in await conn.fetch(
-        """SELECT user_id, segment_id, expires_at FROM memberships
-           WHERE user_id = ANY($1::bigint[]) ORDER BY user_id, segment_id FOR UPDATE""",
-        user_ids,
+    if not pairs:
+        return states
+    pair_users, pair_segments = map(list, zip(*pairs, strict=True))
+    for kind, user_id, segment_id, expires_at in await conn.fetch(
+        """WITH locked AS (
+               SELECT m.user_id, m.segment_id, m.expires_at
+               FROM memberships m JOIN unnest($1::bigint[], $2::bigint[]) AS p(user_id, segment_id)
+                    ON m.user_id = p.user_id AND m.segment_id = p.segment_id
+               FOR UPDATE OF m)
+           SELECT 'm', user_id, segment_id, expires_at FROM locked
+           UNION ALL
+           SELECT 'x', x.user_id, x.segment_id, NULL
+           FROM rollout_exclusions x JOIN unnest($1::bigint[], $2::bigint[]) AS p(user_id, segment_id)
+                ON x.user_id = p.user_id AND x.segment_id = p.segment_id""",
+        pair_users, pair_segments,
     ):
-        states[row["user_id"]].explicit[row["segment_id"]] = row["expires_at"]
-    for row in await conn.fetch(
-        """SELECT user_id, segment_id FROM rollout_exclusions
-           WHERE user_id = ANY($1::bigint[]) ORDER BY user_id, segment_id FOR UPDATE""",
-        user_ids,
-    ):
-        states[row["user_id"]].excluded.add(row["segment_id"])
+        if kind == "m":
+            states[user_id].explicit[segment_id] = expires_at
+        else:
+            states[user_id].excluded.add(segment_id)
     return states
 
 

@@ -13,7 +13,7 @@ from shared.service import bootstrap, on_shutdown_signal, serve_metrics
 async def main() -> None:
     settings = bootstrap("expiry_worker")
     pool = await create_pool(settings.require_database_url(), min_size=1, max_size=2)
-    serve_metrics(settings.expiry_metrics_port)
+    serve_metrics(settings.expiry_metrics_port, settings.metrics_host)
     worker = ExpiryWorker(pool, settings.expiry_batch_size, settings.expiry_max_sleep_seconds)
     on_shutdown_signal(worker.stop)
     try:
