@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -65,8 +66,8 @@ async def other_users_traffic(settings, rate: int, stop: asyncio.Event) -> int:
     return sent
 
 
-async def drain(pool, batch_size: int, total: int) -> float:
-    worker = ExpiryWorker(pool, batch_size, max_sleep_seconds=0.05)
+async def drain(pool, batch_size: int, concurrency: int, total: int) -> float:
+    worker = ExpiryWorker(pool, batch_size, max_sleep_seconds=0.05, concurrency=concurrency)
     removed = 0
     progress = Progress("expiring", total)
 
@@ -112,7 +113,7 @@ async def main(args) -> None:
         try:
             await asyncio.sleep(6)  # the consumer joins its group and is applying commands
             applied_before = await pool.fetchval("SELECT count(*) FROM command_outcomes")
-            worker_rate = await drain(pool, args.batch_size, args.rows)
+            worker_rate = await drain(pool, args.batch_size, args.concurrency, args.rows)
             applied_during = await pool.fetchval("SELECT count(*) FROM command_outcomes") - applied_before
         finally:
             stop.set()
@@ -120,19 +121,23 @@ async def main(args) -> None:
             stop_process(consumer)
         assert await pool.fetchval("SELECT count(*) FROM memberships WHERE user_id < 10000000") == 0
 
-        settings, pool = await new("limit")
-        await seed_backlog(pool, args.rows)
-        started = time.monotonic()
-        await pool.execute(LIMIT_SQL)
-        limit_rate = args.rows / (time.monotonic() - started)
+        limit_rates = []
+        for attempt in range(3):  # one statement of about a second: take the median of three
+            settings, pool = await new(f"limit{attempt}")
+            await seed_backlog(pool, args.rows)
+            started = time.monotonic()
+            await pool.execute(LIMIT_SQL)
+            limit_rates.append(args.rows / (time.monotonic() - started))
+        limit_rate = statistics.median(limit_rates)
 
         lags = await steady_lag(pool, args.steady_rate, args.steady_seconds)
 
-    print(f"\nexpiry of {args.rows:,} past-due memberships (batch {args.batch_size:,})")
+    print(f"\nexpiry of {args.rows:,} past-due memberships (batch {args.batch_size:,}, "
+          f"{args.concurrency} connections)")
     print(f"  worker       : {worker_rate:10,.0f} rows/s  (consumer applied {applied_during:,} other commands "
           "meanwhile)")
     print(f"  limit        : {limit_rate:10,.0f} rows/s  (one DELETE … RETURNING into one INSERT, "
-          "nothing else running)")
+          f"nothing else running; median of {len(limit_rates)})")
     print(f"  ratio        : {worker_rate / limit_rate:10.0%}   (target >= 50%)")
     print(f"  steady lag   : p50 {percentile(lags, 0.5):.3f} s, p99 {percentile(lags, 0.99):.3f} s over "
           f"{len(lags):,} expiries at {args.steady_rate}/s (target p99 <= 2 s)")
@@ -142,6 +147,7 @@ def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--batch-size", type=int, default=Settings().expiry_batch_size)
+    parser.add_argument("--concurrency", type=int, default=Settings().expiry_concurrency)
     parser.add_argument("--command-rate", type=int, default=1000, help="commands/s to other users meanwhile")
     parser.add_argument("--steady-rate", type=int, default=500, help="expiries per second in the lag phase")
     parser.add_argument("--steady-seconds", type=int, default=15)

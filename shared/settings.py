@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     # Expiry worker.
     expiry_batch_size: int = Field(10_000, ge=1)
     expiry_max_sleep_seconds: float = Field(1.0, gt=0)
+    expiry_concurrency: int = Field(2, ge=1)
     expiry_metrics_port: int = 9102
 
     # Database pool.

@@ -12,6 +12,10 @@ from shared.commands import CreateSegment, DeleteSegment, UpdateSegment
 from shared.outcomes import ErrorCode, Status
 
 
+def _not_found(slug: str) -> Decision:
+    return Decision(Status.REJECTED, error_code=ErrorCode.SEGMENT_NOT_FOUND, error_message=f"no live segment {slug}")
+
+
 def _segment_result(slug: str, percent, description: str | None) -> dict:
     return {"slug": slug, "percent": float(percent), "description": description}
 
@@ -32,8 +36,7 @@ async def update_segment(conn: asyncpg.Connection, command: UpdateSegment, now: 
                          command_id: str) -> Decision:
     segment = await repository.find_live_segment(conn, command.slug)
     if segment is None:
-        return Decision(Status.REJECTED, error_code=ErrorCode.SEGMENT_NOT_FOUND,
-                        error_message=f"no live segment {command.slug}")
+        return _not_found(command.slug)
     percent = segment["percent"] if command.percent is None else command.percent
     description = segment["description"] if command.description is None else command.description
     await repository.update_segment(conn, segment["id"], percent, description, now)
@@ -47,8 +50,7 @@ async def delete_segment(conn: asyncpg.Connection, command: DeleteSegment, now: 
                          command_id: str) -> Decision:
     segment = await repository.find_live_segment(conn, command.slug)
     if segment is None:
-        return Decision(Status.REJECTED, error_code=ErrorCode.SEGMENT_NOT_FOUND,
-                        error_message=f"no live segment {command.slug}")
+        return _not_found(command.slug)
     if segment["percent"] > 0:  # first: the event notes who is in or out explicitly right now
         await repository.record_rollout_event(conn, segment["id"], command.slug, segment["percent"], 0,
                                               "segment_deleted", now, command_id)

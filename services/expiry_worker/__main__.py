@@ -12,9 +12,10 @@ from shared.service import bootstrap, on_shutdown_signal, serve_metrics
 
 async def main() -> None:
     settings = bootstrap("expiry_worker")
-    pool = await create_pool(settings.require_database_url(), min_size=1, max_size=2)
+    pool = await create_pool(settings.require_database_url(), min_size=1, max_size=settings.expiry_concurrency + 1)
     serve_metrics(settings.expiry_metrics_port, settings.metrics_host)
-    worker = ExpiryWorker(pool, settings.expiry_batch_size, settings.expiry_max_sleep_seconds)
+    worker = ExpiryWorker(pool, settings.expiry_batch_size, settings.expiry_max_sleep_seconds,
+                          concurrency=settings.expiry_concurrency)
     on_shutdown_signal(worker.stop)
     try:
         await worker.run()
@@ -27,7 +28,7 @@ def cli() -> None:
         prog="python -m services.expiry_worker",
         description="Remove explicit memberships whose expires_at has passed, recording history. "
         "Any number can run at once. Configured by environment variables (DATABASE_URL, EXPIRY_BATCH_SIZE, "
-        "EXPIRY_MAX_SLEEP_SECONDS, EXPIRY_METRICS_PORT).",
+        "EXPIRY_MAX_SLEEP_SECONDS, EXPIRY_CONCURRENCY, EXPIRY_METRICS_PORT).",
     ).parse_args()
     asyncio.run(main())
 

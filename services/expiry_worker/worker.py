@@ -12,7 +12,6 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import asyncpg
 import structlog
@@ -48,7 +47,13 @@ WITH due AS (
     INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, reason)
     SELECT user_id, slug, 'D', expires_at, 'manual', 'ttl' FROM gone WHERE percent = 0
 )
-SELECT user_id, slug, percent, expires_at FROM gone
+SELECT count(*) AS removed,
+       array_agg(EXTRACT(EPOCH FROM clock_timestamp() - expires_at)::float8) AS lags,
+       array_agg(user_id) FILTER (WHERE percent > 0) AS rollout_users,
+       array_agg(slug) FILTER (WHERE percent > 0) AS rollout_slugs,
+       array_agg(percent) FILTER (WHERE percent > 0) AS rollout_percents,
+       array_agg(expires_at) FILTER (WHERE percent > 0) AS rollout_expiries
+FROM gone
 """
 
 
@@ -62,23 +67,25 @@ class BatchResult:
 async def expire_batch(conn: asyncpg.Connection, batch_size: int) -> BatchResult:
     started = time.monotonic()
     async with conn.transaction():
-        rows = await conn.fetch(EXPIRE_SQL, batch_size)
+        # One row of arrays rather than a row per membership: a backlog batch is large.
+        batch = await conn.fetchrow(EXPIRE_SQL, batch_size)
+        rollout_rows = zip(batch["rollout_users"] or (), batch["rollout_slugs"] or (),
+                           batch["rollout_percents"] or (), batch["rollout_expiries"] or (), strict=True)
         # A user the segment's rollout still covers stays in: no exit to record. (An explicit
         # membership and an exclusion never coexist, so coverage alone decides.)
         history = [(user_id, slug, "D", expires_at, "manual", "ttl", None)
-                   for user_id, slug, percent, expires_at in rows
-                   if percent and rollout_bucket(slug, user_id) >= rollout_threshold(percent)]
+                   for user_id, slug, percent, expires_at in rollout_rows
+                   if rollout_bucket(slug, user_id) >= rollout_threshold(percent)]
         if history:
             await conn.copy_records_to_table(
                 "membership_history", records=history,
                 columns=("user_id", "segment_slug", "operation", "executed_at", "source", "reason", "command_id"))
-    removed_at = datetime.now(UTC)
-    lags = [max(0.0, (removed_at - row["expires_at"]).total_seconds()) for row in rows]
+    lags = [max(0.0, lag) for lag in batch["lags"] or ()]
     for lag in lags:
         LAG.observe(lag)
-    EXPIRED.inc(len(rows))
+    EXPIRED.inc(batch["removed"])
     BATCH_DURATION.observe(time.monotonic() - started)
-    return BatchResult(len(rows), len(rows) >= batch_size, lags)
+    return BatchResult(batch["removed"], batch["removed"] >= batch_size, lags)
 
 
 async def seconds_until_next_expiry(conn: asyncpg.Connection) -> float | None:
@@ -89,8 +96,9 @@ async def seconds_until_next_expiry(conn: asyncpg.Connection) -> float | None:
 
 class ExpiryWorker:
     def __init__(self, pool: asyncpg.Pool, batch_size: int, max_sleep_seconds: float,
-                 on_batch: Callable[[BatchResult], None] | None = None) -> None:
+                 on_batch: Callable[[BatchResult], None] | None = None, concurrency: int = 1) -> None:
         self.pool = pool
+        self.concurrency = concurrency
         self.on_batch = on_batch
         self.batch_size = batch_size
         self.max_sleep_seconds = max_sleep_seconds
@@ -101,7 +109,13 @@ class ExpiryWorker:
         self.stopping.set()
 
     async def run(self) -> None:
-        log.info("expiring memberships", batch_size=self.batch_size, max_sleep_seconds=self.max_sleep_seconds)
+        log.info("expiring memberships", batch_size=self.batch_size, max_sleep_seconds=self.max_sleep_seconds,
+                 concurrency=self.concurrency)
+        # SKIP LOCKED keeps concurrent claims disjoint, so a backlog drains on several connections.
+        await asyncio.gather(*(self._loop() for _ in range(self.concurrency)))
+        log.info("stopped")
+
+    async def _loop(self) -> None:
         backoff = 0.1
         while not self.stopping.is_set():
             try:
@@ -125,7 +139,6 @@ class ExpiryWorker:
                 await asyncio.wait_for(self.stopping.wait(), sleep)
             except TimeoutError:
                 pass
-        log.info("stopped")
 
     async def _report_backlog(self, conn: asyncpg.Connection) -> None:
         if time.monotonic() - self._backlog_checked < 5:
