@@ -16,7 +16,9 @@ def producer_options(settings: Settings) -> dict:
         "bootstrap_servers": settings.require_kafka(),
         "acks": "all",
         "linger_ms": 2,
-        "max_request_size": settings.max_command_bytes + 65_536,
+        # Room for anything the consumer can fetch (3x MAX_COMMAND_BYTES), so an oversized
+        # command can still be dead-lettered with its original bytes.
+        "max_request_size": settings.max_command_bytes * 3 + 65_536,
         "request_timeout_ms": 10_000,
     }
 

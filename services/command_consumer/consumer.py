@@ -17,7 +17,7 @@ import asyncpg
 import orjson
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka.errors import CommitFailedError, IllegalStateError, MessageSizeTooLargeError
 
 from services.command_consumer import metrics
 from services.command_consumer.batch import Processed, apply_batch
@@ -173,8 +173,7 @@ class CommandConsumer:
                 self.settings.results_topic, orjson.dumps(outcome), key=outcome["command_id"].encode(),
                 headers=headers))
             if isinstance(item.parsed, InvalidRecord):
-                deliveries.append(await self.producer.send(
-                    self.settings.dlq_topic, record.value, key=record.key, headers=_dlq_headers(item.parsed)))
+                deliveries.append(await self._dead_letter(item.parsed))
                 if not item.replayed:
                     metrics.DLQ_RECORDS.labels(item.parsed.code).inc()
                     log.warning("dead-lettered", command_id=item.parsed.command_id, code=str(item.parsed.code),
@@ -183,6 +182,18 @@ class CommandConsumer:
             if item.replayed:
                 metrics.REPLAYED.inc()
         await asyncio.gather(*deliveries)
+
+    async def _dead_letter(self, invalid: InvalidRecord):
+        record = invalid.record
+        try:
+            return await self.producer.send(self.settings.dlq_topic, record.value, key=record.key,
+                                            headers=_dlq_headers(invalid))
+        except MessageSizeTooLargeError:
+            # Larger than any record we may publish: keep key, reason and position, drop the value,
+            # rather than stall the partition on it.
+            size = str(len(record.value or b"")).encode()
+            return await self.producer.send(self.settings.dlq_topic, None, key=record.key,
+                                            headers=[*_dlq_headers(invalid), ("x-original-value-bytes", size)])
 
     def _update_lag(self, offsets: dict[TopicPartition, int]) -> None:
         for tp, next_offset in offsets.items():
