@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     StringConstraints,
     TypeAdapter,
+    WithJsonSchema,
     model_validator,
 )
 
@@ -43,7 +44,17 @@ Percent = Annotated[
     Decimal,
     BeforeValidator(_number_only),
     Field(ge=0, le=100, decimal_places=2, description="0-100 with at most 2 decimals", examples=[10]),
+    WithJsonSchema({"type": "number", "minimum": 0, "maximum": 100, "multipleOf": 0.01,
+                    "description": "0-100 with at most 2 decimals", "examples": [10]}),
 ]
+def _rfc3339_text(value: Any) -> Any:
+    """RFC 3339 text only: pydantic would also take a number as seconds since the epoch."""
+    if not isinstance(value, (str, datetime)):
+        raise ValueError("must be an RFC 3339 timestamp string")
+    return value
+
+
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text)]
 UserId = Annotated[int, Field(strict=True, ge=1, le=MAX_USER_ID, examples=[1000])]
 
 
@@ -51,7 +62,7 @@ class CommandEnvelope(BaseModel):
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
 
     command_id: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
-    issued_at: AwareDatetime | None = None
+    issued_at: Timestamp | None = None
     actor: Annotated[str, StringConstraints(max_length=128)] | None = None
 
 
@@ -63,6 +74,8 @@ class CreateSegment(CommandEnvelope):
 
 
 class UpdateSegment(CommandEnvelope):
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["percent"]}, {"required": ["description"]}]})
+
     type: Literal["update_segment"]
     slug: Slug
     percent: Percent | None = None
@@ -86,12 +99,16 @@ class CreateUser(CommandEnvelope):
 
 
 class UpdateUserSegments(CommandEnvelope):
+    model_config = ConfigDict(json_schema_extra={
+        "not": {"required": ["ttl_seconds", "expires_at"]},
+        "description": "ttl_seconds or expires_at (which must be in the future), not both"})
+
     type: Literal["update_user_segments"]
     user_id: UserId
     add: Annotated[list[Slug], Field(max_length=MAX_SLUGS_PER_LIST, default_factory=list)]
     remove: Annotated[list[Slug], Field(max_length=MAX_SLUGS_PER_LIST, default_factory=list)]
     ttl_seconds: Annotated[int, Field(strict=True, ge=1, le=MAX_TTL_SECONDS)] | None = None
-    expires_at: AwareDatetime | None = None
+    expires_at: Timestamp | None = None
 
     @model_validator(mode="after")
     def _one_expiry(self) -> UpdateUserSegments:
@@ -112,6 +129,12 @@ Command = Annotated[
     Field(discriminator="type"),
 ]
 command_adapter: TypeAdapter[Command] = TypeAdapter(Command)
+
+
+def command_json_schema(ref_prefix: str = "#/components/schemas/") -> tuple[dict, dict]:
+    """The union's JSON Schema and its definitions, for an OpenAPI or AsyncAPI document."""
+    schema = command_adapter.json_schema(ref_template=ref_prefix + "{model}")
+    return schema, schema.pop("$defs", {})
 
 SEGMENT_COMMAND_TYPES = frozenset({"create_segment", "update_segment", "delete_segment"})
 USER_COMMAND_TYPES = frozenset({"create_user", "update_user_segments"})

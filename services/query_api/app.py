@@ -54,6 +54,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   lifespan=lifespan)
     for module in (users, segments, reports, commands, health):
         app.include_router(module.router)
+    default_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:  # first call: add the command definitions POST /commands refers to
+            document = default_openapi()
+            document.setdefault("components", {}).setdefault("schemas", {}).update(commands.COMMAND_DEFINITIONS)
+        return app.openapi_schema
+
+    app.openapi = openapi
     app.add_middleware(UserSegmentsFastPath)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     app.add_middleware(MetricsMiddleware)

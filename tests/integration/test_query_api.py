@@ -261,4 +261,10 @@ async def test_docs_and_openapi_have_an_example_for_every_endpoint(api):
     assert {"/users/{user_id}/segments", "/users/{user_id}", "/segments", "/segments/{slug}",
             "/users/{user_id}/history", "/reports/history", "/reports/download", "/commands/{command_id}",
             "/commands", "/healthz", "/readyz", "/metrics"} <= paths
-    assert spec["paths"]["/commands"]["post"]["requestBody"]["content"]["application/json"]["examples"]
+    body = spec["paths"]["/commands"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["examples"]
+    # The request schema is the command union itself, so clients and fuzzers see every field rule.
+    assert body["schema"]["discriminator"]["propertyName"] == "type"
+    assert {"CreateSegment", "UpdateSegment", "DeleteSegment", "CreateUser", "UpdateUserSegments"} <= set(
+        spec["components"]["schemas"])
+    assert spec["components"]["schemas"]["UpdateUserSegments"]["not"] == {"required": ["ttl_seconds", "expires_at"]}

@@ -39,6 +39,8 @@ def test_create_segment_defaults_and_unknown_fields_ignored():
     {"type": "update_user_segments", "user_id": 1, "add": ["A"], "expires_at": "2000-01-01T00:00:00Z"},
     {"type": "update_user_segments", "user_id": 1, "add": ["A"], "expires_at": "2999-01-01T00:00:00"},
     {"type": "update_user_segments", "user_id": 1, "add": ["A"] * 1001},
+    {"type": "update_user_segments", "user_id": 1, "add": ["A"], "expires_at": 32503680000},
+    {"type": "create_user", "user_id": 1, "issued_at": 0},
 ])
 def test_field_rules_are_enforced(raw):
     with pytest.raises(ValidationError):

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from services.query_api import readmodel
 from services.query_api.dependencies import Resources, ResourcesDep
 from services.query_api.schemas import Problem, Published, json_response
-from shared.commands import SEGMENT_COMMAND_TYPES, command_adapter, partition_key
+from shared.commands import SEGMENT_COMMAND_TYPES, command_adapter, command_json_schema, partition_key
 from shared.kafka import create_producer
 from shared.outcomes import Outcome, outcome_from_record
 
@@ -57,13 +57,10 @@ async def _producer(resources: Resources):
     return resources.producer
 
 
+COMMAND_SCHEMA, COMMAND_DEFINITIONS = command_json_schema()  # app.py adds the definitions to the document
 COMMAND_BODY = {
     "required": True,
-    "content": {"application/json": {
-        "schema": {"type": "object", "required": ["type"],
-                   "properties": {"type": {"type": "string", "enum": sorted(COMMAND_EXAMPLES)}},
-                   "description": "one command of the contract; fields depend on `type`"},
-        "examples": COMMAND_EXAMPLES}},
+    "content": {"application/json": {"schema": COMMAND_SCHEMA, "examples": COMMAND_EXAMPLES}},
 }
 
 
