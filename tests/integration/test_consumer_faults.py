@@ -112,3 +112,30 @@ async def test_guard_stops_the_consumer_on_a_flood_of_invalid_records(settings, 
             await asyncio.wait_for(CommandConsumer(settings, pool).run(), 60)
     dead_lettered = await read_topic(settings, settings.dlq_topic, 200, timeout=3)
     assert len(dead_lettered) < 200  # it stopped instead of dead-lettering the whole flood
+
+
+async def test_a_consumer_joining_and_leaving_mid_stream_loses_and_repeats_nothing(settings, pool):
+    commands = random_commands(4000, users=300, seed=13)
+    model = MembershipModel()
+    for command in commands:
+        model.apply(command["user_id"], command["add"], command["remove"])
+    settings = settings.model_copy(update={"consumer_max_batch": 100})
+    async with Publisher(settings) as publish, running_consumer(settings, pool) as first:
+        await create_segments(publish, pool)
+        await wait_for_outcomes(pool, [f"create-{slug}" for slug in SEGMENTS])
+        await publish.users(commands[:1500])
+        async with running_consumer(settings, pool) as second:  # joins: partitions are revoked and moved
+            sending = asyncio.create_task(publish.users(commands[1500:3000]))
+            async with asyncio.timeout(60):
+                while not second.consumer.assignment():  # noqa: ASYNC110 - set by the client, no event
+                    await asyncio.sleep(0.05)
+            moved = len(second.consumer.assignment())
+            await sending
+            await wait_for_count(pool, "SELECT count(*) FROM command_outcomes", 3000)
+        # ...and leaves: its partitions go back to the first consumer
+        await publish.users(commands[3000:])
+        await wait_for_outcomes(pool, [c["command_id"] for c in commands], timeout=120)
+        assert len(first.consumer.assignment()) == 2 * settings.topic_partitions
+    assert moved > 0
+    await model.assert_matches(pool)
+    assert await pool.fetchval("SELECT count(*) FROM command_outcomes") == len(commands) + len(SEGMENTS)
