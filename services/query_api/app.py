@@ -12,6 +12,7 @@ from services.query_api.http_metrics import BodySizeLimitMiddleware, MetricsMidd
 from services.query_api.reports import ReportSigner
 from services.query_api.rollout_cache import RolloutCache
 from services.query_api.routes import commands, health, reports, segments, users
+from shared.client import CommandPublisher
 from shared.db import create_pool
 from shared.settings import DEVELOPMENT_REPORT_SECRET, Settings, get_settings
 
@@ -40,14 +41,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         rollout = RolloutCache(pool, settings.rollout_cache_refresh_seconds)
         await rollout.start()
         resources = Resources(settings, pool, rollout,
-                              ReportSigner(settings.report_signing_secret, settings.report_link_ttl_seconds))
+                              ReportSigner(settings.report_signing_secret, settings.report_link_ttl_seconds),
+                              CommandPublisher(settings))
         app.state.resources = resources
         try:
             yield
         finally:
             await rollout.stop()
-            if resources.producer is not None:
-                await resources.producer.stop()
+            await resources.publisher.stop()
             await pool.close()
 
     app = FastAPI(title="User segmentation service", version="1.0.0", description=DESCRIPTION,

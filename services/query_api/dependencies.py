@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import asyncpg
-from aiokafka import AIOKafkaProducer
 from fastapi import Depends, Request
 
 from services.query_api.reports import ReportSigner
 from services.query_api.rollout_cache import RolloutCache
+from shared.client import CommandPublisher
 from shared.settings import Settings
 
 
@@ -20,7 +20,7 @@ class Resources:
     pool: asyncpg.Pool
     rollout: RolloutCache
     signer: ReportSigner
-    producer: AIOKafkaProducer | None = None
+    publisher: CommandPublisher
 
 
 async def get_resources(request: Request) -> Resources:

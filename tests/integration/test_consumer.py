@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.support import Publisher, header, history, read_topic, running_consumer, wait_for_outcomes
 
@@ -74,8 +75,15 @@ INVALID_RECORDS = [
 ]
 
 
+def sample(name: str, **labels) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 async def test_invalid_records_go_to_the_dlq_and_the_partition_keeps_flowing(settings, pool):
     key = "77"  # one key: every record lands on the same partition, the valid one last
+    dlq_before = {code: sample("segmentation_dlq_records_total", code=code) for _, code in INVALID_RECORDS}
+    applied_before = sample("segmentation_commands_total", type="update_user_segments", status="applied")
+    batches_before = sample("segmentation_consumer_batch_size_count")
     async with Publisher(settings) as publish, running_consumer(settings, pool):
         await publish.segment({"type": "create_segment", "slug": "A", "command_id": "a"})
         await wait_for_outcomes(pool, ["a"])
@@ -102,6 +110,20 @@ async def test_invalid_records_go_to_the_dlq_and_the_partition_keeps_flowing(set
     ids = {row["command_id"] for row in stored}
     assert {"bad-type", "bad-field"} <= ids
     assert f"{settings.assignments_commands_topic}:{positions[0].partition}:{positions[0].offset}" in ids
+    # Metrics: dead letters by reason, commands by type and status, batches, lag per partition, latency.
+    expected = {}
+    for _, code in INVALID_RECORDS:
+        expected[code] = expected.get(code, 0) + 1
+    for code, count in expected.items():
+        assert sample("segmentation_dlq_records_total", code=code) - dlq_before[code] == count
+    assert sample("segmentation_commands_total", type="update_user_segments", status="applied") - applied_before == 1
+    assert sample("segmentation_consumer_batch_size_count") > batches_before
+    lag = sample("segmentation_consumer_lag", topic=settings.assignments_commands_topic,
+                 partition=str(positions[0].partition))
+    assert lag == 0 and REGISTRY.get_sample_value(
+        "segmentation_consumer_lag", {"topic": settings.assignments_commands_topic,
+                                      "partition": str(positions[0].partition)}) is not None
+    assert sample("segmentation_command_latency_seconds_count") > 0
 
 
 async def test_a_repeated_command_id_changes_nothing_and_repeats_the_outcome(settings, pool):

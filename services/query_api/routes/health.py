@@ -10,8 +10,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
 from services.query_api.dependencies import ResourcesDep
-from services.query_api.routes.commands import _producer
 from services.query_api.schemas import Health
+from shared.client import KafkaUnavailable
 
 router = APIRouter(tags=["operations"])
 
@@ -31,11 +31,10 @@ async def readyz(resources: ResourcesDep):
     except Exception as error:
         checks["database"] = f"unavailable: {error!r}"
     try:
-        producer = await _producer(resources)
-        await asyncio.wait_for(producer.client.fetch_all_metadata(), 2)
+        await resources.publisher.ping()
         checks["kafka"] = "ok"
-    except Exception as error:
-        checks["kafka"] = f"unavailable: {getattr(error, 'detail', None) or error!r}"
+    except KafkaUnavailable as error:
+        checks["kafka"] = f"unavailable: {error}"
     ready = all(value == "ok" for value in checks.values())
     return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks},
                         status_code=200 if ready else 503)
