@@ -11,7 +11,7 @@ from services.command_consumer.membership import HistoryRow, SegmentRef, UserSta
 
 OUTCOME_COLUMNS = ("command_id", "type", "status", "error", "result", "processed_at", "source_topic",
                    "source_partition", "source_offset")
-HISTORY_COLUMNS = ("user_id", "segment_slug", "operation", "executed_at", "source", "reason", "command_id")
+HISTORY_COLUMNS = HistoryRow._fields
 
 
 async def fetch_outcomes(conn: asyncpg.Connection, command_ids: list[str]) -> dict[str, asyncpg.Record]:
@@ -32,11 +32,8 @@ async def insert_outcomes(conn: asyncpg.Connection, outcomes: list[tuple]) -> No
 
 async def insert_history(conn: asyncpg.Connection, rows: list[HistoryRow]) -> None:
     if rows:
-        await conn.copy_records_to_table(
-            "membership_history", columns=HISTORY_COLUMNS,
-            records=[(r.user_id, r.segment_slug, r.operation, r.executed_at, r.source, r.reason, r.command_id)
-                     for r in rows],
-        )
+        # HistoryRow is a tuple whose fields are the columns.
+        await conn.copy_records_to_table("membership_history", columns=HISTORY_COLUMNS, records=rows)
 
 
 async def lock_live_segments(conn: asyncpg.Connection, slugs: list[str]) -> dict[str, SegmentRef]:

@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import asyncpg
-import mmh3
 import orjson
 
 from services.query_api.rollout_cache import RolloutSegment
 from shared.outcomes import format_timestamp
-from shared.rollout import BUCKETS
+from shared.rollout import rollout_bucket
 
 # Explicit memberships not yet expired (never relying on the expiry worker having run),
 # plus this user's rollout exclusions, in one round trip.
@@ -35,12 +34,9 @@ async def user_segments(pool: asyncpg.Pool, rollout: tuple[RolloutSegment, ...],
         else:
             segments[slug] = {"slug": slug, "source": "manual",
                               "expires_at": format_timestamp(expires_at) if expires_at else None}
-    suffix = f":{user_id}"
-    for segment in rollout:
+    for segment in rollout:  # one hash per live rollout segment, no query
         slug = segment.slug
-        if slug in segments or slug in excluded:
-            continue
-        if mmh3.hash(slug + suffix, 0, signed=False) % BUCKETS < segment.threshold:
+        if slug not in segments and slug not in excluded and rollout_bucket(slug, user_id) < segment.threshold:
             segments[slug] = {"slug": slug, "source": "auto", "expires_at": None}
     return [segments[slug] for slug in sorted(segments)]
 

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 import asyncpg
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
-from shared.rollout import is_covered
+from shared.rollout import rollout_bucket, rollout_threshold
 
 CSV_HEADER = "user_id,segment_slug,operation,executed_at,source,reason\n"
 CURSOR_PREFETCH = 5000
@@ -99,13 +99,15 @@ ORDER BY u.user_id
 """
 
 
-def _rollout_line(user_id: int, event: asyncpg.Record) -> tuple | None:
+def _rollout_line(user_id: int, event: asyncpg.Record, before: int, after: int) -> tuple | None:
+    """The user's entry or exit caused by a rollout event whose thresholds went from `before` to
+    `after` (buckets below a threshold are covered); None when the event did not move the user."""
     slug = event["segment_slug"]
-    before = is_covered(slug, user_id, event["old_percent"])
-    after = is_covered(slug, user_id, event["new_percent"])
-    if before == after:
+    bucket = rollout_bucket(slug, user_id)
+    covered_before, covered_after = bucket < before, bucket < after
+    if covered_before == covered_after:
         return None
-    operation = "I" if after else "D"
+    operation = "I" if covered_after else "D"
     line = f"{user_id},{slug},{operation},{_format(event['executed_at'])},auto,{event['reason']}\n"
     return (event["executed_at"], user_id, slug, line)
 
@@ -118,13 +120,14 @@ async def _explicit_rows(conn: asyncpg.Connection, start, end, user_id) -> Async
 async def _rollout_rows(conn: asyncpg.Connection, start, end, user_id) -> AsyncIterator[tuple]:
     """Entries and exits the rollout caused, derived from its events (no row per covered user)."""
     for event in await conn.fetch(EVENTS_SQL, start, end, user_id):
+        before, after = rollout_threshold(event["old_percent"]), rollout_threshold(event["new_percent"])
         if user_id is not None:
-            row = None if event["overridden"] else _rollout_line(user_id, event)
+            row = None if event["overridden"] else _rollout_line(user_id, event, before, after)
             if row:
                 yield row
             continue
         async for user in conn.cursor(EVENT_USERS_SQL, event["id"], prefetch=CURSOR_PREFETCH):
-            row = _rollout_line(user["user_id"], event)
+            row = _rollout_line(user["user_id"], event, before, after)
             if row:
                 yield row
 

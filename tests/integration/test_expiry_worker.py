@@ -135,3 +135,24 @@ async def test_sigkill_mid_batch_loses_nothing_and_duplicates_nothing(pool, sett
     assert await pool.fetchval("SELECT count(*) FROM memberships") == 0
     assert await pool.fetchval("SELECT count(*) FROM membership_history") == total
     assert await pool.fetchval("SELECT count(DISTINCT user_id) FROM membership_history") == total
+
+
+async def _run_until_empty(pool, worker: ExpiryWorker, within: float) -> bool:
+    task = asyncio.create_task(worker.run())
+    try:
+        async with asyncio.timeout(within):
+            while await pool.fetchval("SELECT count(*) FROM memberships"):  # noqa: ASYNC110 - another task's writes
+                await asyncio.sleep(0.05)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        worker.stop()
+        await task
+
+
+async def test_the_worker_wakes_for_the_next_known_expiry(pool):
+    await seed(pool, 3, datetime.now(UTC) + timedelta(seconds=1))
+    # A fixed 30 s interval would miss the 6 s deadline; sleeping until the expiry does not.
+    worker = ExpiryWorker(pool, batch_size=100, max_sleep_seconds=30)
+    assert await _run_until_empty(pool, worker, within=6)
