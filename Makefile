@@ -13,7 +13,7 @@ up: ## the full stack in Docker: Kafka (KRaft), Kafka UI, PostgreSQL, services, 
 down: ## stop the Docker stack
 	docker compose down
 
-.PHONY: up down run test test-unit test-integration test-e2e migrate bench install install-test clean help
+.PHONY: up down asyncapi run test test-unit test-integration test-e2e migrate bench install install-test clean help
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ install-test: $(TEST_STAMP) ## install the project with its test dependencies
 
 run: $(STAMP) ## run everything on embedded defaults (or DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS)
 	$(BIN)/python -m devstack run
+
+asyncapi: $(STAMP) ## regenerate docs/asyncapi.yaml from the FastStream app of the topics
+	$(BIN)/python -m shared.asyncapi
 
 migrate: $(STAMP) ## apply pending migrations
 	$(BIN)/python -m devstack migrate

@@ -11,7 +11,7 @@ from services.query_api.fast_path import UserSegmentsFastPath
 from services.query_api.http_metrics import BodySizeLimitMiddleware, MetricsMiddleware
 from services.query_api.reports import ReportSigner
 from services.query_api.rollout_cache import RolloutCache
-from services.query_api.routes import commands, health, reports, segments, users
+from services.query_api.routes import asyncapi, commands, health, reports, segments, users
 from shared.client import CommandPublisher
 from shared.db import create_pool
 from shared.settings import DEVELOPMENT_REPORT_SECRET, Settings, get_settings
@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="User segmentation service", version="1.0.0", description=DESCRIPTION,
                   lifespan=lifespan)
-    for module in (users, segments, reports, commands, health):
+    for module in (users, segments, reports, commands, health, asyncapi):
         app.include_router(module.router)
     default_openapi = app.openapi
 

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 import orjson
 import pytest
+import yaml
 
 from services.query_api.app import create_app
 from services.query_api.reports import ReportSigner, stream_report
@@ -252,6 +253,18 @@ async def test_health_readiness_and_metrics(api):
     assert 'segmentation_http_requests_total{method="GET",route="/users/{user_id}/segments",status="200"}' in text
     assert 'route="/metrics"' not in text
     assert "segmentation_http_request_seconds_bucket" in text
+
+
+async def test_asyncapi_document_is_served_for_the_configured_topics(api):
+    page = await api.get("/asyncapi")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "AsyncApiStandalone" in page.text and "try-it" not in page.text
+    document = yaml.safe_load((await api.get("/asyncapi.yaml")).text)
+    settings = api.app.state.resources.settings
+    assert {channel["address"] for channel in document["channels"].values()} == {
+        settings.segments_commands_topic, settings.assignments_commands_topic, settings.results_topic,
+        settings.dlq_topic}
+    assert (await api.get("/asyncapi.json")).json() == document
 
 
 async def test_docs_and_openapi_have_an_example_for_every_endpoint(api):
