@@ -1,20 +1,27 @@
 """A small client for producer services: validated commands, published to the right topic with
-the right key, answering where each record went. The query API's POST /commands uses it too.
+the right key, answering where each record went; and a reader of their outcomes. The query API's
+POST /commands and segmentctl use it too.
 
     async with CommandPublisher(get_settings()) as publisher:
         sent = await publisher.publish({"type": "create_user", "user_id": 1000})
         print(sent.command_id, sent.topic, sent.partition, sent.offset)
+
+    async with OutcomeReader(settings) as outcomes:      # opened before publishing: sees its outcome
+        sent = await publisher.publish(command)
+        outcome = (await outcomes.wait_for({sent.command_id}, timeout=30))[sent.command_id]
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from shared.commands import SEGMENT_COMMAND_TYPES, command_adapter, partition_key
@@ -78,6 +85,16 @@ class CommandPublisher:
     async def publish(self, command: dict[str, Any], traceparent: str | None = None) -> Sent:
         """Validate (pydantic.ValidationError if invalid) and publish one command. A command
         without `command_id` gets one, so its outcome can be looked up."""
+        delivery = await self.submit(command, traceparent)
+        try:
+            return await asyncio.wait_for(delivery, self.timeout)
+        except TimeoutError as error:
+            raise KafkaUnavailable("Kafka did not acknowledge the command in time; it may or may not have "
+                                   "been published (publishing it again with its command_id is safe)") from error
+
+    async def submit(self, command: dict[str, Any], traceparent: str | None = None) -> Awaitable[Sent]:
+        """Validate and enqueue one command; await the result for its acknowledgement. Commands
+        submitted one after the other keep that order on their key, and are sent in batches."""
         validated = command_adapter.validate_python(command)
         command = {**command, "command_id": validated.command_id or uuid.uuid4().hex}
         topic = (self.settings.segments_commands_topic if validated.type in SEGMENT_COMMAND_TYPES
@@ -85,9 +102,81 @@ class CommandPublisher:
         headers = [("traceparent", traceparent.encode())] if traceparent else []
         producer = await self.start()
         try:
-            metadata = await asyncio.wait_for(
-                producer.send_and_wait(topic, orjson.dumps(command), key=partition_key(validated), headers=headers),
+            delivery = await asyncio.wait_for(
+                producer.send(topic, orjson.dumps(command), key=partition_key(validated), headers=headers),
                 self.timeout)
         except (TimeoutError, KafkaError, OSError) as error:
             raise KafkaUnavailable(f"Kafka is unavailable, the command was not published: {error!r}") from error
-        return Sent(command["command_id"], topic, metadata.partition, metadata.offset)
+
+        async def acknowledged() -> Sent:
+            try:
+                metadata = await delivery
+            except (KafkaError, OSError) as error:
+                raise KafkaUnavailable(f"Kafka is unavailable, the command was not published: {error!r}") from error
+            return Sent(command["command_id"], topic, metadata.partition, metadata.offset)
+
+        return acknowledged()
+
+
+class OutcomeReader:
+    """Outcomes as they arrive on the results topic, from its end at the moment it is opened (or
+    from the beginning). Open it before publishing to be sure to see the commands' outcomes."""
+
+    def __init__(self, settings: Settings, from_beginning: bool = False, timeout: float = 5.0) -> None:
+        self.settings = settings
+        self.from_beginning = from_beginning
+        self.timeout = timeout
+
+    async def __aenter__(self) -> OutcomeReader:
+        topic = self.settings.results_topic
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.require_kafka(), enable_auto_commit=False,
+                                          fetch_max_wait_ms=100, request_timeout_ms=int(self.timeout * 1000) + 1000)
+        try:
+            await asyncio.wait_for(self._consumer.start(), self.timeout)
+            await asyncio.wait_for(self._consumer.topics(), self.timeout)
+        except (TimeoutError, KafkaError, OSError) as error:
+            await self._consumer.stop()
+            raise KafkaUnavailable(f"Kafka at {self.settings.kafka_bootstrap_servers} is unavailable: "
+                                   f"{error!r}") from error
+        partitions = [TopicPartition(topic, p) for p in sorted(self._consumer.partitions_for_topic(topic) or ())]
+        if not partitions:
+            await self._consumer.stop()
+            raise KafkaUnavailable(f"the results topic {topic!r} does not exist (is the command consumer provisioned?)")
+        self._consumer.assign(partitions)
+        await (self._consumer.seek_to_beginning if self.from_beginning else self._consumer.seek_to_end)(*partitions)
+        for partition in partitions:  # resolve "the end" now, not at the first fetch
+            await self._consumer.position(partition)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._consumer.stop()
+
+    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                for record in records:
+                    try:
+                        yield orjson.loads(record.value)
+                    except orjson.JSONDecodeError:
+                        continue  # not an outcome; the consumer only ever writes JSON here
+
+    async def wait_for(self, command_ids: Collection[str], timeout: float,
+                       on_outcome: Callable[[dict[str, Any]], None] | None = None) -> dict[str, dict[str, Any]]:
+        """The outcomes of these commands, as many as arrive within `timeout` seconds."""
+        wanted, found = set(command_ids), {}
+
+        async def collect() -> None:
+            async for outcome in self:
+                command_id = outcome.get("command_id")
+                if command_id in wanted and command_id not in found:
+                    found[command_id] = outcome
+                    if on_outcome:
+                        on_outcome(outcome)
+                    if len(found) == len(wanted):
+                        return
+
+        if wanted:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(collect(), timeout)
+        return found

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from pydantic import ValidationError
 
 from devstack.embedded import free_port
-from shared.client import CommandPublisher, KafkaUnavailable
-from tests.support import header, read_topic
+from shared.client import CommandPublisher, KafkaUnavailable, OutcomeReader
+from tests.support import header, read_topic, running_consumer, wait_for_outcomes
 
 pytestmark = pytest.mark.integration
 
@@ -39,3 +41,27 @@ async def test_says_when_kafka_is_unavailable(settings):
     with pytest.raises(KafkaUnavailable, match="unavailable"):
         await publisher.publish({"type": "create_user", "user_id": 1})
     await publisher.stop()
+
+
+async def test_outcome_reader_sees_the_outcomes_of_what_was_published_after_it_opened(settings, pool):
+    async with CommandPublisher(settings) as publisher, running_consumer(settings, pool):
+        first = await publisher.publish({"type": "create_user", "user_id": 1, "command_id": "before"})
+        await wait_for_outcomes(pool, [first.command_id])
+        async with OutcomeReader(settings) as outcomes:
+            deliveries = [await publisher.submit({"type": "create_user", "user_id": u, "command_id": f"c{u}"})
+                          for u in range(2, 202)]
+            sent = await asyncio.gather(*deliveries)
+            assert [s.command_id for s in sent] == [f"c{user_id}" for user_id in range(2, 202)]
+            seen: list[str] = []
+            found = await outcomes.wait_for([s.command_id for s in sent] + ["never-published"], timeout=5,
+                                            on_outcome=lambda outcome: seen.append(outcome["command_id"]))
+    assert set(found) == set(seen) == {s.command_id for s in sent}  # and not "before", which came earlier
+    assert {outcome["status"] for outcome in found.values()} == {"applied"}
+    async with OutcomeReader(settings, from_beginning=True) as outcomes:
+        assert "before" in await outcomes.wait_for(["before"], timeout=10)
+
+
+async def test_outcome_reader_says_when_the_results_topic_is_missing(settings):
+    with pytest.raises(KafkaUnavailable, match="does not exist"):
+        async with OutcomeReader(settings.model_copy(update={"results_topic": "no.such.topic"})):
+            pass
