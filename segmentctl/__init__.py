@@ -1,0 +1,1 @@
+"""segmentctl: publish segmentation commands from a terminal or a script, and follow their outcomes."""

@@ -1,0 +1,337 @@
+"""The segmentctl command line: one subcommand per command type, --wait for the outcome, status,
+tail of outcomes and bulk import. Exit codes: 0 applied (or published), 1 rejected or invalid,
+2 bad input, 3 Kafka or the API unreachable, or no outcome in time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import sys
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import orjson
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from segmentctl.bulk import read_assignments
+from segmentctl.durations import parse_duration
+from shared.client import CommandPublisher, KafkaUnavailable, OutcomeReader
+from shared.commands import command_adapter
+from shared.settings import Settings
+
+EXIT_REJECTED, EXIT_BAD_INPUT, EXIT_UNAVAILABLE = 1, 2, 3
+err = Console(stderr=True)
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Publish segmentation commands to Kafka and follow their outcomes.\n\n"
+                       "Exit codes: 0 applied (or published without --wait), 1 rejected or invalid, "
+                       "2 bad input, 3 Kafka or the API unreachable, or no outcome in time.")
+segment_app = typer.Typer(no_args_is_help=True, help="Segment commands (topic segments.commands, keyed by slug).")
+user_app = typer.Typer(no_args_is_help=True, help="User commands (topic assignments.commands, keyed by user id).")
+app.add_typer(segment_app, name="segment")
+app.add_typer(user_app, name="user")
+
+
+@dataclass
+class Config:
+    settings: Settings
+    api_url: str
+    timeout: float
+
+
+WaitOption = Annotated[bool, typer.Option("--wait", "-w", help="Wait for the outcome and print it.")]
+CommandIdOption = Annotated[str | None, typer.Option(
+    help="Command id (1-64 chars); publishing the same id again changes nothing. Default: a random one.")]
+ActorOption = Annotated[str | None, typer.Option(help="Who issues the command, kept in the audit trail. "
+                                                      "Default: segmentctl:<login name>.")]
+SlugArgument = Annotated[str, typer.Argument(help="Segment slug, e.g. AVITO_VOICE_MESSAGES.")]
+UserIdArgument = Annotated[int, typer.Argument(help="User id, 1 … 2^63-1.", min=1)]
+
+
+@app.callback()
+def options(
+    ctx: typer.Context,
+    bootstrap_servers: Annotated[str, typer.Option(
+        envvar="KAFKA_BOOTSTRAP_SERVERS", help="Kafka bootstrap servers.")] = "localhost:9092",
+    api_url: Annotated[str, typer.Option(
+        envvar="SEGMENTCTL_API_URL", help="Query API base URL (for `status`).")] = "http://127.0.0.1:8080",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for Kafka, the API or an outcome.", min=0.1)] = 30.0,
+) -> None:
+    """Topic names come from the same settings as the services (SEGMENTS_COMMANDS_TOPIC, …)."""
+    ctx.obj = Config(Settings(kafka_bootstrap_servers=bootstrap_servers), api_url.rstrip("/"), timeout)
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _envelope(command: dict[str, Any], command_id: str | None, actor: str | None) -> dict[str, Any]:
+    command = {key: value for key, value in command.items() if value is not None}
+    if command_id:
+        command["command_id"] = command_id
+    command["actor"] = actor or f"segmentctl:{getpass.getuser()}"
+    return command
+
+
+def _send(config: Config, command: dict[str, Any], wait: bool) -> None:
+    async def run() -> int:
+        command_adapter.validate_python(command)  # a bad command is refused before connecting
+        async with CommandPublisher(config.settings, timeout=config.timeout) as publisher:
+            if not wait:
+                sent = await publisher.publish(command)
+                _print_json({"command_id": sent.command_id, "topic": sent.topic, "partition": sent.partition,
+                             "offset": sent.offset})
+                return 0
+            async with OutcomeReader(config.settings, timeout=config.timeout) as outcomes:
+                sent = await publisher.publish(command)
+                found = await outcomes.wait_for([sent.command_id], config.timeout)
+        if sent.command_id not in found:
+            raise _fail(f"published {sent.command_id} to {sent.topic}[{sent.partition}]@{sent.offset}, but no "
+                        f"outcome within {config.timeout:g}s (is the command consumer running?)", EXIT_UNAVAILABLE)
+        outcome = found[sent.command_id]
+        _print_json(outcome)
+        return 0 if outcome["status"] == "applied" else EXIT_REJECTED
+
+    code = _run(run())
+    if code:
+        raise typer.Exit(code)
+
+
+def _run(coroutine) -> Any:
+    try:
+        return asyncio.run(coroutine)
+    except ValidationError as error:
+        messages = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'command'}: {e['msg']}" for e in error.errors())
+        raise _fail(f"invalid command: {messages}", EXIT_BAD_INPUT) from None
+    except KafkaUnavailable as error:
+        raise _fail(str(error), EXIT_UNAVAILABLE) from None
+
+
+@segment_app.command("create")
+def segment_create(
+    ctx: typer.Context, slug: SlugArgument,
+    percent: Annotated[float, typer.Option(help="Share of all users covered automatically, 0-100.", min=0,
+                                           max=100)] = 0,
+    description: Annotated[str | None, typer.Option(help="What the segment is for.")] = None,
+    wait: WaitOption = False, command_id: CommandIdOption = None, actor: ActorOption = None,
+) -> None:
+    """Create a segment, optionally covering a percent of all users."""
+    _send(ctx.obj, _envelope({"type": "create_segment", "slug": slug, "percent": _percent(percent),
+                              "description": description}, command_id, actor), wait)
+
+
+@segment_app.command("update")
+def segment_update(
+    ctx: typer.Context, slug: SlugArgument,
+    percent: Annotated[float | None, typer.Option(help="New rollout percent, 0-100.", min=0, max=100)] = None,
+    description: Annotated[str | None, typer.Option(help="New description.")] = None,
+    wait: WaitOption = False, command_id: CommandIdOption = None, actor: ActorOption = None,
+) -> None:
+    """Change a segment's rollout percent and/or description."""
+    if percent is None and description is None:
+        raise _fail("give --percent and/or --description", EXIT_BAD_INPUT)
+    _send(ctx.obj, _envelope({"type": "update_segment", "slug": slug, "percent": _percent(percent),
+                              "description": description}, command_id, actor), wait)
+
+
+@segment_app.command("delete")
+def segment_delete(ctx: typer.Context, slug: SlugArgument, wait: WaitOption = False,
+                   command_id: CommandIdOption = None, actor: ActorOption = None) -> None:
+    """Delete a segment: every user leaves it (history D, reason segment_deleted)."""
+    _send(ctx.obj, _envelope({"type": "delete_segment", "slug": slug}, command_id, actor), wait)
+
+
+@user_app.command("create")
+def user_create(ctx: typer.Context, user_id: UserIdArgument, wait: WaitOption = False,
+                command_id: CommandIdOption = None, actor: ActorOption = None) -> None:
+    """Register a user id (repeating it is a no-op)."""
+    _send(ctx.obj, _envelope({"type": "create_user", "user_id": user_id}, command_id, actor), wait)
+
+
+@user_app.command("update")
+def user_update(
+    ctx: typer.Context, user_id: UserIdArgument,
+    add: Annotated[str | None, typer.Option(help="Segments to add, comma-separated: A,B.")] = None,
+    remove: Annotated[str | None, typer.Option(help="Segments to remove, comma-separated.")] = None,
+    ttl: Annotated[str | None, typer.Option(help="Added segments expire after this: 90s, 15m, 2h, 2d, 1w.")] = None,
+    expires_at: Annotated[str | None, typer.Option(help="Added segments expire at this RFC 3339 time.")] = None,
+    wait: WaitOption = False, command_id: CommandIdOption = None, actor: ActorOption = None,
+) -> None:
+    """Add and remove a user's segments in one atomic command."""
+    if not add and not remove:
+        raise _fail("give --add and/or --remove", EXIT_BAD_INPUT)
+    if ttl and expires_at:
+        raise _fail("give --ttl or --expires-at, not both", EXIT_BAD_INPUT)
+    try:
+        ttl_seconds = parse_duration(ttl) if ttl else None
+    except ValueError as error:
+        raise _fail(f"--ttl: {error}", EXIT_BAD_INPUT) from None
+    _send(ctx.obj, _envelope({"type": "update_user_segments", "user_id": user_id, "add": _slugs(add),
+                              "remove": _slugs(remove), "ttl_seconds": ttl_seconds, "expires_at": expires_at},
+                             command_id, actor), wait)
+
+
+@app.command()
+def status(ctx: typer.Context, command_id: Annotated[str, typer.Argument(help="The command's id.")]) -> None:
+    """Print a command's stored outcome (from the query API)."""
+    config: Config = ctx.obj
+    try:
+        response = httpx.get(f"{config.api_url}/commands/{command_id}", timeout=config.timeout)
+    except httpx.HTTPError as error:
+        raise _fail(f"the query API at {config.api_url} is unreachable: {error!r}", EXIT_UNAVAILABLE) from None
+    if response.status_code == 404:
+        raise _fail(f"{command_id}: not processed (yet)", EXIT_REJECTED)
+    if response.status_code != 200:
+        raise _fail(f"the query API answered {response.status_code}: {response.text[:200]}", EXIT_UNAVAILABLE)
+    outcome = response.json()
+    _print_json(outcome)
+    if outcome["status"] != "applied":
+        raise typer.Exit(EXIT_REJECTED)
+
+
+@app.command()
+def tail(
+    ctx: typer.Context,
+    from_beginning: Annotated[bool, typer.Option(help="Start at the oldest outcome kept by Kafka.")] = False,
+    only_status: Annotated[str | None, typer.Option("--status", help="Only applied, rejected or invalid.")] = None,
+    only_type: Annotated[str | None, typer.Option("--type", help="Only this command type.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Stop after this many outcomes.", min=1)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON outcome per line.")] = False,
+) -> None:
+    """Follow outcomes on the results topic as they are published (Ctrl-C to stop)."""
+    config: Config = ctx.obj
+
+    async def run() -> None:
+        printed = 0
+        async with OutcomeReader(config.settings, from_beginning=from_beginning, timeout=config.timeout) as outcomes:
+            async for outcome in outcomes:
+                if (only_status and outcome.get("status") != only_status) or (
+                        only_type and outcome.get("type") != only_type):
+                    continue
+                if as_json:
+                    sys.stdout.write(orjson.dumps(outcome).decode() + "\n")
+                else:
+                    error = outcome.get("error")
+                    reason = f"  {error.get('code')}: {error.get('message')}" if error else ""
+                    sys.stdout.write(f"{outcome.get('processed_at')} {outcome.get('status'):<8} "
+                                     f"{outcome.get('type') or '-':<20} {outcome.get('command_id')}{reason}\n")
+                sys.stdout.flush()
+                printed += 1
+                if limit and printed >= limit:
+                    return
+
+    try:
+        _run(run())
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command("import")
+def import_csv(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="CSV with a header: user_id,segment_slug[,action][,ttl]; action is "
+                                              "add (default) or remove, ttl like 2d.", exists=True, dir_okay=False)],
+    wait: Annotated[bool, typer.Option(help="Wait for every outcome and summarise them.")] = True,
+    skip_invalid: Annotated[bool, typer.Option(help="Publish the valid rows even if some are invalid.")] = False,
+    actor: ActorOption = None,
+) -> None:
+    """Publish user → segment assignments in bulk, one command per row, with a progress bar and a summary.
+
+    Command ids come from the file's content and line numbers, so importing the same file again
+    changes nothing and reports the stored outcomes."""
+    config: Config = ctx.obj
+    try:
+        parsed = read_assignments(file, actor or f"segmentctl:{getpass.getuser()}")
+    except ValueError as error:
+        raise _fail(str(error), EXIT_BAD_INPUT) from None
+    for line, message in parsed.errors[:20]:
+        err.print(f"line {line}: {message}", highlight=False, markup=False)
+    if parsed.errors and not skip_invalid:
+        raise _fail(f"{len(parsed.errors)} invalid rows, nothing published (fix them, or --skip-invalid)",
+                    EXIT_BAD_INPUT)
+    if not parsed.rows:
+        raise _fail("no rows to import", EXIT_BAD_INPUT)
+    lines = {row.command["command_id"]: row.line for row in parsed.rows}
+    summary = _run(_import(config, [row.command for row in parsed.rows], wait))
+    counts = {status: 0 for status in ("applied", "rejected", "invalid")}
+    problems = []
+    for command_id, outcome in summary.items():
+        counts[outcome["status"]] = counts.get(outcome["status"], 0) + 1
+        if outcome["status"] != "applied":
+            problems.append((lines[command_id], outcome["status"], outcome.get("error") or {}))
+    for line, status_, error in sorted(problems)[:20]:
+        err.print(f"line {line}: {status_} {error.get('code', '')}: {error.get('message', '')}", highlight=False,
+                  markup=False)
+    published = len(parsed.rows)
+    if not wait:
+        sys.stdout.write(f"published {published} commands, {len(parsed.errors)} invalid rows skipped\n")
+        return
+    missing = published - len(summary)
+    sys.stdout.write(f"applied {counts['applied']}, rejected {counts['rejected']}, invalid {counts['invalid']}, "
+                     f"no outcome {missing}, skipped {len(parsed.errors)} (of {published + len(parsed.errors)} rows)\n")
+    if missing:
+        raise typer.Exit(EXIT_UNAVAILABLE)
+    if counts["rejected"] or counts["invalid"] or parsed.errors:
+        raise typer.Exit(EXIT_REJECTED)
+
+
+async def _import(config: Config, commands: list[dict[str, Any]], wait: bool) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+    with Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err) as progress:
+        published = progress.add_task("published", total=len(commands))
+        processed = progress.add_task("processed", total=len(commands), visible=wait)
+
+        def on_outcome(outcome: dict[str, Any]) -> None:
+            found[outcome["command_id"]] = outcome
+            progress.advance(processed)
+
+        async with contextlib.AsyncExitStack() as stack:
+            publisher = await stack.enter_async_context(CommandPublisher(config.settings, timeout=config.timeout))
+            collecting = None
+            if wait:  # opened before publishing, so no outcome can slip past
+                outcomes = await stack.enter_async_context(OutcomeReader(config.settings, timeout=config.timeout))
+                collecting = asyncio.create_task(outcomes.wait_for(
+                    [command["command_id"] for command in commands], float("inf"), on_outcome))
+                stack.callback(collecting.cancel)
+            deliveries = []
+            for command in commands:
+                delivery = asyncio.ensure_future(await publisher.submit(command))
+                delivery.add_done_callback(lambda _: progress.advance(published))
+                deliveries.append(delivery)
+            await asyncio.gather(*deliveries)
+            # Outcomes keep coming while the consumer works; give up only after a quiet spell.
+            while collecting is not None and not collecting.done():
+                before = len(found)
+                await asyncio.wait({collecting}, timeout=config.timeout)
+                if len(found) == before:
+                    break
+    return found
+
+
+def _slugs(text: str | None) -> list[str]:
+    return [slug.strip() for slug in (text or "").split(",") if slug.strip()]
+
+
+def _percent(value: float | None) -> float | int | None:
+    """2.5 → 2.5 and 10.0 → 10, exactly as typed (the contract allows two decimals)."""
+    if value is None:
+        return None
+    number = Decimal(repr(value))
+    return int(number) if number == number.to_integral_value() else float(number)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,22 @@
+"""Human durations for TTLs: `90s`, `15m`, `2h`, `2d`, `1w`, `1d12h`, or plain seconds."""
+
+from __future__ import annotations
+
+import re
+
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+_PART = re.compile(r"(\d+)([smhdw])")
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in `text`; ValueError with what is accepted when it cannot be read."""
+    text = text.strip().lower()
+    if text.isdigit():
+        seconds = int(text)
+    elif text and _PART.sub("", text) == "":
+        seconds = sum(int(number) * UNITS[unit] for number, unit in _PART.findall(text))
+    else:
+        raise ValueError(f"{text!r} is not a duration: use e.g. 90s, 15m, 2h, 2d, 1w, 1d12h or plain seconds")
+    if seconds < 1:
+        raise ValueError("a TTL must be at least 1 second")
+    return seconds
