@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import random
 import time
 from typing import Any
@@ -160,6 +161,7 @@ class CommandConsumer:
 
     async def _publish(self, processed: list[Processed]) -> None:
         deliveries = []
+        debug = log.is_enabled_for(logging.DEBUG)
         for item in processed:
             record = item.parsed.record
             outcome = item.outcome
@@ -176,11 +178,10 @@ class CommandConsumer:
                 deliveries.append(await self._dead_letter(item.parsed))
                 if not item.replayed:
                     metrics.DLQ_RECORDS.labels(item.parsed.code).inc()
-                    log.warning("dead-lettered", command_id=item.parsed.command_id, code=str(item.parsed.code),
-                                reason=item.parsed.message, topic=record.topic, partition=record.partition,
-                                offset=record.offset)
             if item.replayed:
                 metrics.REPLAYED.inc()
+            if outcome["status"] != "applied" or item.replayed or debug:
+                _log_outcome(item, traceparent)
         await asyncio.gather(*deliveries)
 
     async def _dead_letter(self, invalid: InvalidRecord):
@@ -200,6 +201,24 @@ class CommandConsumer:
             highwater = self.consumer.highwater(tp)
             if highwater is not None:
                 metrics.LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwater - next_offset))
+
+
+def _log_outcome(item: Processed, traceparent: bytes | None) -> None:
+    """One line per command that was not simply applied (all of them at DEBUG), with its trace."""
+    record, outcome = item.parsed.record, item.outcome
+    error = outcome["error"] or {}
+    fields = {"command_id": outcome["command_id"], "type": outcome["type"], "status": outcome["status"],
+              "code": error.get("code"), "reason": error.get("message"),
+              "traceparent": traceparent.decode(errors="replace") if traceparent else None,
+              "topic": record.topic, "partition": record.partition, "offset": record.offset}
+    if item.replayed:
+        log.info("command seen again, stored outcome re-published", **fields)
+    elif outcome["status"] == "invalid":
+        log.warning("dead-lettered", **fields)
+    elif outcome["status"] == "rejected":
+        log.info("command rejected", **fields)
+    else:
+        log.debug("command applied", **fields)
 
 
 def _dlq_headers(invalid: InvalidRecord) -> list[tuple[str, bytes]]:

@@ -13,6 +13,13 @@ import uvicorn
 from shared.service import bootstrap
 
 
+def app_factory():
+    """What each uvicorn worker runs (workers are fresh processes): JSON logging, then the app."""
+    from services.query_api.app import create_app
+
+    return create_app(bootstrap("query_api"))
+
+
 def cli() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m services.query_api",
@@ -30,9 +37,10 @@ def cli() -> None:
         # Each worker is a process: metrics go through files that /metrics adds up.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="segmentation-metrics-")
         atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
-    uvicorn.run("services.query_api.app:create_app", factory=True,
+    # log_config=None: uvicorn's own records go through our JSON handler instead of its text format.
+    uvicorn.run("services.query_api.__main__:app_factory", factory=True,
                 host=args.host or settings.api_host, port=args.port or settings.api_port,
-                workers=workers, log_level="warning",
+                workers=workers, log_level="warning", log_config=None,
                 access_log=False, timeout_graceful_shutdown=10)
 
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import orjson
 import psutil
 import pytest
 
@@ -61,11 +62,32 @@ async def test_commands_on_kafka_become_reads_over_http(stack):
                 return "segmentation_memberships_expired_total 2.0" in text
 
             assert await poll(removed_by_worker, timeout=10)
+
+            # A rejected command and an HTTP-published one leave log lines with their id and trace.
+            trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            await publish.raw(settings.assignments_commands_topic,
+                              {"type": "update_user_segments", "user_id": 7, "add": ["NOPE"], "command_id": "r1"},
+                              key="7", headers=[("traceparent", trace.encode())])
+            assert (await poll(lambda: applied("r1")))["status"] == "rejected"
+            posted = await http.post("/commands", json={"type": "create_user", "user_id": 8, "command_id": "h1"},
+                                     headers={"traceparent": trace})
+            assert posted.status_code == 202
     finally:
         stack.close()  # again (the fixture's close is then a no-op): the exit codes are the point here
     assert all(p.poll() is not None for p in processes)
     # Each stopped on SIGTERM (uvicorn re-raises it after its graceful shutdown); none needed SIGKILL.
     assert all(p.returncode in (0, -signal.SIGTERM) for p in processes), [p.returncode for p in processes]
+
+    logs = {name: [orjson.loads(line) for line in (stack.log_dir / f"{name}.log").read_text().splitlines()]
+            for name in ("command_consumer", "query_api", "expiry_worker")}  # every line one JSON object
+    assert all(line["service"] == name and "timestamp" in line and "level" in line
+               for name, lines in logs.items() for line in lines)
+    rejected = [line for line in logs["command_consumer"] if line.get("command_id") == "r1"]
+    assert rejected and rejected[0]["event"] == "command rejected" and rejected[0]["traceparent"] == trace
+    assert rejected[0]["code"] == "segment_not_found"
+    published = [line for line in logs["query_api"] if line.get("command_id") == "h1"]
+    assert published and published[0]["traceparent"] == trace
+    assert any(line["event"] == "memberships expired" for line in logs["expiry_worker"])
 
 
 def _launcher_env(tmp_path: Path, api_port: int) -> dict[str, str]:
