@@ -7,6 +7,7 @@ COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY services ./services
 COPY devstack ./devstack
+COPY segmentctl ./segmentctl
 COPY migrations ./migrations
 RUN pip install . && useradd --system --uid 10001 segmentation
 USER segmentation
