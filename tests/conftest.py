@@ -15,6 +15,7 @@ from shared.kafka import ensure_topics
 from shared.settings import Settings
 
 TEMPLATE_DB = "segmentation_test_template"
+pytest.register_assert_rewrite("tests.contract_model", "tests.support")  # detailed failures from helpers
 
 
 def _interrupt(signum, frame):
