@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -114,21 +115,25 @@ class ContractModel:
         return ("applied", None)
 
     # -- comparison with the database ------------------------------------------------------------
-    async def assert_matches(self, pool: asyncpg.Pool) -> dict[str, int]:
-        """Everything the model predicts, compared with what is stored; returns the counts."""
+    async def assert_matches(self, pool: asyncpg.Pool, scope: Scope | None = None) -> dict[str, int]:
+        """Everything the model predicts, compared with what is stored; returns the counts. With a
+        scope, only its users, segments and command ids are compared (others share the database)."""
+        scope = scope or Scope()
         live = {row["slug"]: row["percent"] for row in await pool.fetch(
-            "SELECT slug, percent FROM segments WHERE deleted_at IS NULL")}
+            "SELECT slug, percent FROM segments WHERE deleted_at IS NULL") if scope.slug(row["slug"])}
         assert live == self.segments
-        assert {row[0] for row in await pool.fetch("SELECT user_id FROM users")} == self.users
+        assert {row[0] for row in await pool.fetch("SELECT user_id FROM users") if scope.user(row[0])} == self.users
 
-        processed_at = {row["command_id"]: row["processed_at"] for row in await pool.fetch(
-            "SELECT command_id, processed_at FROM command_outcomes")}
-        stored_outcomes = {row["command_id"]: (row["status"], row["code"]) for row in await pool.fetch(
-            "SELECT command_id, status, error->>'code' AS code FROM command_outcomes")}
+        outcome_rows = [row for row in await pool.fetch(
+            "SELECT command_id, status, error->>'code' AS code, processed_at FROM command_outcomes")
+            if scope.command(row["command_id"])]
+        processed_at = {row["command_id"]: row["processed_at"] for row in outcome_rows}
+        stored_outcomes = {row["command_id"]: (row["status"], row["code"]) for row in outcome_rows}
         assert stored_outcomes == self.outcomes
 
         memberships = {(row["user_id"], row["slug"]): row["expires_at"] for row in await pool.fetch(
-            "SELECT m.user_id, s.slug, m.expires_at FROM memberships m JOIN segments s ON s.id = m.segment_id")}
+            "SELECT m.user_id, s.slug, m.expires_at FROM memberships m JOIN segments s ON s.id = m.segment_id")
+            if scope.user(row["user_id"])}
         assert set(memberships) == set(self.explicit)
         for key, expiry in self.explicit.items():
             if expiry is None:
@@ -139,13 +144,16 @@ class ContractModel:
                 assert memberships[key] == datetime.fromisoformat(expiry[1]), key
 
         exclusions = {(row["user_id"], row["slug"]) for row in await pool.fetch(
-            "SELECT e.user_id, s.slug FROM rollout_exclusions e JOIN segments s ON s.id = e.segment_id")}
+            "SELECT e.user_id, s.slug FROM rollout_exclusions e JOIN segments s ON s.id = e.segment_id")
+            if scope.user(row["user_id"])}
         assert exclusions == self.excluded
 
         history: dict[int, list[tuple[str, str, str]]] = {}
         for row in await pool.fetch(
                 "SELECT user_id, segment_slug, operation, reason FROM membership_history ORDER BY id"):
-            history.setdefault(row["user_id"], []).append((row["segment_slug"], row["operation"], row["reason"]))
+            if scope.user(row["user_id"]):
+                history.setdefault(row["user_id"], []).append(
+                    (row["segment_slug"], row["operation"], row["reason"]))
         expected_history = {user: rows for user, rows in self.history.items() if rows}
         # Order is per key: a user's own commands keep their order across segments; deletions of
         # different segments (other keys, other partitions) may interleave with each other.
@@ -153,7 +161,7 @@ class ContractModel:
         assert _user_commands_only(history) == _user_commands_only(expected_history)
 
         events = Counter({row["segment_slug"]: row["n"] for row in await pool.fetch(
-            "SELECT segment_slug, count(*) AS n FROM rollout_events GROUP BY 1")})
+            "SELECT segment_slug, count(*) AS n FROM rollout_events GROUP BY 1") if scope.slug(row["segment_slug"])})
         assert events == self.rollout_events
         statuses = Counter(status for status, _ in self.outcomes.values())
         return {"outcomes": len(stored_outcomes), "applied": statuses["applied"], "rejected": statuses["rejected"],
@@ -161,6 +169,23 @@ class ContractModel:
                 "history rows": sum(len(rows) for rows in history.values()),
                 "history rows predicted": sum(len(rows) for rows in expected_history.values()),
                 "rollout events": sum(events.values())}
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The part of a shared database one model owns: users in a range, slugs and command ids with a prefix."""
+
+    users: range | None = None
+    prefix: str = ""
+
+    def user(self, user_id: int) -> bool:
+        return self.users is None or user_id in self.users
+
+    def slug(self, slug: str) -> bool:
+        return slug.startswith(self.prefix)
+
+    def command(self, command_id: str) -> bool:
+        return command_id.startswith(self.prefix)
 
 
 def _by_user_segment(history: dict[int, list[tuple[str, str, str]]]) -> dict[tuple[int, str], list]:
