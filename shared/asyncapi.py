@@ -10,9 +10,11 @@ with, so the document cannot drift from the code. Regenerate `docs/asyncapi.yaml
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Annotated
 
+import yaml
 from faststream import FastStream
 from faststream.kafka import KafkaBroker
 from faststream.specification import AsyncAPI
@@ -87,12 +89,23 @@ def specification(settings: Settings) -> Specification:
     return spec
 
 
+def document(settings: Settings) -> dict:
+    """The document as plain data, its channels, operations, messages and schemas in name order
+    (FastStream's order varies between runs; a committed file should not)."""
+    data = specification(settings).to_jsonable()
+    for section in (data, data.get("components", {})):
+        for key in ("channels", "operations", "messages", "schemas"):
+            if isinstance(section.get(key), dict):
+                section[key] = dict(sorted(section[key].items()))
+    return data
+
+
 def document_yaml(settings: Settings) -> str:
-    return specification(settings).to_yaml()
+    return yaml.safe_dump(document(settings), sort_keys=False, allow_unicode=True, width=100)
 
 
 def document_json(settings: Settings) -> str:
-    return specification(settings).to_json()
+    return json.dumps(document(settings), indent=2, ensure_ascii=False)
 
 
 def document_html(settings: Settings) -> str:

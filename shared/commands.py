@@ -55,7 +55,21 @@ def _rfc3339_text(value: Any) -> Any:
 
 
 Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text)]
-UserId = Annotated[int, Field(strict=True, ge=1, le=MAX_USER_ID, examples=[1000])]
+def _json_integer(value: Any) -> Any:
+    """A JSON integer: 1000, or 1000.0 (the same number to JSON Schema), never "1000" or true. A
+    float above 2**53 may already be another integer after parsing, so it is refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be a JSON integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be a whole number")
+        if abs(value) > 2**53:
+            raise ValueError("is too large to be exact as a JSON float; send it without a decimal point")
+        return int(value)
+    return value
+
+
+UserId = Annotated[int, Field(ge=1, le=MAX_USER_ID, examples=[1000]), BeforeValidator(_json_integer)]
 
 
 class CommandEnvelope(BaseModel):
@@ -73,13 +87,29 @@ class CreateSegment(CommandEnvelope):
     description: Annotated[str, StringConstraints(max_length=1000)] | None = None
 
 
+def _schema_extra(**extra: Any):
+    """Adds `extra` to a model's schema and drops `"default": null` from fields that are optional but
+    not nullable (a fuzzer would take that default for a valid value)."""
+
+    def update(schema: dict[str, Any]) -> None:
+        for field in schema.get("properties", {}).values():
+            if "default" in field and field["default"] is None and "anyOf" not in field:
+                del field["default"]
+        schema.update(extra)
+
+    return update
+
+
 class UpdateSegment(CommandEnvelope):
-    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["percent"]}, {"required": ["description"]}]})
+    model_config = ConfigDict(json_schema_extra=_schema_extra(
+        anyOf=[{"required": ["percent"]}, {"required": ["description"]}]))
 
     type: Literal["update_segment"]
     slug: Slug
-    percent: Percent | None = None
-    description: Annotated[str, StringConstraints(max_length=1000)] | None = None
+    # Optional but not nullable: an explicit null would pass the schema's "percent and/or
+    # description" yet change nothing.
+    percent: Percent = None
+    description: Annotated[str, StringConstraints(max_length=1000)] = None
 
     @model_validator(mode="after")
     def _something_to_change(self) -> UpdateSegment:
@@ -99,16 +129,18 @@ class CreateUser(CommandEnvelope):
 
 
 class UpdateUserSegments(CommandEnvelope):
-    model_config = ConfigDict(json_schema_extra={
+    model_config = ConfigDict(json_schema_extra=_schema_extra(**{
         "not": {"required": ["ttl_seconds", "expires_at"]},
-        "description": "ttl_seconds or expires_at (which must be in the future), not both"})
+        "description": "ttl_seconds or expires_at (which must be in the future), not both"}))
 
     type: Literal["update_user_segments"]
     user_id: UserId
     add: Annotated[list[Slug], Field(max_length=MAX_SLUGS_PER_LIST, default_factory=list)]
     remove: Annotated[list[Slug], Field(max_length=MAX_SLUGS_PER_LIST, default_factory=list)]
-    ttl_seconds: Annotated[int, Field(strict=True, ge=1, le=MAX_TTL_SECONDS)] | None = None
-    expires_at: Timestamp | None = None
+    # Optional but not nullable, as the schema's "not both" counts keys: {"ttl_seconds": null,
+    # "expires_at": …} breaks it, so the model refuses it too.
+    ttl_seconds: Annotated[int, Field(ge=1, le=MAX_TTL_SECONDS), BeforeValidator(_json_integer)] = None
+    expires_at: Timestamp = None
 
     @model_validator(mode="after")
     def _one_expiry(self) -> UpdateUserSegments:

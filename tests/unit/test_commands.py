@@ -41,6 +41,12 @@ def test_create_segment_defaults_and_unknown_fields_ignored():
     {"type": "update_user_segments", "user_id": 1, "add": ["A"] * 1001},
     {"type": "update_user_segments", "user_id": 1, "add": ["A"], "expires_at": 32503680000},
     {"type": "create_user", "user_id": 1, "issued_at": 0},
+    {"type": "create_user", "user_id": 1000.5},
+    {"type": "create_user", "user_id": float(2**60)},  # parsed JSON floats this large are not exact
+    {"type": "update_segment", "slug": "A", "percent": None},  # optional, but not nullable
+    {"type": "update_segment", "slug": "A", "description": None},
+    {"type": "update_user_segments", "user_id": 1, "add": ["A"], "ttl_seconds": None,
+     "expires_at": "2999-01-01T00:00:00Z"},
 ])
 def test_field_rules_are_enforced(raw):
     with pytest.raises(ValidationError):
@@ -57,3 +63,19 @@ def test_expiry_from_ttl_or_timestamp():
     permanent = validate({"type": "update_user_segments", "user_id": 7, "add": ["A"]})
     assert isinstance(permanent, UpdateUserSegments) and permanent.expiry_from(now) is None
     assert partition_key(permanent) == b"7"
+
+
+def test_whole_numbers_written_with_a_decimal_point_are_integers():
+    """JSON Schema's integer includes 1000.0; the models agree, so what the schema allows is accepted."""
+    command = validate({"type": "update_user_segments", "user_id": 1000.0, "add": ["A"], "ttl_seconds": 60.0})
+    assert (command.user_id, command.ttl_seconds) == (1000, 60)
+    assert type(command.user_id) is int and partition_key(command) == b"1000"
+
+
+def test_optional_fields_that_refuse_null_do_not_advertise_a_null_default():
+    schemas = command_adapter.json_schema()["$defs"]
+    for model, field in [("UpdateSegment", "percent"), ("UpdateSegment", "description"),
+                         ("UpdateUserSegments", "ttl_seconds"), ("UpdateUserSegments", "expires_at")]:
+        field_schema = schemas[model]["properties"][field]
+        assert "default" not in field_schema and "anyOf" not in field_schema
+    assert schemas["CreateUser"]["properties"]["user_id"]["minimum"] == 1
