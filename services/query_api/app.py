@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
+import structlog
 from fastapi import FastAPI
 
 from services.query_api.dependencies import Resources
@@ -16,6 +17,7 @@ from shared.client import CommandPublisher
 from shared.db import create_pool
 from shared.settings import DEVELOPMENT_REPORT_SECRET, Settings, get_settings
 
+log = structlog.get_logger("query_api")
 DESCRIPTION = """
 Reads of the user segmentation service: which segments a user is in (explicit memberships that
 have not expired plus percent rollout), segments, command outcomes, monthly history reports as
@@ -24,9 +26,14 @@ signed CSV links, and an HTTP gateway that publishes commands to Kafka.
 
 
 def check_production_settings(settings: Settings) -> None:
-    if settings.environment != "development" and settings.report_signing_secret == DEVELOPMENT_REPORT_SECRET:
+    if settings.environment == "development":
+        return
+    if settings.report_signing_secret == DEVELOPMENT_REPORT_SECRET:
         raise SystemExit("REPORT_SIGNING_SECRET is the development default; set a secret of your own "
                          "before running with ENVIRONMENT=production.")
+    if not settings.api_public_url:
+        log.warning("API_PUBLIC_URL is not set: report links are built from each request's Host header, "
+                    "which a client controls; set it to the API's public base URL")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

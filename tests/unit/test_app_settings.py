@@ -21,3 +21,15 @@ def test_settings_round_trip_through_the_environment(monkeypatch):
     for key, value in settings.to_env().items():
         monkeypatch.setenv(key, value)
     assert Settings(_env_file=None) == settings
+
+
+def test_production_without_a_public_url_warns_that_links_follow_the_host_header():
+    from structlog.testing import capture_logs
+
+    base = {"_env_file": None, "environment": "production", "database_url": "postgresql://x/y",
+            "report_signing_secret": "s3cret-from-a-vault"}
+    with capture_logs() as logs:
+        create_app(Settings(**base))
+        create_app(Settings(**base, api_public_url="https://segments.example.com"))
+    warnings = [entry for entry in logs if entry["log_level"] == "warning"]
+    assert len(warnings) == 1 and "API_PUBLIC_URL" in warnings[0]["event"]
