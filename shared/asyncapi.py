@@ -38,6 +38,14 @@ DLQ_HEADERS = ("Key and value are the original record's bytes. String headers: `
                "`x-error-message`, `x-original-topic`, `x-original-partition`, `x-original-offset`.")
 
 
+async def apply_segment_command(command: SegmentCommand) -> Outcome:
+    raise NotImplementedError("documentation only: services.command_consumer applies commands")
+
+
+async def apply_user_command(command: UserCommand) -> Outcome:
+    raise NotImplementedError("documentation only: services.command_consumer applies commands")
+
+
 def build_app(settings: Settings) -> FastStream:
     broker = KafkaBroker(settings.kafka_bootstrap_servers or DEFAULT_SERVER,
                          description="Commands in, one outcome per command out.")
@@ -48,25 +56,14 @@ def build_app(settings: Settings) -> FastStream:
         settings.dlq_topic, schema=bytes, title=f"{settings.dlq_topic}:DeadLetter",
         description="Records that could not be parsed or validated. " + DLQ_HEADERS)
 
-    @results
-    @dead_letters
-    @broker.subscriber(
-        settings.segments_commands_topic, group_id=settings.consumer_group,
-        title=f"{settings.segments_commands_topic}:SegmentCommand",
-        description="Segment commands keyed by the segment slug (UTF-8), so each segment's commands keep "
-                    "their order.")
-    async def apply_segment_command(command: SegmentCommand) -> Outcome:
-        raise NotImplementedError("documentation only: services.command_consumer applies commands")
-
-    @results
-    @dead_letters
-    @broker.subscriber(
-        settings.assignments_commands_topic, group_id=settings.consumer_group,
-        title=f"{settings.assignments_commands_topic}:UserCommand",
-        description="User commands keyed by the user id as a decimal string, so each user's commands keep "
-                    "their order.")
-    async def apply_user_command(command: UserCommand) -> Outcome:
-        raise NotImplementedError("documentation only: services.command_consumer applies commands")
+    for topic, kind, handler, description in (
+            (settings.segments_commands_topic, "SegmentCommand", apply_segment_command,
+             "Segment commands keyed by the segment slug (UTF-8), so each segment's commands keep their order."),
+            (settings.assignments_commands_topic, "UserCommand", apply_user_command,
+             "User commands keyed by the user id as a decimal string, so each user's commands keep their order.")):
+        subscriber = broker.subscriber(topic, group_id=settings.consumer_group, title=f"{topic}:{kind}",
+                                       description=description)
+        results(dead_letters(subscriber(handler)))
 
     return FastStream(broker, specification=AsyncAPI(
         title="User segmentation service: command topics",
