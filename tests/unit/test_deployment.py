@@ -45,8 +45,10 @@ def test_every_service_has_an_image_or_a_build_with_a_dockerfile():
 def test_the_image_contains_every_package_the_project_installs():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     packages = {pattern.rstrip("*") for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]}
-    copied = set(re.findall(r"^COPY (\S+) \./", (ROOT / "Dockerfile").read_text(), re.MULTILINE))
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY (\S+) \./", dockerfile, re.MULTILINE))
     assert packages | {"migrations"} <= copied
+    assert "pip install . " in dockerfile and "embedded" not in dockerfile  # no broker or database binaries
 
 
 def test_long_running_services_have_health_checks_and_restart_policies():
