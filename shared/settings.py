@@ -59,9 +59,11 @@ class Settings(BaseSettings):
     expiry_concurrency: int = Field(2, ge=1)
     expiry_metrics_port: int = 9102
 
-    # Database pool.
+    # Database pool of each API worker. Reads take ~1 ms, so a few connections per worker keep up;
+    # more only add PostgreSQL backends contending for the same cores (measured: p99 68 ms at 10
+    # against 20-27 ms at 4 on 2 cores, at the same throughput).
     db_pool_min_size: int = Field(1, ge=0)
-    db_pool_max_size: int = Field(10, ge=1)
+    db_pool_max_size: int = Field(4, ge=1)
 
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"

@@ -16,8 +16,11 @@ from shared.service import bootstrap
 def app_factory():
     """What each uvicorn worker runs (workers are fresh processes): JSON logging, then the app."""
     from services.query_api.app import create_app
+    from shared.service import tune_gc
 
-    return create_app(bootstrap("query_api"))
+    app = create_app(bootstrap("query_api"))
+    tune_gc()
+    return app
 
 
 def cli() -> None:

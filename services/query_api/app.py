@@ -8,7 +8,7 @@ import structlog
 from fastapi import FastAPI
 
 from services.query_api.dependencies import Resources
-from services.query_api.fast_path import UserSegmentsFastPath
+from services.query_api.fast_path import answer_user_segments
 from services.query_api.http_metrics import BodySizeLimitMiddleware, MetricsMiddleware
 from services.query_api.reports import ReportSigner
 from services.query_api.rollout_cache import RolloutCache
@@ -36,6 +36,15 @@ def check_production_settings(settings: Settings) -> None:
                     "which a client controls; set it to the API's public base URL")
 
 
+class SegmentationAPI(FastAPI):
+    """FastAPI, with the hot read answered before anything else runs (see fast_path.py)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        resources = getattr(self.state, "resources", None)  # set once the lifespan has started
+        if resources is None or not await answer_user_segments(resources, scope, send):
+            await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     check_production_settings(settings)
@@ -58,8 +67,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await resources.publisher.stop()
             await pool.close()
 
-    app = FastAPI(title="User segmentation service", version="1.0.0", description=DESCRIPTION,
-                  lifespan=lifespan)
+    app = SegmentationAPI(title="User segmentation service", version="1.0.0", description=DESCRIPTION,
+                          lifespan=lifespan)
     for module in (users, segments, reports, commands, health, asyncapi):
         app.include_router(module.router)
     default_openapi = app.openapi
@@ -71,7 +80,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi
-    app.add_middleware(UserSegmentsFastPath)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     app.add_middleware(MetricsMiddleware)
     return app

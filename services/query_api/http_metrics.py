@@ -16,10 +16,21 @@ UNCOUNTED = frozenset({"/metrics"})
 BODILESS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
+_children: dict[tuple, tuple] = {}
+
+
+def record(template: str, method: str, status: int, seconds: float) -> None:
+    key = (template, method, status)
+    children = _children.get(key)
+    if children is None:  # label lookups take a lock; do them once per combination
+        children = _children[key] = (REQUESTS.labels(template, method, str(status)), LATENCY.labels(template, method))
+    children[0].inc()
+    children[1].observe(seconds)
+
+
 class MetricsMiddleware:
     def __init__(self, app) -> None:
         self.app = app
-        self._children: dict[tuple, tuple] = {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in UNCOUNTED:
@@ -36,14 +47,8 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            template = getattr(scope.get("route"), "path", "unmatched")
-            key = (template, scope["method"], status)
-            children = self._children.get(key)
-            if children is None:  # label lookups take a lock; do them once per combination
-                children = self._children[key] = (REQUESTS.labels(template, scope["method"], str(status)),
-                                                  LATENCY.labels(template, scope["method"]))
-            children[0].inc()
-            children[1].observe(time.perf_counter() - started)
+            record(getattr(scope.get("route"), "path", "unmatched"), scope["method"], status,
+                   time.perf_counter() - started)
 
 
 class BodySizeLimitMiddleware:
