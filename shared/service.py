@@ -23,9 +23,9 @@ def bootstrap(service: str) -> Settings:
 
 
 def tune_gc() -> None:
-    """Batches allocate many short-lived objects and few cycles: keep the startup heap out of
-    collections and collect the young generation less often (measured on the command consumer;
-    it did not help the API's latency tail, which is CPU queueing)."""
+    """Batches and requests allocate many short-lived objects and few cycles: keep the startup heap
+    out of collections and collect the young generation less often (measured on the command
+    consumer, and on the API together with a smaller pool)."""
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
 
