@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from devstack.infra import fresh_database, start_infra
 from shared.db import create_pool
 from shared.kafka import ensure_topics
+from shared.logging import configure_logging
 from shared.settings import Settings
 
 
@@ -35,7 +36,9 @@ def percentile(values: list[float], fraction: float) -> float:
 @contextlib.asynccontextmanager
 async def bench_environment(name: str, **overrides) -> AsyncIterator[tuple]:
     """Servers (embedded unless DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS), then per call of
-    `new(label)` a migrated database and topics of its own."""
+    `new(label)` a migrated database and topics of its own. Services run in-process log as they
+    would in production (JSON, here at WARNING so the figures stay readable)."""
+    configure_logging("WARNING", "json")
     infra = await asyncio.to_thread(start_infra)
     pools = []
     try:

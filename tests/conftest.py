@@ -4,11 +4,13 @@ template), its own topics and consumer group, so tests never see each other's da
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import uuid
 
 import asyncpg
 import pytest
+import structlog
 
 from devstack.infra import Infra, fresh_database, start_infra
 from shared.kafka import ensure_topics
@@ -23,6 +25,9 @@ def _interrupt(signum, frame):
 
 
 def pytest_configure(config):
+    # Services running in-process log at INFO, as deployed: without this structlog's default
+    # would render a DEBUG line for every command applied. (No logger caching, so capture_logs works.)
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
     # SIGTERM (a CI timeout, `kill`) would end pytest without fixture teardown, leaving the
     # session's servers running; as an interrupt, pytest tears everything down first.
     signal.signal(signal.SIGTERM, _interrupt)
