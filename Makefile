@@ -55,5 +55,9 @@ test-integration: $(TEST_STAMP) ## integration tests only
 test-e2e: $(TEST_STAMP) ## end-to-end tests only
 	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
 
+bench: $(STAMP) ## run every benchmark in bench/ and print their ratios (about 15 minutes; reads need wrk)
+	for script in consumer_throughput read_throughput report_stream expiry rollout_create; do \
+		$(BIN)/python -m bench.$$script || exit 1; done
+
 clean: ## remove the virtualenv and local data
 	rm -rf $(VENV) .data .pytest_cache .hypothesis
