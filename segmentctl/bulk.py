@@ -1,4 +1,5 @@
-"""CSV import: rows of user → segment assignments become update_user_segments commands.
+"""CSV import: rows of user → segment assignments become update_user_segments commands, published
+in bulk with their outcomes collected.
 
     user_id,segment_slug[,action][,ttl]
     1000,AVITO_VOICE_MESSAGES
@@ -12,6 +13,8 @@ and reports the stored outcomes.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import csv
 import hashlib
 import io
@@ -20,9 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from segmentctl.durations import parse_duration
+from shared.client import CommandPublisher, OutcomeReader
 from shared.commands import command_adapter
+from shared.settings import Settings
 
 REQUIRED_COLUMNS = ("user_id", "segment_slug")
 ACTIONS = ("add", "remove")
@@ -91,3 +98,40 @@ def _explain(error: ValueError) -> str:
     if isinstance(error, ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'command'}: {e['msg']}" for e in error.errors())
     return str(error)
+
+
+async def publish_all(settings: Settings, commands: list[dict[str, Any]], wait: bool, timeout: float,
+                      console: Console) -> dict[str, dict[str, Any]]:
+    """Publish every command (pipelined, in order per key) with progress bars on `console`; with
+    `wait`, collect their outcomes until all have arrived or none came for `timeout` seconds."""
+    found: dict[str, dict[str, Any]] = {}
+    with Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        published = progress.add_task("published", total=len(commands))
+        processed = progress.add_task("processed", total=len(commands), visible=wait)
+
+        def on_outcome(outcome: dict[str, Any]) -> None:
+            found[outcome["command_id"]] = outcome
+            progress.advance(processed)
+
+        async with contextlib.AsyncExitStack() as stack:
+            publisher = await stack.enter_async_context(CommandPublisher(settings, timeout=timeout))
+            collecting = None
+            if wait:  # opened before publishing, so no outcome can slip past
+                outcomes = await stack.enter_async_context(OutcomeReader(settings, timeout=timeout))
+                collecting = asyncio.create_task(outcomes.wait_for(
+                    [command["command_id"] for command in commands], float("inf"), on_outcome))
+                stack.callback(collecting.cancel)
+            deliveries = []
+            for command in commands:
+                delivery = asyncio.ensure_future(await publisher.submit(command))
+                delivery.add_done_callback(lambda _: progress.advance(published))
+                deliveries.append(delivery)
+            await asyncio.gather(*deliveries)
+            # Outcomes keep coming while the consumer works; give up only after a quiet spell.
+            while collecting is not None and not collecting.done():
+                before = len(found)
+                await asyncio.wait({collecting}, timeout=timeout)
+                if len(found) == before:
+                    break
+    return found

@@ -5,7 +5,6 @@ tail of outcomes and bulk import. Exit codes: 0 applied (or published), 1 reject
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import getpass
 import sys
 from dataclasses import dataclass
@@ -18,9 +17,8 @@ import orjson
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from segmentctl.bulk import read_assignments
+from segmentctl.bulk import publish_all, read_assignments
 from segmentctl.durations import parse_duration
 from shared.client import CommandPublisher, KafkaUnavailable, OutcomeReader
 from shared.commands import command_adapter
@@ -264,7 +262,7 @@ def import_csv(
     if not parsed.rows:
         raise _fail("no rows to import", EXIT_BAD_INPUT)
     lines = {row.command["command_id"]: row.line for row in parsed.rows}
-    summary = _run(_import(config, [row.command for row in parsed.rows], wait))
+    summary = _run(publish_all(config.settings, [row.command for row in parsed.rows], wait, config.timeout, err))
     counts = {status: 0 for status in ("applied", "rejected", "invalid")}
     problems = []
     for command_id, outcome in summary.items():
@@ -285,40 +283,6 @@ def import_csv(
         raise typer.Exit(EXIT_UNAVAILABLE)
     if counts["rejected"] or counts["invalid"] or parsed.errors:
         raise typer.Exit(EXIT_REJECTED)
-
-
-async def _import(config: Config, commands: list[dict[str, Any]], wait: bool) -> dict[str, dict[str, Any]]:
-    found: dict[str, dict[str, Any]] = {}
-    with Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err) as progress:
-        published = progress.add_task("published", total=len(commands))
-        processed = progress.add_task("processed", total=len(commands), visible=wait)
-
-        def on_outcome(outcome: dict[str, Any]) -> None:
-            found[outcome["command_id"]] = outcome
-            progress.advance(processed)
-
-        async with contextlib.AsyncExitStack() as stack:
-            publisher = await stack.enter_async_context(CommandPublisher(config.settings, timeout=config.timeout))
-            collecting = None
-            if wait:  # opened before publishing, so no outcome can slip past
-                outcomes = await stack.enter_async_context(OutcomeReader(config.settings, timeout=config.timeout))
-                collecting = asyncio.create_task(outcomes.wait_for(
-                    [command["command_id"] for command in commands], float("inf"), on_outcome))
-                stack.callback(collecting.cancel)
-            deliveries = []
-            for command in commands:
-                delivery = asyncio.ensure_future(await publisher.submit(command))
-                delivery.add_done_callback(lambda _: progress.advance(published))
-                deliveries.append(delivery)
-            await asyncio.gather(*deliveries)
-            # Outcomes keep coming while the consumer works; give up only after a quiet spell.
-            while collecting is not None and not collecting.done():
-                before = len(found)
-                await asyncio.wait({collecting}, timeout=config.timeout)
-                if len(found) == before:
-                    break
-    return found
 
 
 def _slugs(text: str | None) -> list[str]:
