@@ -68,7 +68,7 @@ def read_assignments(path: Path, actor: str | None = None) -> ParsedFile:
             command = _command(row, f"import-{digest}-{line}", actor)
             command_adapter.validate_python(command)
         except ValueError as error:  # includes pydantic's ValidationError
-            parsed.errors.append((line, _explain(error)))
+            parsed.errors.append((line, explain(error)))
             continue
         parsed.rows.append(Row(line, command))
     return parsed
@@ -94,7 +94,8 @@ def _command(row: dict[str, str | None], command_id: str, actor: str | None) -> 
     return command
 
 
-def _explain(error: ValueError) -> str:
+def explain(error: ValueError) -> str:
+    """One line per problem, naming the field (pydantic's errors) or the message (others)."""
     if isinstance(error, ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'command'}: {e['msg']}" for e in error.errors())
     return str(error)

@@ -18,7 +18,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-from segmentctl.bulk import publish_all, read_assignments
+from segmentctl.bulk import explain, publish_all, read_assignments
 from segmentctl.durations import parse_duration
 from shared.client import CommandPublisher, KafkaUnavailable, OutcomeReader
 from shared.commands import command_adapter
@@ -111,8 +111,7 @@ def _run(coroutine) -> Any:
     try:
         return asyncio.run(coroutine)
     except ValidationError as error:
-        messages = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'command'}: {e['msg']}" for e in error.errors())
-        raise _fail(f"invalid command: {messages}", EXIT_BAD_INPUT) from None
+        raise _fail(f"invalid command: {explain(error)}", EXIT_BAD_INPUT) from None
     except KafkaUnavailable as error:
         raise _fail(str(error), EXIT_UNAVAILABLE) from None
 

@@ -47,6 +47,8 @@ Percent = Annotated[
     WithJsonSchema({"type": "number", "minimum": 0, "maximum": 100, "multipleOf": 0.01,
                     "description": "0-100 with at most 2 decimals", "examples": [10]}),
 ]
+
+
 def _rfc3339_text(value: Any) -> Any:
     """RFC 3339 text only: pydantic would also take a number as seconds since the epoch."""
     if not isinstance(value, (str, datetime)):
@@ -55,6 +57,8 @@ def _rfc3339_text(value: Any) -> Any:
 
 
 Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text)]
+
+
 def _json_integer(value: Any) -> Any:
     """A JSON integer: 1000, or 1000.0 (the same number to JSON Schema), never "1000" or true. A
     float above 2**53 may already be another integer after parsing, so it is refused."""
