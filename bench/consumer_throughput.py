@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from bench.common import Progress, bench_environment, machine, percentile
 from bench.simple_consumer import run_simple_consumer
 from services.command_consumer.consumer import CommandConsumer
+from shared.service import tune_gc
 
 
 def generate(count: int, users: int, segments: int, seed: int = 1) -> list[dict]:
@@ -137,6 +138,7 @@ async def latency_at_steady_rate(settings, pool, rate: int, seconds: float) -> l
 
 async def main(args) -> None:
     print(f"machine: {machine()}")
+    tune_gc()  # as the consumer service does at startup: the consumer runs in this process
     async with bench_environment("consumer", topic_partitions=args.partitions) as (_infra, new):
         commands = generate(args.commands, args.users, args.segments)
 

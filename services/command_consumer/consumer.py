@@ -1,4 +1,10 @@
-"""The Kafka loop: fetch → validate → apply per partition in parallel → publish outcomes → commit.
+"""The Kafka loop: fetch → validate → apply → publish outcomes → commit, each partition on its own.
+
+Every assigned partition has at most one batch in hand, applied in one transaction, its outcomes
+published, then its offset committed, while the other partitions do the same: Python work
+(parsing, deciding, publishing) for one partition overlaps the database work of the others, and a
+slow partition holds back only itself. The fetch loop hands a partition its next batch as soon
+as it is free.
 
 aiokafka directly rather than a FastStream subscriber: the consumer needs whole per-partition
 batches in one transaction, parallel partitions, manual commits strictly after the outcomes are
@@ -9,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import random
 import time
+from collections.abc import Collection
 from typing import Any
 
 import asyncpg
@@ -43,9 +51,9 @@ class _CommitOnRevoke(ConsumerRebalanceListener):
         self._consumer = consumer
 
     async def on_partitions_revoked(self, revoked) -> None:
-        # Finish the batch in hand (it commits) before the partitions move.
-        async with self._consumer.processing:
-            log.info("partitions revoked", partitions=[f"{tp.topic}:{tp.partition}" for tp in revoked])
+        # Finish the batches in hand (each commits) before the partitions move.
+        await self._consumer.finish_in_hand()
+        log.info("partitions revoked", partitions=[f"{tp.topic}:{tp.partition}" for tp in revoked])
 
     async def on_partitions_assigned(self, assigned) -> None:
         log.info("partitions assigned", partitions=[f"{tp.topic}:{tp.partition}" for tp in assigned])
@@ -55,8 +63,9 @@ class CommandConsumer:
     def __init__(self, settings: Settings, pool: asyncpg.Pool) -> None:
         self.settings = settings
         self.pool = pool
-        self.processing = asyncio.Lock()
         self.stopping = asyncio.Event()
+        self._in_hand: dict[TopicPartition, asyncio.Task] = {}  # at most one batch per partition
+        self._freed = asyncio.Event()  # a partition finished its batch
         self._recent_invalid: collections.deque[bool] = collections.deque(maxlen=settings.poison_guard_window)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.require_kafka(),
@@ -77,46 +86,120 @@ class CommandConsumer:
         await self.consumer.start()
         self.consumer.subscribe(list(self.settings.command_topics), listener=_CommitOnRevoke(self))
         log.info("consuming", topics=list(self.settings.command_topics), group=self.settings.consumer_group)
+        graceful = False
         try:
             while not self.stopping.is_set():
-                fetched = await self.consumer.getmany(timeout_ms=200, max_records=self.settings.consumer_max_batch)
-                if not fetched:
+                self._reap()
+                idle = [tp for tp in self.consumer.assignment() if tp not in self._in_hand]
+                if idle:
+                    fetched = await self._fetch_first(idle)
+                elif self._in_hand:
+                    await self._wait_freed(timeout=0.2)
                     continue
-                async with self.processing:
-                    await self._process(fetched)
+                else:  # not assigned yet: getmany waits for the group
+                    fetched = await self.consumer.getmany(timeout_ms=200, max_records=self.settings.consumer_max_batch)
+                if fetched:
+                    # The other free partitions' records came in the same fetch response: hand them
+                    # out together, so that segment batches go first.
+                    for tp in self.consumer.assignment():
+                        if tp not in fetched and tp not in self._in_hand:
+                            fetched.update(await self.consumer.getmany(
+                                tp, timeout_ms=0, max_records=self.settings.consumer_max_batch))
+                    self._dispatch(fetched)
+            graceful = True
         finally:
-            await self.consumer.stop()
-            await self.producer.stop()
-            log.info("stopped")
+            try:
+                if graceful:  # finish the batches in hand; one that failed meanwhile still says so
+                    await self.finish_in_hand()
+                    self._reap()
+            finally:
+                # Failing or cancelled: abandon what is in hand (rolled back, offsets not committed).
+                for task in self._in_hand.values():
+                    task.cancel()
+                await asyncio.gather(*self._in_hand.values(), return_exceptions=True)
+                await self.consumer.stop()
+                await self.producer.stop()
+                log.info("stopped")
 
     def stop(self) -> None:
         self.stopping.set()
 
-    async def _process(self, fetched: dict[TopicPartition, list[Any]]) -> None:
-        parsed_by_partition = {
-            tp: [parse_record(RecordRef(r.topic, r.partition, r.offset, r.key, r.value,
-                                        tuple(r.headers or ()), r.timestamp),
-                              self.settings) for r in records]
-            for tp, records in fetched.items()
-        }
-        self._check_poison_guard([p for batch in parsed_by_partition.values() for p in batch])
-        # Segment partitions first: a segment and a user command fetched together apply in that
-        # order (there is no order across topics, but this is the one producers expect).
-        results = []
-        for topic in self.settings.command_topics:
-            results += await asyncio.gather(*(self._process_partition(tp, batch)
-                                              for tp, batch in parsed_by_partition.items() if tp.topic == topic))
-        offsets = {tp: batch[-1].record.offset + 1 for tp, batch in parsed_by_partition.items()}
+    async def finish_in_hand(self) -> None:
+        """Wait for every batch in hand to be applied, published and committed (or to fail)."""
+        if self._in_hand:
+            await asyncio.wait(list(self._in_hand.values()))
+
+    def _reap(self) -> None:
+        """Forget finished batches; a batch that failed stops the consumer with its error."""
+        for tp, task in list(self._in_hand.items()):
+            if task.done():
+                del self._in_hand[tp]
+                task.result()
+
+    async def _wait_freed(self, timeout: float) -> None:
+        self._freed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._freed.wait(), timeout)
+
+    async def _fetch_first(self, idle: list[TopicPartition]) -> dict[TopicPartition, list[Any]]:
+        """Records of the free partitions, or nothing once a busy partition is freed first.
+
+        Cancelling getmany while it waits drains nothing (records leave aiokafka's buffer only
+        in the step that returns them), so no record is lost by giving up on it.
+        """
+        fetch = asyncio.ensure_future(self.consumer.getmany(
+            *idle, timeout_ms=200, max_records=self.settings.consumer_max_batch))
+        if not self._in_hand:
+            return await fetch
+        self._freed.clear()
+        freed = asyncio.ensure_future(self._freed.wait())
         try:
-            await self.consumer.commit(offsets)
-        except (CommitFailedError, IllegalStateError) as error:
-            # The partitions moved on: their new owner redelivers and the inbox makes that harmless.
-            log.warning("offset commit refused after rebalance", error=str(error))
-        self._update_lag(offsets)
-        counts = collections.Counter((item.outcome["type"] or "unknown", item.outcome["status"])
-                                     for processed in results for item in processed if not item.replayed)
-        for (command_type, status), count in counts.items():
-            metrics.COMMANDS.labels(command_type, status).inc(count)
+            await asyncio.wait({fetch, freed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            freed.cancel()
+            fetch.cancel()  # a no-op when it has returned
+        try:
+            return await fetch
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # this loop is being cancelled, not just the fetch
+                raise
+            return {}
+
+    def _dispatch(self, fetched: dict[TopicPartition, list[Any]]) -> None:
+        # Segment batches first, and user batches wait for the segment batches in hand: a segment
+        # and a user command fetched together apply in that order (there is no order across
+        # topics, but this is the one producers expect).
+        segments_topic = self.settings.segments_commands_topic
+        for tp in sorted(fetched, key=lambda tp: tp.topic != segments_topic):
+            barrier = [] if tp.topic == segments_topic else [
+                task for held, task in self._in_hand.items() if held.topic == segments_topic]
+            self._in_hand[tp] = asyncio.create_task(self._handle(tp, fetched[tp], barrier))
+
+    async def _handle(self, tp: TopicPartition, records: list[Any], barrier: Collection[asyncio.Task]) -> None:
+        try:
+            if barrier:
+                await asyncio.wait(barrier)
+            batch = [parse_record(RecordRef(r.topic, r.partition, r.offset, r.key, r.value,
+                                            tuple(r.headers or ()), r.timestamp), self.settings)
+                     for r in records]
+            self._check_poison_guard(batch)
+            processed = await self._process_partition(tp, batch)
+            next_offset = batch[-1].record.offset + 1
+            try:
+                await self.consumer.commit({tp: next_offset})
+            except (CommitFailedError, IllegalStateError) as error:
+                # The partition moved on: its new owner redelivers and the inbox makes that harmless.
+                log.warning("offset commit refused after rebalance", topic=tp.topic, partition=tp.partition,
+                            error=str(error))
+            highwater = self.consumer.highwater(tp)
+            if highwater is not None:
+                metrics.LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwater - next_offset))
+            counts = collections.Counter((item.outcome["type"] or "unknown", item.outcome["status"])
+                                         for item in processed if not item.replayed)
+            for (command_type, status), count in counts.items():
+                metrics.COMMANDS.labels(command_type, status).inc(count)
+        finally:
+            self._freed.set()
 
     def _check_poison_guard(self, batch) -> None:
         self._recent_invalid.extend(isinstance(p, InvalidRecord) for p in batch)
@@ -195,12 +278,6 @@ class CommandConsumer:
             size = str(len(record.value or b"")).encode()
             return await self.producer.send(self.settings.dlq_topic, None, key=record.key,
                                             headers=[*_dlq_headers(invalid), ("x-original-value-bytes", size)])
-
-    def _update_lag(self, offsets: dict[TopicPartition, int]) -> None:
-        for tp, next_offset in offsets.items():
-            highwater = self.consumer.highwater(tp)
-            if highwater is not None:
-                metrics.LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwater - next_offset))
 
 
 def _log_outcome(item: Processed, traceparent: bytes | None) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import asyncpg
 import orjson
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import REGISTRY
 
 from tests.support import Publisher, header, history, read_topic, running_consumer, wait_for_outcomes
@@ -195,3 +199,50 @@ async def test_delete_segment_removes_it_from_every_user_with_history(settings, 
     assert await pool.fetchval("SELECT count(*) FROM memberships") == 0
     deleted = [row for row in await history(pool) if row[2] == "D"]
     assert sorted(deleted) == [(u, "A", "D", "manual", "segment_deleted") for u in (1, 2, 3)]
+
+
+def _partition_of(key: bytes, partitions: int) -> int:
+    """The partition aiokafka's default partitioner gives a key (murmur2, as Java clients do)."""
+    return DefaultPartitioner()(key, list(range(partitions)), list(range(partitions)))
+
+
+async def test_a_partition_stalled_on_a_lock_does_not_hold_back_the_others(settings, pool):
+    async with Publisher(settings) as publish, running_consumer(settings, pool):
+        await publish.segment({"type": "create_segment", "slug": "A", "command_id": "a"})
+        await publish.user({"type": "update_user_segments", "user_id": 1, "add": ["A"], "command_id": "held-add"})
+        await wait_for_outcomes(pool, ["a", "held-add"])
+        held = _partition_of(b"1", settings.topic_partitions)
+        free_user = next(u for u in range(2, 100) if _partition_of(str(u).encode(), settings.topic_partitions) != held)
+
+        blocker = await asyncpg.connect(settings.database_url)
+        try:
+            async with blocker.transaction():
+                # The consumer row-locks the memberships a batch decides about: this stalls user 1's partition.
+                await blocker.execute("SELECT 1 FROM memberships WHERE user_id = 1 FOR UPDATE")
+                await publish.user({"type": "update_user_segments", "user_id": 1, "remove": ["A"],
+                                    "command_id": "held-remove"})
+                for wave in range(4):  # one batch after the other on the free partition
+                    await publish.user({"type": "update_user_segments", "user_id": free_user,
+                                        ("add" if wave % 2 == 0 else "remove"): ["A"], "command_id": f"free{wave}"})
+                    await wait_for_outcomes(pool, [f"free{wave}"], timeout=10)
+                assert await pool.fetchval(
+                    "SELECT count(*) FROM command_outcomes WHERE command_id = 'held-remove'") == 0
+        finally:
+            await blocker.close()
+        outcomes = await wait_for_outcomes(pool, ["held-remove"])  # the lock is gone: the stalled batch applies
+    assert outcomes["held-remove"]["result"]["removed"] == ["A"]
+    assert [row[2] for row in await history(pool, 1)] == ["I", "D"]
+    assert [row[2] for row in await history(pool, free_user)] == ["I", "D", "I", "D"]
+
+
+async def test_segment_commands_fetched_with_user_commands_apply_first(settings, pool):
+    async with Publisher(settings) as publish:  # all of it waits in the topics before the consumer starts
+        creates = [{"type": "create_segment", "slug": f"S{i}", "command_id": f"s{i}"} for i in range(150)]
+        deliveries = [await publish.producer.send(settings.segments_commands_topic, orjson.dumps(c),
+                                                  key=c["slug"].encode()) for c in creates]
+        await asyncio.gather(*deliveries)
+        await publish.user({"type": "update_user_segments", "user_id": 7, "add": ["S149", "S0"], "command_id": "u"})
+    async with running_consumer(settings, pool):
+        outcomes = await wait_for_outcomes(pool, ["u", *(c["command_id"] for c in creates)])
+    assert outcomes["u"]["status"] == "applied", outcomes["u"]
+    assert await history(pool, 7) == [(7, "S149", "I", "manual", "manual"), (7, "S0", "I", "manual", "manual")]
