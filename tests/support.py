@@ -78,6 +78,13 @@ async def wait_for_outcomes(pool: asyncpg.Pool, command_ids: list[str], timeout:
         await asyncio.sleep(0.05)
 
 
+async def wait_for_count(pool: asyncpg.Pool, query: str, at_least: int, timeout: float = 60.0) -> None:
+    """Until a count query reaches `at_least` (rows written by another task or process)."""
+    async with asyncio.timeout(timeout):
+        while await pool.fetchval(query) < at_least:  # noqa: ASYNC110 - polling another process's writes
+            await asyncio.sleep(0.05)
+
+
 async def read_topic(settings: Settings, topic: str, count: int, timeout: float = 20.0) -> list:
     """Every record of a topic from the beginning, until `count` have arrived."""
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False,

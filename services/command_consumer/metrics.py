@@ -10,7 +10,7 @@ COMMAND_LATENCY = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 BATCH_SIZE = Histogram("segmentation_consumer_batch_size", "Records applied in one partition transaction",
-                       buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2500))
+                       buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000))
 BATCH_DURATION = Histogram("segmentation_consumer_batch_seconds", "Duration of one partition transaction")
 DLQ_RECORDS = Counter("segmentation_dlq_records_total", "Records sent to the DLQ, by reason", ["code"])
 REPLAYED = Counter("segmentation_commands_replayed_total",

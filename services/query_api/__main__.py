@@ -42,6 +42,7 @@ def cli() -> None:
         atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
     # log_config=None: uvicorn's own records go through our JSON handler instead of its text format.
     uvicorn.run("services.query_api.__main__:app_factory", factory=True,
+                http="services.query_api.server:HttpToolsProtocol",  # a response leaves in one write
                 host=args.host or settings.api_host, port=args.port or settings.api_port,
                 workers=workers, log_level="warning", log_config=None,
                 access_log=False, timeout_graceful_shutdown=10)

@@ -10,7 +10,16 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import REGISTRY
 
-from tests.support import Publisher, header, history, read_topic, running_consumer, wait_for_outcomes
+from services.command_consumer.consumer import CommandConsumer
+from tests.support import (
+    Publisher,
+    header,
+    history,
+    read_topic,
+    running_consumer,
+    wait_for_count,
+    wait_for_outcomes,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -246,3 +255,37 @@ async def test_segment_commands_fetched_with_user_commands_apply_first(settings,
         outcomes = await wait_for_outcomes(pool, ["u", *(c["command_id"] for c in creates)])
     assert outcomes["u"]["status"] == "applied", outcomes["u"]
     assert await history(pool, 7) == [(7, "S149", "I", "manual", "manual"), (7, "S0", "I", "manual", "manual")]
+
+
+async def test_stopping_finishes_the_batch_in_hand_and_commits_it(settings, pool):
+    async with Publisher(settings) as publish:
+        consumer = CommandConsumer(settings, pool)
+        running = asyncio.create_task(consumer.run())
+        try:
+            await publish.segment({"type": "create_segment", "slug": "A", "command_id": "a"})
+            await publish.user({"type": "update_user_segments", "user_id": 1, "add": ["A"], "command_id": "add"})
+            await wait_for_outcomes(pool, ["a", "add"])
+            blocker = await asyncpg.connect(settings.database_url)
+            try:
+                async with blocker.transaction():
+                    await blocker.execute("SELECT 1 FROM memberships WHERE user_id = 1 FOR UPDATE")
+                    await publish.user({"type": "update_user_segments", "user_id": 1, "remove": ["A"],
+                                        "command_id": "in-hand"})
+                    await wait_for_count(pool, "SELECT count(*) FROM pg_locks WHERE NOT granted", 1)
+                    consumer.stop()  # the batch is in hand, waiting for the lock
+                    await asyncio.sleep(0.5)
+                    assert not running.done()
+            finally:
+                await blocker.close()
+            await asyncio.wait_for(running, 30)  # a clean return, once the batch is done
+        finally:
+            consumer.stop()
+            await asyncio.gather(running, return_exceptions=True)
+        stored = await pool.fetchrow("SELECT status, result FROM command_outcomes WHERE command_id = 'in-hand'")
+        assert stored["status"] == "applied" and stored["result"]["removed"] == ["A"]
+
+        async with running_consumer(settings, pool):  # the same group: starts after the committed offset
+            await publish.user({"type": "create_user", "user_id": 2, "command_id": "after"})
+            await wait_for_outcomes(pool, ["after"])
+    results = await read_topic(settings, settings.results_topic, 4)
+    assert sorted(record.key.decode() for record in results) == ["a", "add", "after", "in-hand"]  # none again

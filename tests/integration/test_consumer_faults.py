@@ -17,17 +17,12 @@ from tests.support import (
     read_topic,
     running_consumer,
     service_env,
+    wait_for_count,
     wait_for_outcomes,
 )
 
 pytestmark = pytest.mark.integration
 SEGMENTS = [f"S{i}" for i in range(6)]
-
-
-async def wait_for_count(pool, query: str, at_least: int, timeout: float = 60.0) -> None:
-    async with asyncio.timeout(timeout):
-        while await pool.fetchval(query) < at_least:  # noqa: ASYNC110 - polling another process's writes
-            await asyncio.sleep(0.05)
 
 
 def random_commands(count: int, users: int, seed: int) -> list[dict]:

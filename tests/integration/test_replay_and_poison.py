@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from tests.integration.test_consumer_faults import SEGMENTS, create_segments, random_commands, wait_for_count
-from tests.support import Publisher, header, read_topic, running_consumer, wait_for_outcomes
+from tests.integration.test_consumer_faults import SEGMENTS, create_segments, random_commands
+from tests.support import Publisher, header, read_topic, running_consumer, wait_for_count, wait_for_outcomes
 
 pytestmark = pytest.mark.integration
 
