@@ -43,11 +43,11 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
 
 
 async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 10,
-                      reset_sessions: bool = True) -> asyncpg.Pool:
+                      reset_sessions: bool = True, server_settings: dict[str, str] | None = None) -> asyncpg.Pool:
     try:
         return await asyncpg.create_pool(
             database_url, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=60,
-            reset=None if reset_sessions else _keep_session,
+            reset=None if reset_sessions else _keep_session, server_settings=server_settings,
         )
     except (OSError, asyncpg.PostgresError) as error:
         raise SystemExit(

@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     # against 20-27 ms at 4 on 2 cores, at the same throughput).
     db_pool_min_size: int = Field(1, ge=0)
     db_pool_max_size: int = Field(4, ge=1)
+    read_pool_size: int = Field(4, ge=1)  # per API worker, for GET /users/{id}/segments only
 
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from services.query_api.dependencies import Resources
 from services.query_api.fast_path import answer_user_segments
 from services.query_api.http_metrics import BodySizeLimitMiddleware, MetricsMiddleware
+from services.query_api.readmodel import READ_SERVER_SETTINGS, MembershipReader
 from services.query_api.reports import ReportSigner
 from services.query_api.rollout_cache import RolloutCache
 from services.query_api.routes import asyncapi, commands, health, reports, segments, users
@@ -54,17 +55,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # The API's queries never change session state, so connections skip the reset round trip.
         pool = await create_pool(settings.require_database_url(), min_size=settings.db_pool_min_size,
                                  max_size=settings.db_pool_max_size, reset_sessions=False)
+        # GET /users/{id}/segments has connections of its own: a long report cannot starve it.
+        read_pool = await create_pool(settings.require_database_url(), min_size=settings.read_pool_size,
+                                      max_size=settings.read_pool_size,
+                                      reset_sessions=False, server_settings=READ_SERVER_SETTINGS)
         rollout = RolloutCache(pool, settings.rollout_cache_refresh_seconds)
         await rollout.start()
         resources = Resources(settings, pool, rollout,
                               ReportSigner(settings.report_signing_secret, settings.report_link_ttl_seconds),
-                              CommandPublisher(settings))
+                              CommandPublisher(settings), MembershipReader(read_pool, settings.read_pool_size))
         app.state.resources = resources
         try:
             yield
         finally:
             await rollout.stop()
             await resources.publisher.stop()
+            await read_pool.close()
             await pool.close()
 
     app = SegmentationAPI(title="User segmentation service", version="1.0.0", description=DESCRIPTION,

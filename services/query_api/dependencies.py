@@ -8,6 +8,7 @@ from typing import Annotated
 import asyncpg
 from fastapi import Depends, Request
 
+from services.query_api.readmodel import MembershipReader
 from services.query_api.reports import ReportSigner
 from services.query_api.rollout_cache import RolloutCache
 from shared.client import CommandPublisher
@@ -21,6 +22,7 @@ class Resources:
     rollout: RolloutCache
     signer: ReportSigner
     publisher: CommandPublisher
+    memberships: MembershipReader
 
 
 async def get_resources(request: Request) -> Resources:

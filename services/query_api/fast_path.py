@@ -28,7 +28,7 @@ async def answer_user_segments(resources, scope, send) -> bool:
     started = time.perf_counter()
     status = 500
     try:
-        body = await user_segments_json(resources.pool, resources.rollout.segments, int(match.group(1)))
+        body = await user_segments_json(resources.memberships, resources.rollout.segments, int(match.group(1)))
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*HEADERS, (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

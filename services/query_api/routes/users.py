@@ -21,7 +21,7 @@ UserIdPath = Annotated[int, Path(ge=1, le=MAX_USER_ID, description="user id, 1 â
             summary="Segments the user is in now (explicit, unexpired, plus percent rollout)")
 async def get_user_segments(user_id: UserIdPath, resources: ResourcesDep) -> Response:
     # Valid ids are normally answered by fast_path.py before routing; this is the same answer.
-    return Response(await readmodel.user_segments_json(resources.pool, resources.rollout.segments, user_id),
+    return Response(await readmodel.user_segments_json(resources.memberships, resources.rollout.segments, user_id),
                     media_type="application/json")
 
 
