@@ -25,7 +25,18 @@ def machine() -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
+    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, {autogroup()}"
+
+
+def autogroup() -> str:
+    """Whether the kernel groups scheduling by session. PostgreSQL puts every backend in a session
+    of its own, so with autogroup on, a database sharing busy cores with its clients stalls now
+    and then for tenths of a second (the README's benchmark notes)."""
+    try:
+        enabled = open("/proc/sys/kernel/sched_autogroup_enabled").read().strip() == "1"
+    except OSError:
+        return "kernel autogroup unknown"
+    return "kernel autogroup ON (tail latencies include its stalls)" if enabled else "kernel autogroup off"
 
 
 def percentile(values: list[float], fraction: float) -> float:
