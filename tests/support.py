@@ -65,6 +65,19 @@ async def running_consumer(settings: Settings, pool: asyncpg.Pool) -> AsyncItera
         await asyncio.wait_for(task, 30)
 
 
+@contextlib.asynccontextmanager
+async def memberships_locked(settings: Settings, user_id: int) -> AsyncIterator[None]:
+    """A user's memberships row-locked from another connection, as a long transaction would hold
+    them: the consumer row-locks the memberships a batch decides about, so that batch waits."""
+    blocker = await asyncpg.connect(settings.database_url)
+    try:
+        async with blocker.transaction():
+            await blocker.execute("SELECT 1 FROM memberships WHERE user_id = $1 FOR UPDATE", user_id)
+            yield
+    finally:
+        await blocker.close()
+
+
 async def wait_for_outcomes(pool: asyncpg.Pool, command_ids: list[str], timeout: float = 30.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import asyncpg
 import orjson
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
@@ -15,6 +14,7 @@ from tests.support import (
     Publisher,
     header,
     history,
+    memberships_locked,
     read_topic,
     running_consumer,
     wait_for_count,
@@ -223,21 +223,15 @@ async def test_a_partition_stalled_on_a_lock_does_not_hold_back_the_others(setti
         held = _partition_of(b"1", settings.topic_partitions)
         free_user = next(u for u in range(2, 100) if _partition_of(str(u).encode(), settings.topic_partitions) != held)
 
-        blocker = await asyncpg.connect(settings.database_url)
-        try:
-            async with blocker.transaction():
-                # The consumer row-locks the memberships a batch decides about: this stalls user 1's partition.
-                await blocker.execute("SELECT 1 FROM memberships WHERE user_id = 1 FOR UPDATE")
-                await publish.user({"type": "update_user_segments", "user_id": 1, "remove": ["A"],
-                                    "command_id": "held-remove"})
-                for wave in range(4):  # one batch after the other on the free partition
-                    await publish.user({"type": "update_user_segments", "user_id": free_user,
-                                        ("add" if wave % 2 == 0 else "remove"): ["A"], "command_id": f"free{wave}"})
-                    await wait_for_outcomes(pool, [f"free{wave}"], timeout=10)
-                assert await pool.fetchval(
-                    "SELECT count(*) FROM command_outcomes WHERE command_id = 'held-remove'") == 0
-        finally:
-            await blocker.close()
+        async with memberships_locked(settings, 1):  # stalls user 1's partition
+            await publish.user({"type": "update_user_segments", "user_id": 1, "remove": ["A"],
+                                "command_id": "held-remove"})
+            for wave in range(4):  # one batch after the other on the free partition
+                await publish.user({"type": "update_user_segments", "user_id": free_user,
+                                    ("add" if wave % 2 == 0 else "remove"): ["A"], "command_id": f"free{wave}"})
+                await wait_for_outcomes(pool, [f"free{wave}"], timeout=10)
+            assert await pool.fetchval(
+                "SELECT count(*) FROM command_outcomes WHERE command_id = 'held-remove'") == 0
         outcomes = await wait_for_outcomes(pool, ["held-remove"])  # the lock is gone: the stalled batch applies
     assert outcomes["held-remove"]["result"]["removed"] == ["A"]
     assert [row[2] for row in await history(pool, 1)] == ["I", "D"]
@@ -265,18 +259,13 @@ async def test_stopping_finishes_the_batch_in_hand_and_commits_it(settings, pool
             await publish.segment({"type": "create_segment", "slug": "A", "command_id": "a"})
             await publish.user({"type": "update_user_segments", "user_id": 1, "add": ["A"], "command_id": "add"})
             await wait_for_outcomes(pool, ["a", "add"])
-            blocker = await asyncpg.connect(settings.database_url)
-            try:
-                async with blocker.transaction():
-                    await blocker.execute("SELECT 1 FROM memberships WHERE user_id = 1 FOR UPDATE")
-                    await publish.user({"type": "update_user_segments", "user_id": 1, "remove": ["A"],
-                                        "command_id": "in-hand"})
-                    await wait_for_count(pool, "SELECT count(*) FROM pg_locks WHERE NOT granted", 1)
-                    consumer.stop()  # the batch is in hand, waiting for the lock
-                    await asyncio.sleep(0.5)
-                    assert not running.done()
-            finally:
-                await blocker.close()
+            async with memberships_locked(settings, 1):
+                await publish.user({"type": "update_user_segments", "user_id": 1, "remove": ["A"],
+                                    "command_id": "in-hand"})
+                await wait_for_count(pool, "SELECT count(*) FROM pg_locks WHERE NOT granted", 1)
+                consumer.stop()  # the batch is in hand, waiting for the lock
+                await asyncio.sleep(0.5)
+                assert not running.done()
             await asyncio.wait_for(running, 30)  # a clean return, once the batch is done
         finally:
             consumer.stop()
