@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await rollout.start()
         resources = Resources(settings, pool, rollout,
                               ReportSigner(settings.report_signing_secret, settings.report_link_ttl_seconds),
-                              CommandPublisher(settings), MembershipReader(read_pool, settings.read_pool_size))
+                              CommandPublisher(settings), MembershipReader(read_pool))
         app.state.resources = resources
         try:
             yield

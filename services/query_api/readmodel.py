@@ -38,7 +38,7 @@ READ_SERVER_SETTINGS = {"plan_cache_mode": "force_generic_plan"}
 class MembershipReader:
     """Reads explicit memberships and exclusions, one query for all the requests waiting together.
 
-    At most `max_in_flight` queries run at once (one per connection of the reader's pool). Reads
+    At most `max_in_flight` queries run at once (by default one per connection of its pool). Reads
     asked for meanwhile wait together, and the next query, sent as soon as a connection is free
     (or at the end of the event-loop iteration when one already is), answers all of them: under
     load one round trip serves many requests and nothing queues for a connection. A query only
@@ -46,9 +46,9 @@ class MembershipReader:
     freshness is that of a query per request.
     """
 
-    def __init__(self, pool: asyncpg.Pool, max_in_flight: int = 4, max_batch: int = 100) -> None:
+    def __init__(self, pool: asyncpg.Pool, max_in_flight: int | None = None, max_batch: int = 100) -> None:
         self._pool = pool
-        self._max_in_flight = max_in_flight
+        self._max_in_flight = max_in_flight or pool.get_max_size()
         self._max_batch = max_batch
         self._waiting: dict[int, list[asyncio.Future]] = {}
         self._in_flight = 0

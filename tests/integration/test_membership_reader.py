@@ -22,6 +22,9 @@ class CountingPool:
         self.gate: asyncio.Event | None = None
         self.ran = asyncio.Event()
 
+    def get_max_size(self) -> int:
+        return self.pool.get_max_size()
+
     async def fetch(self, query, user_ids):
         self.batches.append(list(user_ids))
         rows = await self.pool.fetch(query, user_ids)
@@ -85,7 +88,7 @@ async def test_a_failed_query_fails_every_read_waiting_on_it(pool):
         async def fetch(self, query, user_ids):
             raise ConnectionResetError("database went away")
 
-    reader = MembershipReader(BrokenPool())
+    reader = MembershipReader(BrokenPool(), max_in_flight=4)
     results = await asyncio.gather(reader.read(1), reader.read(2), return_exceptions=True)
     assert [type(result) for result in results] == [ConnectionResetError, ConnectionResetError]
 
