@@ -6,72 +6,17 @@ KAFKA_BOOTSTRAP_SERVERS are not set.
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
 import importlib
 import logging
 import os
-import signal
-import socket
 import subprocess
-import threading
 import time
 import uuid
 from pathlib import Path
 
+from devstack.processes import die_with_parent, free_port, run_coroutine, stop_process
+
 PG_SYSTEM_USER = "embedded_postgres"
-
-
-def free_port(preferred: int | None = None) -> int:
-    """The preferred port when nothing listens on it, else any free one."""
-    if preferred:
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", preferred))
-                return preferred
-            except OSError:
-                pass
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """Child side of Popen: get SIGTERM when the process that started us dies (Linux)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def stop_process(process: subprocess.Popen | None, timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after `timeout`; always reaps."""
-    if process is None or process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def _run_coroutine(coroutine):
-    """Run a coroutine to completion from sync code, even when called inside an event loop."""
-    result: dict = {}
-
-    def target() -> None:
-        try:
-            result["value"] = asyncio.run(coroutine)
-        except BaseException as error:  # re-raised in the caller's thread
-            result["error"] = error
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
 
 
 class EmbeddedKafka:
@@ -97,7 +42,7 @@ class EmbeddedKafka:
              "--listener-url", address, "--advertised-listener-url", address,
              "--storage-engine", "memory://tansu/"],
             stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -128,7 +73,7 @@ class EmbeddedKafka:
         level = client_log.level
         client_log.setLevel(logging.CRITICAL)  # "connection refused" is expected while it starts
         try:
-            return _run_coroutine(cluster_id()) == self.cluster_id
+            return run_coroutine(cluster_id()) == self.cluster_id
         except Exception:
             return False
         finally:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import psutil
 
-from devstack.embedded import EmbeddedKafka, EmbeddedPostgres, _die_with_parent, _run_coroutine, free_port, stop_process
+from devstack.embedded import EmbeddedKafka, EmbeddedPostgres
+from devstack.processes import die_with_parent, free_port, run_coroutine, stop_process
 from shared.db import apply_migrations, redact
 from shared.kafka import ensure_topics
 from shared.settings import Settings
@@ -57,7 +58,7 @@ class Stack:
     def prepare(self) -> None:
         applied = apply_migrations(self.settings.require_database_url())
         self.say(f"migrations: {', '.join(applied) if applied else 'up to date'}")
-        created = _run_coroutine(ensure_topics(self.settings))
+        created = run_coroutine(ensure_topics(self.settings))
         self.say(f"topics: {', '.join(created) if created else 'present'}")
 
     # -- services --------------------------------------------------------------------------
@@ -70,7 +71,7 @@ class Stack:
         log = open(self.log_dir / f"{name}.log", "ab")
         process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=self.env,
                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   preexec_fn=_die_with_parent)
+                                   preexec_fn=die_with_parent)
         self.services[name] = process
         return process
 

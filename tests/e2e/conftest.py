@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from devstack.embedded import free_port
+from devstack.processes import free_port
 from devstack.stack import Stack
 
 

@@ -9,7 +9,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 import pytest
 
-from devstack.embedded import free_port
+from devstack.processes import free_port
 from devstack.stack import Stack
 
 pytestmark = pytest.mark.e2e

@@ -15,7 +15,8 @@ import orjson
 import psutil
 import pytest
 
-from devstack.embedded import EmbeddedPostgres, free_port
+from devstack.embedded import EmbeddedPostgres
+from devstack.processes import free_port
 from tests.support import Publisher
 
 pytestmark = pytest.mark.e2e

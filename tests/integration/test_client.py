@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from pydantic import ValidationError
 
-from devstack.embedded import free_port
+from devstack.processes import free_port
 from shared.client import CommandPublisher, KafkaUnavailable, OutcomeReader
 from tests.support import header, read_topic, running_consumer, wait_for_outcomes
 

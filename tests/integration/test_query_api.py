@@ -230,7 +230,7 @@ async def test_post_command_over_one_mebibyte_is_413(api):
 async def test_post_command_and_readiness_when_kafka_is_unreachable(settings):
     import httpx
 
-    from devstack.embedded import free_port
+    from devstack.processes import free_port
 
     app = create_app(settings.model_copy(update={"kafka_bootstrap_servers": f"127.0.0.1:{free_port()}"}))
     async with app.router.lifespan_context(app):
