@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -9,7 +10,7 @@ import platform
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from devstack.infra import fresh_database, start_infra
 from shared.db import create_pool
@@ -93,3 +94,26 @@ class Progress:
             print("\r" + line, end="\n" if finished else "", flush=True, file=sys.stderr)
         else:
             print(line, flush=True, file=sys.stderr)
+
+
+Option = int | float | tuple[int | float, str]  # a default, or a default and its help
+
+
+def cli(doc: str, main: Callable[[argparse.Namespace], Awaitable[None]], **options: Option) -> None:
+    """A benchmark's command line: `--name value` for each option (its type that of its default),
+    `--help` from the script's docstring; prints the machine, then runs `main(args)`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, option in options.items():
+        default, help_text = option if isinstance(option, tuple) else (option, None)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default, help=help_text)
+    args = parser.parse_args()
+    print(f"machine: {machine()}", flush=True)
+    asyncio.run(main(args))
+
+
+def report(title: str, lines: dict[str, str]) -> None:
+    """A benchmark's result: its title, then one aligned `label : text` line each."""
+    width = max(map(len, lines))
+    print(f"\n{title}")
+    for label, text in lines.items():
+        print(f"  {label:<{width}} : {text}")

@@ -6,7 +6,6 @@ end-to-end latency at a steady rate. Same broker, same database server, same run
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import random
 import time
@@ -15,7 +14,8 @@ from datetime import UTC, datetime
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from bench.common import Progress, bench_environment, machine, percentile
+from bench import common
+from bench.common import Progress, bench_environment, percentile
 from bench.simple_consumer import run_simple_consumer
 from services.command_consumer.consumer import CommandConsumer
 from shared.service import tune_gc
@@ -137,7 +137,6 @@ async def latency_at_steady_rate(settings, pool, rate: int, seconds: float) -> l
 
 
 async def main(args) -> None:
-    print(f"machine: {machine()}")
     tune_gc()  # as the consumer service does at startup: the consumer runs in this process
     async with bench_environment("consumer", topic_partitions=args.partitions) as (_infra, new):
         commands = generate(args.commands, args.users, args.segments)
@@ -159,28 +158,22 @@ async def main(args) -> None:
         await seed_segments(pool, args.segments)
         latencies = await latency_at_steady_rate(settings, pool, args.rate, args.latency_seconds)
 
-    print(f"\nconsumer throughput ({datetime.now(UTC):%Y-%m-%d}, {args.partitions} partitions, "
-          f"{args.users:,} users, {args.segments} segments)")
-    print(f"  batched consumer : {batched:10,.0f} commands/s  ({len(commands):,} commands)")
-    print(f"  simple loop      : {simple:10,.0f} commands/s  ({len(baseline_commands):,} commands, "
-          "one transaction each)")
-    print(f"  ratio            : {batched / simple:10.1f}x   (target >= 15,000/s and >= 10x)")
-    print(f"  latency at {args.rate}/s  : p50 {percentile(latencies, 0.5) * 1000:.1f} ms, "
-          f"p99 {percentile(latencies, 0.99) * 1000:.1f} ms over {len(latencies):,} commands "
-          "(produce → outcome durable and published; target p99 <= 100 ms)")
+    common.report(
+        f"consumer throughput ({datetime.now(UTC):%Y-%m-%d}, {args.partitions} partitions, "
+        f"{args.users:,} users, {args.segments} segments)", {
+            "batched consumer": f"{batched:10,.0f} commands/s  ({len(commands):,} commands)",
+            "simple loop": f"{simple:10,.0f} commands/s  ({len(baseline_commands):,} commands, one transaction each)",
+            "ratio": f"{batched / simple:10.1f}x   (target >= 15,000/s and >= 10x)",
+            f"latency at {args.rate}/s": f"p50 {percentile(latencies, 0.5) * 1000:.1f} ms, "
+                                         f"p99 {percentile(latencies, 0.99) * 1000:.1f} ms over {len(latencies):,} "
+                                         "commands (produce → outcome durable and published; target p99 <= 100 ms)",
+        })
 
 
 def cli() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--commands", type=int, default=200_000)
-    parser.add_argument("--baseline-commands", type=int, default=20_000,
-                        help="the baseline's rate is steady, so a sample of the same commands suffices")
-    parser.add_argument("--users", type=int, default=100_000)
-    parser.add_argument("--segments", type=int, default=50)
-    parser.add_argument("--partitions", type=int, default=8)
-    parser.add_argument("--rate", type=int, default=500)
-    parser.add_argument("--latency-seconds", type=float, default=20)
-    asyncio.run(main(parser.parse_args()))
+    common.cli(__doc__, main, commands=200_000,
+               baseline_commands=(20_000, "the baseline's rate is steady, so a sample of the same commands suffices"),
+               users=100_000, segments=50, partitions=8, rate=500, latency_seconds=20.0)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ from expiry to removal at steady state.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import random
@@ -19,8 +18,9 @@ import time
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from bench.common import Progress, bench_environment, machine, percentile
-from devstack.embedded import stop_process
+from bench import common
+from bench.common import Progress, bench_environment, percentile
+from devstack.processes import stop_process
 from services.expiry_worker.worker import ExpiryWorker
 from shared.settings import Settings
 
@@ -100,7 +100,6 @@ async def steady_lag(pool, per_second: int, seconds: int) -> list[float]:
 
 
 async def main(args) -> None:
-    print(f"machine: {machine()}")
     async with bench_environment("expiry") as (_infra, new):
         settings, pool = await new("worker")
         await seed_backlog(pool, args.rows)
@@ -132,26 +131,23 @@ async def main(args) -> None:
 
         lags = await steady_lag(pool, args.steady_rate, args.steady_seconds)
 
-    print(f"\nexpiry of {args.rows:,} past-due memberships (batch {args.batch_size:,}, "
-          f"{args.concurrency} connections)")
-    print(f"  worker       : {worker_rate:10,.0f} rows/s  (consumer applied {applied_during:,} other commands "
-          "meanwhile)")
-    print(f"  limit        : {limit_rate:10,.0f} rows/s  (one DELETE … RETURNING into one INSERT, "
-          f"nothing else running; median of {len(limit_rates)})")
-    print(f"  ratio        : {worker_rate / limit_rate:10.0%}   (target >= 50%)")
-    print(f"  steady lag   : p50 {percentile(lags, 0.5):.3f} s, p99 {percentile(lags, 0.99):.3f} s over "
-          f"{len(lags):,} expiries at {args.steady_rate}/s (target p99 <= 2 s)")
+    common.report(f"expiry of {args.rows:,} past-due memberships (batch {args.batch_size:,}, "
+                  f"{args.concurrency} connections)", {
+        "worker": f"{worker_rate:10,.0f} rows/s  (consumer applied {applied_during:,} other commands meanwhile)",
+        "limit": f"{limit_rate:10,.0f} rows/s  (one DELETE … RETURNING into one INSERT, nothing else running; "
+                 f"median of {len(limit_rates)})",
+        "ratio": f"{worker_rate / limit_rate:10.0%}   (target >= 50%)",
+        "steady lag": f"p50 {percentile(lags, 0.5):.3f} s, p99 {percentile(lags, 0.99):.3f} s over "
+                      f"{len(lags):,} expiries at {args.steady_rate}/s (target p99 <= 2 s)",
+    })
 
 
 def cli() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--batch-size", type=int, default=Settings().expiry_batch_size)
-    parser.add_argument("--concurrency", type=int, default=Settings().expiry_concurrency)
-    parser.add_argument("--command-rate", type=int, default=1000, help="commands/s to other users meanwhile")
-    parser.add_argument("--steady-rate", type=int, default=500, help="expiries per second in the lag phase")
-    parser.add_argument("--steady-seconds", type=int, default=15)
-    asyncio.run(main(parser.parse_args()))
+    defaults = Settings(_env_file=None)
+    common.cli(__doc__, main, rows=200_000, batch_size=defaults.expiry_batch_size,
+               concurrency=defaults.expiry_concurrency,
+               command_rate=(1000, "commands/s to other users meanwhile"),
+               steady_rate=(500, "expiries per second in the lag phase"), steady_seconds=15)
 
 
 if __name__ == "__main__":

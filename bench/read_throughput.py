@@ -8,8 +8,6 @@ Needs wrk (Debian: apt-get install wrk).
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import os
 import re
 import shutil
@@ -20,8 +18,9 @@ import tempfile
 import time
 import urllib.request
 
-from bench.common import bench_environment, machine
-from devstack.embedded import free_port, stop_process
+from bench import common
+from bench.common import bench_environment
+from devstack.processes import free_port, stop_process
 
 LUA = """
 math.randomseed(os.time())
@@ -87,7 +86,6 @@ def wrk(port: int, users: int, duration: int, connections: int) -> dict:
 async def main(args) -> None:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed for this benchmark: apt-get install wrk")
-    print(f"machine: {machine()}")
     async with bench_environment("reads") as (_infra, new):
         settings, pool = await new("data")
         await seed(pool, args.users, 100, 10, 5)
@@ -99,7 +97,7 @@ async def main(args) -> None:
                          "--log-level", "warning", "--no-access-log"],
         }
         # Rounds alternate the two servers, and medians are reported: on a small shared machine
-        # one run can be 15 % off, which would decide a ratio by luck.
+        # single runs differ enough to decide a ratio by luck.
         rounds: dict[str, list[dict]] = {name: [] for name in servers}
         for round_number in range(1, args.rounds + 1):
             for name, command in servers.items():
@@ -117,23 +115,18 @@ async def main(args) -> None:
         results = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
                    for name, runs in rounds.items()}
     ours, base = results["this API"], results["baseline"]
-    print(f"\nreads: GET /users/{{id}}/segments, {args.users:,} users x 5 memberships, 100 segments (10 rollout), "
-          f"{args.connections} connections, {args.workers} workers each, wrk on the same machine, "
-          f"median of {args.rounds} alternating {args.duration}s rounds")
-    for name, result in results.items():
-        print(f"  {name:9}: {result['rps']:9,.0f} req/s  p50 {result['p50']:.2f} ms  p99 {result['p99']:.2f} ms"
-              f"  non-2xx {result['errors']}")
-    print(f"  ratio    : {ours['rps'] / base['rps']:9.2f}x   (target >= 2x with p99 <= 25 ms)")
+    common.report(
+        f"reads: GET /users/{{id}}/segments, {args.users:,} users x 5 memberships, 100 segments (10 rollout), "
+        f"{args.connections} connections, {args.workers} workers each, wrk on the same machine, "
+        f"median of {args.rounds} alternating {args.duration}s rounds", {
+            **{name: f"{result['rps']:9,.0f} req/s  p50 {result['p50']:.2f} ms  p99 {result['p99']:.2f} ms"
+                     f"  non-2xx {result['errors']}" for name, result in results.items()},
+            "ratio": f"{ours['rps'] / base['rps']:9.2f}x   (target >= 2x with p99 <= 25 ms)",
+        })
 
 
 def cli() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--users", type=int, default=200_000)
-    parser.add_argument("--duration", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--connections", type=int, default=32)
-    asyncio.run(main(parser.parse_args()))
+    common.cli(__doc__, main, users=200_000, duration=10, rounds=3, workers=2, connections=32)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,6 @@ COPY … TO STDOUT of the same rows, with the API process's peak memory.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import os
 import sys
 import time
@@ -15,9 +13,10 @@ import time
 import httpx
 import psutil
 
-from bench.common import bench_environment, machine
+from bench import common
+from bench.common import bench_environment
 from bench.read_throughput import serve
-from devstack.embedded import free_port, stop_process
+from devstack.processes import free_port, stop_process
 
 COPY_QUERY = """SELECT user_id, segment_slug, operation,
                        to_char(executed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'), source, reason
@@ -34,7 +33,6 @@ class Sink:
 
 
 async def main(args) -> None:
-    print(f"machine: {machine()}")
     async with bench_environment("reports") as (_infra, new):
         settings, pool = await new("history")
         print(f"  seeding {args.rows:,} history rows…", file=sys.stderr, flush=True)
@@ -69,18 +67,17 @@ async def main(args) -> None:
         finally:
             stop_process(api)
     assert lines == args.rows + 1, lines
-    print(f"\nhistory report of {args.rows:,} rows (one month, all users)")
-    print(f"  API stream   : {api_rate:10,.0f} rows/s")
-    print(f"  COPY TO STDOUT: {copy_rate:9,.0f} rows/s  (the same rows, formatted by PostgreSQL)")
-    print(f"  ratio        : {api_rate / copy_rate:10.0%}   (target >= 50%)")
-    print(f"  API RSS      : {idle_rss / 2**20:.0f} MB idle, {peak_rss / 2**20:.0f} MB peak while streaming "
-          "(target < 150 MB)")
+    common.report(f"history report of {args.rows:,} rows (one month, all users)", {
+        "API stream": f"{api_rate:10,.0f} rows/s",
+        "COPY TO STDOUT": f"{copy_rate:10,.0f} rows/s  (the same rows, formatted by PostgreSQL)",
+        "ratio": f"{api_rate / copy_rate:10.0%}   (target >= 50%)",
+        "API RSS": f"{idle_rss / 2**20:.0f} MB idle, {peak_rss / 2**20:.0f} MB peak while streaming "
+                   "(target < 150 MB)",
+    })
 
 
 def cli() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    asyncio.run(main(parser.parse_args()))
+    common.cli(__doc__, main, rows=1_000_000)
 
 
 if __name__ == "__main__":

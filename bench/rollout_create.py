@@ -6,13 +6,12 @@ coverage is computed at read time, so creating a segment writes no row per user.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import statistics
 import sys
 import time
 
-from bench.common import bench_environment, machine
+from bench import common
+from bench.common import bench_environment
 from services.command_consumer.batch import apply_batch
 from services.command_consumer.parsing import RecordRef, ValidCommand
 from shared.commands import CreateSegment
@@ -29,7 +28,6 @@ async def time_create(pool, slug: str) -> float:
 
 
 async def main(args) -> None:
-    print(f"machine: {machine()}")
     async with bench_environment("rollout") as (_infra, new):
         pools = {}
         for users in (10, args.users):
@@ -46,17 +44,15 @@ async def main(args) -> None:
         for pool in pools.values():
             assert await pool.fetchval("SELECT count(*) FROM memberships") == 0  # no per-user rows
     small, large = (statistics.median(durations[users]) for users in (10, args.users))
-    print(f"\ncreate_segment with percent 50 (median of {args.segments} each, alternating databases)")
-    print(f"  over {10:>12,} registered users: {small * 1000:.2f} ms")
-    print(f"  over {args.users:>12,} registered users: {large * 1000:.2f} ms")
-    print(f"  ratio: {large / small:.2f}x (no per-user rows are written, so the user count does not matter)")
+    common.report(f"create_segment with percent 50 (median of {args.segments} each, alternating databases)", {
+        f"over {10:>12,} registered users": f"{small * 1000:.2f} ms",
+        f"over {args.users:>12,} registered users": f"{large * 1000:.2f} ms",
+        "ratio": f"{large / small:.2f}x (no per-user rows are written, so the user count does not matter)",
+    })
 
 
 def cli() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--users", type=int, default=10_000_000)
-    parser.add_argument("--segments", type=int, default=200)
-    asyncio.run(main(parser.parse_args()))
+    common.cli(__doc__, main, users=10_000_000, segments=200)
 
 
 if __name__ == "__main__":
