@@ -178,7 +178,7 @@ COMMAND_TYPES = SEGMENT_COMMAND_TYPES | USER_COMMAND_TYPES
 
 
 def partition_key(command: Command) -> bytes:
-    """The record key that keeps per-segment and per-user order (CONTRACT: topics)."""
+    """The record key that keeps per-segment and per-user order (README: "The contract, in short", Topics)."""
     if isinstance(command, (CreateSegment, UpdateSegment, DeleteSegment)):
         return command.slug.encode()
     return str(command.user_id).encode()

@@ -1,10 +1,11 @@
-"""Outcome of one consumed command (CONTRACT: outcome), stored and published to the results topic."""
+"""Outcome of one consumed command (README: "The contract, in short", Outcomes): the row stored in
+`command_outcomes`, the JSON published to the results topic and served by GET /commands/{id}."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
@@ -71,15 +72,37 @@ def format_timestamp(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds")[:23] + "Z"
 
 
-def outcome_from_record(row) -> dict[str, Any]:
-    """The contract's outcome object from a `command_outcomes` row."""
-    return {
-        "command_id": row["command_id"],
-        "type": row["type"],
-        "status": row["status"],
-        "error": row["error"],
-        "result": row["result"],
-        "processed_at": format_timestamp(row["processed_at"]),
-        "source": {"topic": row["source_topic"], "partition": row["source_partition"],
-                   "offset": row["source_offset"]},
-    }
+class OutcomeRow(NamedTuple):
+    """One outcome as stored: its fields are the columns of `command_outcomes`, in order, so a
+    row is copied into the table as it is. `contract()` is the JSON every reader sees."""
+
+    command_id: str
+    type: str | None
+    status: str
+    error: dict[str, str] | None
+    result: dict[str, Any] | None
+    processed_at: datetime
+    source_topic: str
+    source_partition: int
+    source_offset: int
+
+    @classmethod
+    def from_record(cls, record) -> OutcomeRow:
+        """From a database record selected with OUTCOME_COLUMNS."""
+        return cls(*(record[name] for name in OUTCOME_COLUMNS))
+
+    def contract(self) -> dict[str, Any]:
+        return {
+            "command_id": self.command_id,
+            "type": self.type,
+            "status": self.status,
+            "error": self.error,
+            "result": self.result,
+            "processed_at": format_timestamp(self.processed_at),
+            "source": {"topic": self.source_topic, "partition": self.source_partition,
+                       "offset": self.source_offset},
+        }
+
+
+OUTCOME_COLUMNS = OutcomeRow._fields
+OUTCOME_SELECT = f"SELECT {', '.join(OUTCOME_COLUMNS)} FROM command_outcomes"

@@ -1,4 +1,5 @@
-"""The deterministic percent-rollout bucket (CONTRACT: membership semantics)."""
+"""The deterministic percent-rollout bucket (README: "The contract, in short", Membership);
+the rule that uses it is shared/membership.py."""
 
 from __future__ import annotations
 
@@ -17,8 +18,3 @@ def rollout_bucket(slug: str, user_id: int) -> int:
 def rollout_threshold(percent: Decimal | float | int) -> int:
     """Buckets below this number are covered; percent has at most two decimals."""
     return int((Decimal(str(percent)) * 100).to_integral_value())
-
-
-def is_covered(slug: str, user_id: int, percent: Decimal | float | int) -> bool:
-    threshold = rollout_threshold(percent)
-    return threshold > 0 and rollout_bucket(slug, user_id) < threshold

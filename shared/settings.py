@@ -22,7 +22,7 @@ class Settings(BaseSettings):
     kafka_bootstrap_servers: str | None = None
     data_dir: Path = Path(".data")
 
-    # Topics and the consumer group (CONTRACT: Kafka topics).
+    # Topics and the consumer group (README: "The contract, in short", Topics).
     segments_commands_topic: str = "segments.commands"
     assignments_commands_topic: str = "assignments.commands"
     results_topic: str = "segments.command-results"
@@ -59,9 +59,8 @@ class Settings(BaseSettings):
     expiry_concurrency: int = Field(2, ge=1)
     expiry_metrics_port: int = 9102
 
-    # Database pool of each API worker. Reads take ~1 ms, so a few connections per worker keep up;
-    # more only add PostgreSQL backends contending for the same cores (measured: p99 68 ms at 10
-    # against 20-27 ms at 4 on 2 cores, at the same throughput).
+    # Database pool of each API worker. Reads are short, so a few connections per worker keep up;
+    # more only add PostgreSQL backends contending for the same cores and lengthen the tail.
     db_pool_min_size: int = Field(1, ge=0)
     db_pool_max_size: int = Field(4, ge=1)
     read_pool_size: int = Field(4, ge=1)  # per API worker, for GET /users/{id}/segments only

@@ -1,8 +1,9 @@
 """The whole contract as a simple in-memory model, to compare the real pipeline against.
 
-Written from CONTRACT.md's rules, not from the consumer's code: dictionaries and sets, one command
-at a time. It covers all five command types, TTLs (kept long enough not to expire during a test),
-percent rollout with exclusions, segment deletion and re-creation, and repeated command ids.
+Written from the contract's rules (the README's "The contract, in short"), not from the
+consumer's code: dictionaries and sets, one command at a time. It covers all five command types,
+TTLs (kept long enough not to expire during a test), percent rollout with exclusions, segment
+deletion and re-creation, and repeated command ids.
 """
 
 from __future__ import annotations
@@ -243,3 +244,21 @@ class CommandMaker:
             at = datetime.now(UTC) + timedelta(days=rng.randint(1, 90), microseconds=rng.randint(0, 999) * 1000)
             command["expires_at"] = at.isoformat()
         return command
+
+
+SEGMENTS = [f"S{i}" for i in range(6)]
+SEGMENT_PERCENTS = [0, 0, 10, 25, 50, 100]
+
+
+def scenario(count: int, users: int, seed: int) -> tuple[ContractModel, list[dict], list[dict]]:
+    """A test's commands and what the contract says of them: the commands creating SEGMENTS, to be
+    applied first, `count` random user commands of both kinds after them, and the model that has
+    applied them all in that order."""
+    model = ContractModel()
+    segments = [{"type": "create_segment", "slug": slug, "command_id": f"create-{slug}", "percent": percent}
+                for slug, percent in zip(SEGMENTS, SEGMENT_PERCENTS, strict=True)]
+    maker = CommandMaker(random.Random(seed), SEGMENTS, users)
+    commands = [maker.user_command() for _ in range(count)]
+    for command in [*segments, *commands]:
+        model.apply(command)
+    return model, segments, commands

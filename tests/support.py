@@ -91,6 +91,13 @@ async def wait_for_outcomes(pool: asyncpg.Pool, command_ids: list[str], timeout:
         await asyncio.sleep(0.05)
 
 
+async def create_segments(publish: Publisher, pool: asyncpg.Pool, segments: list[dict]) -> None:
+    """Segment commands published, and applied before anything that names them is."""
+    for command in segments:
+        await publish.segment(command)
+    await wait_for_outcomes(pool, [c["command_id"] for c in segments])
+
+
 async def wait_for_count(pool: asyncpg.Pool, query: str, at_least: int, timeout: float = 60.0) -> None:
     """Until a count query reaches `at_least` (rows written by another task or process)."""
     async with asyncio.timeout(timeout):
@@ -135,36 +142,3 @@ def service_env(settings: Settings, **overrides: str) -> dict[str, str]:
     import os
 
     return {**os.environ, **settings.to_env(), **overrides}
-
-
-class MembershipModel:
-    """The contract's explicit-membership rules, as simply as they can be said (no TTL, no rollout)."""
-
-    def __init__(self) -> None:
-        self.members: dict[int, set[str]] = {}
-        self.history: dict[int, list[tuple[str, str]]] = {}
-
-    def apply(self, user_id: int, add: list[str], remove: list[str]) -> None:
-        current = self.members.setdefault(user_id, set())
-        log = self.history.setdefault(user_id, [])
-        if set(add) & set(remove):
-            return  # rejected
-        for slug in dict.fromkeys(add):
-            if slug not in current:
-                current.add(slug)
-                log.append((slug, "I"))
-        for slug in dict.fromkeys(remove):
-            if slug in current:
-                current.discard(slug)
-                log.append((slug, "D"))
-
-    async def assert_matches(self, pool: asyncpg.Pool) -> None:
-        rows = await pool.fetch("SELECT m.user_id, s.slug FROM memberships m JOIN segments s ON s.id = m.segment_id")
-        stored: dict[int, set[str]] = {}
-        for row in rows:
-            stored.setdefault(row["user_id"], set()).add(row["slug"])
-        assert stored == {u: s for u, s in self.members.items() if s}
-        stored_history: dict[int, list[tuple[str, str]]] = {}
-        for row in await pool.fetch("SELECT user_id, segment_slug, operation FROM membership_history ORDER BY id"):
-            stored_history.setdefault(row["user_id"], []).append((row["segment_slug"], row["operation"]))
-        assert stored_history == {u: h for u, h in self.history.items() if h}

@@ -8,7 +8,9 @@ import sys
 
 import structlog
 
-from services.command_consumer.consumer import CommandConsumer, DatabaseUnavailable, PoisonGuardTripped
+from services.command_consumer.consumer import CommandConsumer
+from services.command_consumer.poison_guard import PoisonGuardTripped
+from services.command_consumer.retry import DatabaseUnavailable
 from shared.db import create_pool
 from shared.service import bootstrap, on_shutdown_signal, serve_metrics, tune_gc
 

@@ -8,22 +8,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import asyncpg
 
 from services.command_consumer import repository
-from services.command_consumer.membership import USER_HANDLERS, Decision, UserState
 from services.command_consumer.parsing import InvalidRecord, ParsedRecord, ValidCommand
 from services.command_consumer.segments import SEGMENT_HANDLERS
+from services.command_consumer.users import USER_HANDLERS, Decision
 from shared.commands import CreateUser, UpdateUserSegments
-from shared.outcomes import Status, format_timestamp, outcome_from_record
+from shared.membership import UserState
+from shared.outcomes import OutcomeRow, Status
 
 
 @dataclass(slots=True)
 class Processed:
     parsed: ParsedRecord
-    outcome: dict[str, Any]
+    outcome: OutcomeRow
     replayed: bool  # the outcome was stored before: nothing was applied this time
 
 
@@ -31,7 +31,7 @@ def _clock() -> datetime:
     return datetime.now(UTC)
 
 
-def _outcome_row(parsed: ParsedRecord, decision: Decision | None, now: datetime) -> tuple:
+def _outcome(parsed: ParsedRecord, decision: Decision | None, now: datetime) -> OutcomeRow:
     record = parsed.record
     if isinstance(parsed, InvalidRecord):
         status, result, kind = Status.INVALID, None, parsed.type
@@ -39,17 +39,20 @@ def _outcome_row(parsed: ParsedRecord, decision: Decision | None, now: datetime)
     else:
         status, result, kind = decision.status, decision.result, parsed.command.type
         error = {"code": decision.error_code, "message": decision.error_message} if decision.error_code else None
-    return (parsed.command_id, kind, str(status), error, result, now, record.topic, record.partition, record.offset)
-
-
-def _row_to_outcome(row: tuple) -> dict[str, Any]:
-    command_id, kind, status, error, result, now, topic, partition, offset = row
-    return {"command_id": command_id, "type": kind, "status": status, "error": error, "result": result,
-            "processed_at": format_timestamp(now),
-            "source": {"topic": topic, "partition": partition, "offset": offset}}
+    return OutcomeRow(parsed.command_id, kind, str(status), error, result, now, record.topic, record.partition,
+                      record.offset)
 
 
 async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord]) -> list[Processed]:
+    """Apply one partition's parsed records, in order, in one transaction; return their outcomes.
+
+    The users the batch names are loaded once and locked, every command is decided in memory
+    against that state in record order (a rejected command changes nothing), and then the changed
+    memberships, the history and the new outcomes are written in a few set-based statements.
+    A command whose id is already in the inbox, stored before or earlier in this batch, is not
+    applied again: its outcome comes back marked `replayed`. Nothing is visible to anyone until
+    the transaction commits, and on any error nothing of the batch is.
+    """
     async with conn.transaction():
         stored = await repository.fetch_outcomes(conn, list({p.command_id for p in batch}))
         fresh_user_commands = [p for p in batch if isinstance(p, ValidCommand) and p.command_id not in stored
@@ -67,14 +70,14 @@ async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord]) -> li
             states = await repository.load_user_states(conn, user_ids, pairs)
 
         processed: list[Processed] = []
-        new_outcomes: dict[str, tuple] = {}
+        new_outcomes: dict[str, OutcomeRow] = {}
         history = []
         for parsed in batch:
             if parsed.command_id in stored:
-                processed.append(Processed(parsed, outcome_from_record(stored[parsed.command_id]), True))
+                processed.append(Processed(parsed, stored[parsed.command_id], True))
                 continue
             if parsed.command_id in new_outcomes:  # the same id twice in one batch
-                processed.append(Processed(parsed, _row_to_outcome(new_outcomes[parsed.command_id]), True))
+                processed.append(Processed(parsed, new_outcomes[parsed.command_id], True))
                 continue
             now = _clock()
             decision = None
@@ -86,9 +89,9 @@ async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord]) -> li
                 else:
                     decision = await SEGMENT_HANDLERS[type(command)](conn, command, now, parsed.command_id)
                 history.extend(decision.history)
-            row = _outcome_row(parsed, decision, now)
-            new_outcomes[parsed.command_id] = row
-            processed.append(Processed(parsed, _row_to_outcome(row), False))
+            outcome = _outcome(parsed, decision, now)
+            new_outcomes[parsed.command_id] = outcome
+            processed.append(Processed(parsed, outcome, False))
 
         if states:
             await repository.save_user_states(conn, list(states.values()), _clock())

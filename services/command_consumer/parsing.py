@@ -1,4 +1,5 @@
-"""Turns a Kafka record into a valid command or a reason why it is invalid (CONTRACT: envelope)."""
+"""Turns a Kafka record into a valid command or a reason why it is invalid (README: "The contract, in short",
+Commands and Invalid records)."""
 
 from __future__ import annotations
 

@@ -7,24 +7,16 @@ from decimal import Decimal
 
 import asyncpg
 
-from services.command_consumer.membership import HistoryRow, SegmentRef, UserState
-
-OUTCOME_COLUMNS = ("command_id", "type", "status", "error", "result", "processed_at", "source_topic",
-                   "source_partition", "source_offset")
-HISTORY_COLUMNS = HistoryRow._fields
+from shared.membership import HISTORY_COLUMNS, HistoryRow, Segment, UserChanges, UserState
+from shared.outcomes import OUTCOME_COLUMNS, OUTCOME_SELECT, OutcomeRow
 
 
-async def fetch_outcomes(conn: asyncpg.Connection, command_ids: list[str]) -> dict[str, asyncpg.Record]:
-    rows = await conn.fetch(
-        """SELECT command_id, type, status, error, result, processed_at,
-                  source_topic, source_partition, source_offset
-           FROM command_outcomes WHERE command_id = ANY($1::text[])""",
-        command_ids,
-    )
-    return {row["command_id"]: row for row in rows}
+async def fetch_outcomes(conn: asyncpg.Connection, command_ids: list[str]) -> dict[str, OutcomeRow]:
+    rows = await conn.fetch(f"{OUTCOME_SELECT} WHERE command_id = ANY($1::text[])", command_ids)
+    return {row["command_id"]: OutcomeRow.from_record(row) for row in rows}
 
 
-async def insert_outcomes(conn: asyncpg.Connection, outcomes: list[tuple]) -> None:
+async def insert_outcomes(conn: asyncpg.Connection, outcomes: list[OutcomeRow]) -> None:
     # COPY, not INSERT … ON CONFLICT: a concurrent writer of the same command id (a zombie consumer
     # after a rebalance) makes this transaction fail and retry, and the retry finds the stored outcome.
     await conn.copy_records_to_table("command_outcomes", records=outcomes, columns=OUTCOME_COLUMNS)
@@ -32,11 +24,10 @@ async def insert_outcomes(conn: asyncpg.Connection, outcomes: list[tuple]) -> No
 
 async def insert_history(conn: asyncpg.Connection, rows: list[HistoryRow]) -> None:
     if rows:
-        # HistoryRow is a tuple whose fields are the columns.
         await conn.copy_records_to_table("membership_history", columns=HISTORY_COLUMNS, records=rows)
 
 
-async def lock_live_segments(conn: asyncpg.Connection, slugs: list[str]) -> dict[str, SegmentRef]:
+async def lock_live_segments(conn: asyncpg.Connection, slugs: list[str]) -> dict[str, Segment]:
     """Live segments by slug, share-locked so a concurrent delete waits for this batch."""
     if not slugs:
         return {}
@@ -45,7 +36,7 @@ async def lock_live_segments(conn: asyncpg.Connection, slugs: list[str]) -> dict
            WHERE slug = ANY($1::text[]) AND deleted_at IS NULL ORDER BY id FOR SHARE""",
         slugs,
     )
-    return {row["slug"]: SegmentRef(row["id"], row["slug"], row["percent"]) for row in rows}
+    return {row["slug"]: Segment(row["id"], row["slug"], row["percent"]) for row in rows}
 
 
 async def load_user_states(conn: asyncpg.Connection, user_ids: list[int],
@@ -81,16 +72,11 @@ async def load_user_states(conn: asyncpg.Connection, user_ids: list[int],
 
 async def save_user_states(conn: asyncpg.Connection, states: list[UserState], now: datetime) -> None:
     new_users = [s.user_id for s in states if s.newly_registered]
-    upserts, deletions, new_exclusions, lifted_exclusions = [], [], [], []
+    changes = UserChanges()
     for state in states:
-        for segment_id in state.changed_explicit:
-            if segment_id in state.explicit:
-                upserts.append((state.user_id, segment_id, state.explicit[segment_id]))
-            else:
-                deletions.append((state.user_id, segment_id))
-        for segment_id in state.changed_exclusions:
-            target = new_exclusions if segment_id in state.excluded else lifted_exclusions
-            target.append((state.user_id, segment_id))
+        state.changes(into=changes)
+    upserts, deletions = changes.upserts, changes.deletions
+    new_exclusions, lifted_exclusions = changes.new_exclusions, changes.lifted_exclusions
     if new_users:
         await conn.execute(
             """INSERT INTO users (user_id, registered_at) SELECT u, $2 FROM unnest($1::bigint[]) AS u

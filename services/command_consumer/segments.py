@@ -1,4 +1,5 @@
-"""Handlers of the segment commands (CONTRACT: segment commands)."""
+"""Handlers of the segment commands (README: "The contract, in short", Commands), each a few
+statements in the batch's transaction."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from datetime import datetime
 import asyncpg
 
 from services.command_consumer import repository
-from services.command_consumer.membership import Decision
+from services.command_consumer.users import Decision
 from shared.commands import CreateSegment, DeleteSegment, UpdateSegment
 from shared.outcomes import ErrorCode, Status
 

@@ -18,7 +18,7 @@ import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
 from shared.db import TRANSIENT_DB_ERRORS
-from shared.rollout import rollout_bucket, rollout_threshold
+from shared.membership import HISTORY_COLUMNS, HistoryRow, Segment, leaves_at_expiry
 
 log = structlog.get_logger("expiry_worker")
 
@@ -42,7 +42,7 @@ WITH due AS (
     DELETE FROM memberships m USING due, segments s
     WHERE m.user_id = due.user_id AND m.segment_id = due.segment_id AND s.id = m.segment_id
       AND m.expires_at <= now()
-    RETURNING m.user_id, s.slug, s.percent, m.expires_at
+    RETURNING m.user_id, m.segment_id, s.slug, s.percent, m.expires_at
 ), recorded AS (
     INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, reason)
     SELECT user_id, slug, 'D', expires_at, 'manual', 'ttl' FROM gone WHERE percent = 0
@@ -50,6 +50,7 @@ WITH due AS (
 SELECT count(*) AS removed,
        array_agg(EXTRACT(EPOCH FROM clock_timestamp() - expires_at)::float8) AS lags,
        array_agg(user_id) FILTER (WHERE percent > 0) AS rollout_users,
+       array_agg(segment_id) FILTER (WHERE percent > 0) AS rollout_segment_ids,
        array_agg(slug) FILTER (WHERE percent > 0) AS rollout_slugs,
        array_agg(percent) FILTER (WHERE percent > 0) AS rollout_percents,
        array_agg(expires_at) FILTER (WHERE percent > 0) AS rollout_expiries
@@ -69,17 +70,15 @@ async def expire_batch(conn: asyncpg.Connection, batch_size: int) -> BatchResult
     async with conn.transaction():
         # One row of arrays rather than a row per membership: a backlog batch is large.
         batch = await conn.fetchrow(EXPIRE_SQL, batch_size)
-        rollout_rows = zip(batch["rollout_users"] or (), batch["rollout_slugs"] or (),
+        rollout_rows = zip(batch["rollout_users"] or (), batch["rollout_segment_ids"] or (),
+                           batch["rollout_slugs"] or (),
                            batch["rollout_percents"] or (), batch["rollout_expiries"] or (), strict=True)
-        # A user the segment's rollout still covers stays in: no exit to record. (An explicit
-        # membership and an exclusion never coexist, so coverage alone decides.)
-        history = [(user_id, slug, "D", expires_at, "manual", "ttl", None)
-                   for user_id, slug, percent, expires_at in rollout_rows
-                   if rollout_bucket(slug, user_id) >= rollout_threshold(percent)]
+        # A user the segment's rollout still covers stays in: no exit to record.
+        history = [HistoryRow(user_id, slug, "D", expires_at, "manual", "ttl", None)
+                   for user_id, segment_id, slug, percent, expires_at in rollout_rows
+                   if leaves_at_expiry(Segment(segment_id, slug, percent), user_id)]
         if history:
-            await conn.copy_records_to_table(
-                "membership_history", records=history,
-                columns=("user_id", "segment_slug", "operation", "executed_at", "source", "reason", "command_id"))
+            await conn.copy_records_to_table("membership_history", records=history, columns=HISTORY_COLUMNS)
     lags = [max(0.0, lag) for lag in batch["lags"] or ()]
     for lag in lags:
         LAG.observe(lag)

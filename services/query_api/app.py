@@ -7,10 +7,11 @@ from contextlib import asynccontextmanager
 import structlog
 from fastapi import FastAPI
 
+from services.query_api.batched_lookup import BatchedLookup
 from services.query_api.dependencies import Resources
 from services.query_api.fast_path import answer_user_segments
 from services.query_api.http_metrics import BodySizeLimitMiddleware, MetricsMiddleware
-from services.query_api.readmodel import READ_SERVER_SETTINGS, MembershipReader
+from services.query_api.readmodel import READ_SERVER_SETTINGS, USER_SEGMENTS_SQL
 from services.query_api.reports import ReportSigner
 from services.query_api.rollout_cache import RolloutCache
 from services.query_api.routes import asyncapi, commands, health, reports, segments, users
@@ -63,7 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await rollout.start()
         resources = Resources(settings, pool, rollout,
                               ReportSigner(settings.report_signing_secret, settings.report_link_ttl_seconds),
-                              CommandPublisher(settings), MembershipReader(read_pool))
+                              CommandPublisher(settings), BatchedLookup(read_pool, USER_SEGMENTS_SQL))
         app.state.resources = resources
         try:
             yield

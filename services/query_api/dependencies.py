@@ -8,7 +8,7 @@ from typing import Annotated
 import asyncpg
 from fastapi import Depends, Request
 
-from services.query_api.readmodel import MembershipReader
+from services.query_api.batched_lookup import BatchedLookup
 from services.query_api.reports import ReportSigner
 from services.query_api.rollout_cache import RolloutCache
 from shared.client import CommandPublisher
@@ -22,7 +22,12 @@ class Resources:
     rollout: RolloutCache
     signer: ReportSigner
     publisher: CommandPublisher
-    memberships: MembershipReader
+    memberships: BatchedLookup  # GET /users/{id}/segments' lookups, on connections of their own
+
+    def report_link(self, request: Request, year: int, month: int, user_id: int | None) -> str:
+        """The absolute, signed link to a month's history CSV (of one user, or of all)."""
+        base = self.settings.api_public_url or str(request.base_url)
+        return f"{base.rstrip('/')}/reports/download?token={self.signer.sign(year, month, user_id)}"
 
 
 async def get_resources(request: Request) -> Resources:

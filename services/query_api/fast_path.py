@@ -6,15 +6,12 @@ metrics; an exception reaches the server, which answers 500."""
 
 from __future__ import annotations
 
-import re
 import time
 
 from services.query_api import http_metrics
+from services.query_api.parameters import USER_SEGMENTS_PATH, user_id_from_path
 from services.query_api.readmodel import user_segments_json
-from shared.commands import MAX_USER_ID
 
-PATH = re.compile(r"/users/([1-9][0-9]{0,18})/segments")
-TEMPLATE = "/users/{user_id}/segments"  # the route template metrics are labelled with
 HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -22,17 +19,17 @@ async def answer_user_segments(resources, scope, send) -> bool:
     """Answers the request and returns True if it is a well-formed GET of a user's segments."""
     if scope["type"] != "http" or scope["method"] != "GET":
         return False
-    match = PATH.fullmatch(scope["path"])
-    if match is None or int(match.group(1)) > MAX_USER_ID:
+    user_id = user_id_from_path(scope["path"])
+    if user_id is None:
         return False
     started = time.perf_counter()
     status = 500
     try:
-        body = await user_segments_json(resources.memberships, resources.rollout.segments, int(match.group(1)))
+        body = await user_segments_json(resources.memberships, resources.rollout.segments, user_id)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*HEADERS, (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
         status = 200
     finally:
-        http_metrics.record(TEMPLATE, "GET", status, time.perf_counter() - started)
+        http_metrics.record(USER_SEGMENTS_PATH, "GET", status, time.perf_counter() - started)
     return True

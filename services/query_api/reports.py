@@ -13,7 +13,8 @@ from datetime import UTC, datetime
 import asyncpg
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
-from shared.rollout import rollout_bucket, rollout_threshold
+from shared.membership import rollout_move
+from shared.rollout import rollout_threshold
 
 CSV_HEADER = "user_id,segment_slug,operation,executed_at,source,reason\n"
 CURSOR_PREFETCH = 5000
@@ -101,13 +102,11 @@ ORDER BY u.user_id
 
 def _rollout_line(user_id: int, event: asyncpg.Record, before: int, after: int) -> tuple | None:
     """The user's entry or exit caused by a rollout event whose thresholds went from `before` to
-    `after` (buckets below a threshold are covered); None when the event did not move the user."""
+    `after`, as a row to merge; None when the event did not move the user."""
     slug = event["segment_slug"]
-    bucket = rollout_bucket(slug, user_id)
-    covered_before, covered_after = bucket < before, bucket < after
-    if covered_before == covered_after:
+    operation = rollout_move(slug, user_id, before, after)
+    if operation is None:
         return None
-    operation = "I" if covered_after else "D"
     line = f"{user_id},{slug},{operation},{_format(event['executed_at'])},auto,{event['reason']}\n"
     return (event["executed_at"], user_id, slug, line)
 

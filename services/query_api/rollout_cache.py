@@ -7,28 +7,20 @@ within `ROLLOUT_CACHE_REFRESH_SECONDS` (default 0.25 s), well inside the 1-secon
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 
 import asyncpg
 import structlog
 
-from shared.rollout import rollout_threshold
+from shared.membership import Segment
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class RolloutSegment:
-    id: int
-    slug: str
-    threshold: int  # buckets below it are covered
 
 
 class RolloutCache:
     def __init__(self, pool: asyncpg.Pool, refresh_seconds: float) -> None:
         self._pool = pool
         self._refresh_seconds = refresh_seconds
-        self.segments: tuple[RolloutSegment, ...] = ()
+        self.segments: tuple[Segment, ...] = ()
         self._task: asyncio.Task | None = None
         self.healthy = False
 
@@ -36,7 +28,7 @@ class RolloutCache:
         rows = await self._pool.fetch(
             "SELECT id, slug, percent FROM segments WHERE deleted_at IS NULL AND percent > 0 ORDER BY slug"
         )
-        self.segments = tuple(RolloutSegment(r["id"], r["slug"], rollout_threshold(r["percent"])) for r in rows)
+        self.segments = tuple(Segment(r["id"], r["slug"], r["percent"]) for r in rows)
         self.healthy = True
 
     async def start(self) -> None:

@@ -2,10 +2,9 @@
 
 uvicorn writes a response's head and its body with two transport writes, and uvloop sends each
 at once: a small JSON response costs two send() system calls. On loopback those are the largest
-single cost of GET /users/{id}/segments (profiled: the head's write alone about 15 % of an API
-worker's time). Here the writes made within one event-loop iteration are joined and sent at the
-end of that iteration; a streamed body still leaves chunk by chunk, as each chunk is produced in
-an iteration of its own.
+single cost of GET /users/{id}/segments in a profile of an API worker. Here the writes made
+within one event-loop iteration are joined and sent at the end of that iteration; a streamed
+body still leaves chunk by chunk, as each chunk is produced in an iteration of its own.
 """
 
 from __future__ import annotations

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import random
 import signal
 import subprocess
 import sys
 
 import pytest
 
-from services.command_consumer.consumer import CommandConsumer, PoisonGuardTripped
+from services.command_consumer.consumer import CommandConsumer
+from services.command_consumer.poison_guard import PoisonGuardTripped
+from tests.contract_model import SEGMENTS, scenario
 from tests.support import (
-    MembershipModel,
     Publisher,
+    create_segments,
     read_topic,
     running_consumer,
     service_env,
@@ -22,30 +23,10 @@ from tests.support import (
 )
 
 pytestmark = pytest.mark.integration
-SEGMENTS = [f"S{i}" for i in range(6)]
-
-
-def random_commands(count: int, users: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    commands = []
-    for i in range(count):
-        picks = rng.sample(SEGMENTS, rng.randint(1, 3))
-        split = rng.randint(0, len(picks))
-        commands.append({"type": "update_user_segments", "user_id": rng.randint(1, users),
-                         "add": picks[:split], "remove": picks[split:], "command_id": f"c{i}"})
-    return commands
-
-
-async def create_segments(publish, pool) -> None:
-    for slug in SEGMENTS:
-        await publish.segment({"type": "create_segment", "slug": slug, "command_id": f"create-{slug}"})
 
 
 async def test_sigkill_mid_stream_then_restart_matches_the_model(settings, pool):
-    commands = random_commands(4000, users=300, seed=7)
-    model = MembershipModel()
-    for command in commands:
-        model.apply(command["user_id"], command["add"], command["remove"])
+    model, segments, commands = scenario(4000, users=300, seed=7)
     env = service_env(settings, CONSUMER_MAX_BATCH="200", CONSUMER_METRICS_PORT="0")
 
     def start():
@@ -56,8 +37,7 @@ async def test_sigkill_mid_stream_then_restart_matches_the_model(settings, pool)
     consumer = start()
     try:
         async with Publisher(settings) as publish:
-            await create_segments(publish, pool)
-            await wait_for_outcomes(pool, [f"create-{slug}" for slug in SEGMENTS])
+            await create_segments(publish, pool, segments)
             for start_at in range(0, len(commands), 500):
                 await publish.users(commands[start_at:start_at + 500])
                 applied = await pool.fetchval("SELECT count(*) FROM command_outcomes")
@@ -72,22 +52,18 @@ async def test_sigkill_mid_stream_then_restart_matches_the_model(settings, pool)
         consumer.send_signal(signal.SIGTERM)
         assert consumer.wait(30) == 0
     assert kills == 3
-    await model.assert_matches(pool)
+    counts = await model.assert_matches(pool)
     assert await pool.fetchval("SELECT count(*) FROM command_outcomes") == len(commands) + len(SEGMENTS)
-    print(f"{len(commands)} commands, {kills} kills: state and history equal the model")
+    print(f"{len(commands)} commands, {kills} kills: state, history and outcomes equal the model: {counts}")
 
 
 async def test_database_restarted_mid_stream(infra, settings, pool):
     if infra.postgres is None:
         pytest.skip("needs the embedded PostgreSQL the test session owns")
-    commands = random_commands(3000, users=200, seed=11)
-    model = MembershipModel()
-    for command in commands:
-        model.apply(command["user_id"], command["add"], command["remove"])
+    model, segments, commands = scenario(3000, users=200, seed=11)
     settings = settings.model_copy(update={"consumer_max_batch": 100})
     async with Publisher(settings) as publish, running_consumer(settings, pool):
-        await create_segments(publish, pool)
-        await wait_for_outcomes(pool, [f"create-{slug}" for slug in SEGMENTS])
+        await create_segments(publish, pool, segments)
         sent = asyncio.create_task(publish.users(commands))
         await wait_for_count(pool, "SELECT count(*) FROM command_outcomes", 500)
         await asyncio.to_thread(infra.postgres.stop, "immediate")  # a crash, not a clean shutdown
@@ -110,27 +86,23 @@ async def test_guard_stops_the_consumer_on_a_flood_of_invalid_records(settings, 
 
 
 async def test_a_consumer_joining_and_leaving_mid_stream_loses_and_repeats_nothing(settings, pool):
-    commands = random_commands(4000, users=300, seed=13)
-    model = MembershipModel()
-    for command in commands:
-        model.apply(command["user_id"], command["add"], command["remove"])
+    model, segments, commands = scenario(4000, users=300, seed=13)
     settings = settings.model_copy(update={"consumer_max_batch": 100})
     async with Publisher(settings) as publish, running_consumer(settings, pool) as first:
-        await create_segments(publish, pool)
-        await wait_for_outcomes(pool, [f"create-{slug}" for slug in SEGMENTS])
+        await create_segments(publish, pool, segments)
         await publish.users(commands[:1500])
         async with running_consumer(settings, pool) as second:  # joins: partitions are revoked and moved
             sending = asyncio.create_task(publish.users(commands[1500:3000]))
             async with asyncio.timeout(60):
-                while not second.consumer.assignment():  # noqa: ASYNC110 - set by the client, no event
+                while not second.kafka_consumer.assignment():  # noqa: ASYNC110 - set by the client, no event
                     await asyncio.sleep(0.05)
-            moved = len(second.consumer.assignment())
+            moved = len(second.kafka_consumer.assignment())
             await sending
             await wait_for_count(pool, "SELECT count(*) FROM command_outcomes", 3000)
         # ...and leaves: its partitions go back to the first consumer
         await publish.users(commands[3000:])
         await wait_for_outcomes(pool, [c["command_id"] for c in commands], timeout=120)
-        assert len(first.consumer.assignment()) == 2 * settings.topic_partitions
+        assert len(first.kafka_consumer.assignment()) == 2 * settings.topic_partitions
     assert moved > 0
     await model.assert_matches(pool)
     assert await pool.fetchval("SELECT count(*) FROM command_outcomes") == len(commands) + len(SEGMENTS)

@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from services.query_api.readmodel import MembershipReader
+from services.query_api.batched_lookup import BatchedLookup
+from services.query_api.readmodel import USER_SEGMENTS_SQL
 
 pytestmark = pytest.mark.integration
 NOW = datetime.now(UTC)
@@ -45,7 +46,7 @@ async def seed(pool, users: range) -> None:
 async def test_reads_waiting_together_share_one_query_and_get_their_own_rows(pool):
     await seed(pool, range(1, 31))
     counting = CountingPool(pool)
-    reader = MembershipReader(counting)
+    reader = BatchedLookup(counting, USER_SEGMENTS_SQL)
     together = await asyncio.gather(*(reader.read(user_id) for user_id in [*range(1, 31), 7]))
     assert len(counting.batches) == 1 and sorted(counting.batches[0]) == list(range(1, 31))  # 7 asked twice, read once
 
@@ -60,7 +61,7 @@ async def test_reads_waiting_together_share_one_query_and_get_their_own_rows(poo
 async def test_a_batch_is_split_at_its_limit(pool):
     await seed(pool, range(1, 11))
     counting = CountingPool(pool)
-    reader = MembershipReader(counting, max_batch=4)
+    reader = BatchedLookup(counting, USER_SEGMENTS_SQL, max_batch=4)
     results = await asyncio.gather(*(reader.read(user_id) for user_id in range(1, 11)))
     assert sorted(len(batch) for batch in counting.batches) == [2, 4, 4]
     assert [len(rows) for rows in results] == [1, 2] * 5
@@ -70,7 +71,7 @@ async def test_a_read_asked_for_after_a_query_ran_never_shares_its_answer(pool):
     await seed(pool, range(1, 3))
     counting = CountingPool(pool)
     counting.gate = asyncio.Event()
-    reader = MembershipReader(counting)
+    reader = BatchedLookup(counting, USER_SEGMENTS_SQL)
     first = asyncio.create_task(reader.read(1))
     await counting.ran.wait()  # the first query has run; its answer is held
     await pool.execute("INSERT INTO memberships (user_id, segment_id, added_at) "
@@ -88,7 +89,7 @@ async def test_a_failed_query_fails_every_read_waiting_on_it(pool):
         async def fetch(self, query, user_ids):
             raise ConnectionResetError("database went away")
 
-    reader = MembershipReader(BrokenPool(), max_in_flight=4)
+    reader = BatchedLookup(BrokenPool(), USER_SEGMENTS_SQL, max_in_flight=4)
     results = await asyncio.gather(reader.read(1), reader.read(2), return_exceptions=True)
     assert [type(result) for result in results] == [ConnectionResetError, ConnectionResetError]
 
@@ -97,7 +98,7 @@ async def test_reads_wait_for_a_free_connection_together(pool):
     await seed(pool, range(1, 6))
     counting = CountingPool(pool)
     counting.gate = asyncio.Event()
-    reader = MembershipReader(counting, max_in_flight=1)
+    reader = BatchedLookup(counting, USER_SEGMENTS_SQL, max_in_flight=1)
     first = asyncio.create_task(reader.read(1))
     await counting.ran.wait()  # the only connection is busy
     rest = [asyncio.create_task(reader.read(user_id)) for user_id in range(2, 6)]

@@ -1,4 +1,5 @@
-"""Delivery guarantees under replay and poison (CONTRACT: delivery guarantees, invalid records)."""
+"""Delivery guarantees under replay and poison (README: "The contract, in short", Delivery and
+Invalid records)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,16 @@ import random
 
 import pytest
 
-from tests.integration.test_consumer_faults import SEGMENTS, create_segments, random_commands
-from tests.support import Publisher, header, read_topic, running_consumer, wait_for_count, wait_for_outcomes
+from tests.contract_model import SEGMENTS, scenario
+from tests.support import (
+    Publisher,
+    create_segments,
+    header,
+    read_topic,
+    running_consumer,
+    wait_for_count,
+    wait_for_outcomes,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -27,14 +36,13 @@ async def snapshot(pool) -> dict[str, list]:
 
 
 async def test_replaying_everything_changes_nothing(settings, pool):
-    commands = random_commands(1500, users=100, seed=5)
+    _, segments, commands = scenario(1500, users=100, seed=5)
     for i, command in enumerate(commands[:300]):  # some without an id: their id is their position
         if i % 3 == 0:
             del command["command_id"]
     async with Publisher(settings) as publish:
         async with running_consumer(settings, pool):
-            await create_segments(publish, pool)
-            await wait_for_outcomes(pool, [f"create-{slug}" for slug in SEGMENTS])
+            await create_segments(publish, pool, segments)
             await publish.users(commands)
             await publish.segment({"type": "delete_segment", "slug": SEGMENTS[0], "command_id": "del"})
             await wait_for_outcomes(pool, [c["command_id"] for c in commands if "command_id" in c] + ["del"])
@@ -66,7 +74,7 @@ def garbage(rng: random.Random) -> tuple[bytes, str]:
 
 async def test_ten_percent_poison_is_quarantined_and_every_valid_command_applied(settings, pool):
     rng = random.Random(9)
-    valid = random_commands(900, users=50, seed=9)
+    _, segments, valid = scenario(900, users=50, seed=9)
     stream: list[tuple[str, bytes | dict, str | None]] = []
     for command in valid:
         stream.append((str(command["user_id"]), command, None))
@@ -76,8 +84,7 @@ async def test_ten_percent_poison_is_quarantined_and_every_valid_command_applied
     expected_codes = [code for _, _, code in stream if code]
     assert len(expected_codes) >= 60
     async with Publisher(settings) as publish, running_consumer(settings, pool):
-        await create_segments(publish, pool)
-        await wait_for_outcomes(pool, [f"create-{slug}" for slug in SEGMENTS])
+        await create_segments(publish, pool, segments)
         for key, value, _ in stream:
             await publish.raw(settings.assignments_commands_topic, value, key=key)
         outcomes = await wait_for_outcomes(pool, [c["command_id"] for c in valid], timeout=60)

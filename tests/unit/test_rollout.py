@@ -2,7 +2,7 @@ from decimal import Decimal
 
 import pytest
 
-from shared.rollout import is_covered, rollout_bucket, rollout_threshold
+from shared.rollout import rollout_bucket, rollout_threshold
 
 
 @pytest.mark.parametrize(("key", "bucket"), [
@@ -19,11 +19,3 @@ def test_threshold_is_percent_times_100():
     assert rollout_threshold(Decimal("99.99")) == 9999
     assert rollout_threshold(100) == 10000
     assert rollout_threshold(0) == 0
-
-
-def test_coverage_follows_the_bucket():
-    # bucket 12 for user 1002: covered from 0.13 %, not at 0.12 %
-    assert is_covered("AVITO_VOICE_MESSAGES", 1002, Decimal("0.13"))
-    assert not is_covered("AVITO_VOICE_MESSAGES", 1002, Decimal("0.12"))
-    assert not is_covered("AVITO_VOICE_MESSAGES", 1002, 0)
-    assert is_covered("AVITO_VOICE_MESSAGES", 1000, 100)

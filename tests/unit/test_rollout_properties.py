@@ -7,11 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.commands import MAX_USER_ID
-from shared.rollout import is_covered, rollout_bucket
+from shared.membership import Segment, covers
+from shared.rollout import rollout_bucket
 
 slugs = st.from_regex(r"[A-Za-z0-9_.\-]{1,40}", fullmatch=True)
 percents = st.decimals(min_value=0, max_value=100, places=2, allow_nan=False, allow_infinity=False)
 user_ids = st.integers(min_value=1, max_value=MAX_USER_ID)
+
+
+def is_covered(slug: str, user_id: int, percent) -> bool:
+    return covers(Segment(1, slug, Decimal(str(percent))), user_id)
 
 
 @given(slugs, user_ids, percents, percents)

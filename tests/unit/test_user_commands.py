@@ -1,15 +1,16 @@
-"""The membership rules applied in memory, without a database."""
+"""The user-command handlers, applied in memory without a database."""
 
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from services.command_consumer.membership import SegmentRef, UserState, apply_update_user_segments
+from services.command_consumer.users import apply_update_user_segments
 from shared.commands import UpdateUserSegments
+from shared.membership import Segment, UserChanges, UserState
 from shared.rollout import rollout_bucket
 
 NOW = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
-VOICE = SegmentRef(1, "AVITO_VOICE_MESSAGES", Decimal(0))
-DISCOUNT = SegmentRef(2, "AVITO_DISCOUNT_30", Decimal(0))
+VOICE = Segment(1, "AVITO_VOICE_MESSAGES", Decimal(0))
+DISCOUNT = Segment(2, "AVITO_DISCOUNT_30", Decimal(0))
 SEGMENTS = {s.slug: s for s in (VOICE, DISCOUNT)}
 
 
@@ -39,7 +40,7 @@ def test_rejections_change_nothing():
                                          NOW, "c2")
     assert missing.error_code == "segment_not_found"
     assert "NOPE" in missing.error_message and "NADA" in missing.error_message
-    assert state.explicit == {} and not state.registered and not state.changed_explicit
+    assert state.explicit == {} and not state.registered and state.changes() == UserChanges()
 
 
 def test_re_adding_replaces_the_expiry_without_a_new_entry():
@@ -66,7 +67,7 @@ def _user_covered_at(percent_threshold: int, slug: str) -> int:
 
 
 def test_removing_a_covered_user_excludes_it_until_an_explicit_add():
-    rollout = SegmentRef(3, "ROLLOUT", Decimal(50))
+    rollout = Segment(3, "ROLLOUT", Decimal(50))
     user_id = _user_covered_at(5000, "ROLLOUT")
     state = UserState(user_id, registered=True)
     assert state.is_member(rollout, NOW)

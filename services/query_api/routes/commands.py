@@ -15,7 +15,7 @@ from services.query_api.dependencies import ResourcesDep
 from services.query_api.schemas import Problem, Published, json_response
 from shared.client import KafkaUnavailable
 from shared.commands import command_json_schema
-from shared.outcomes import Outcome, outcome_from_record
+from shared.outcomes import Outcome
 
 log = structlog.get_logger("query_api")
 router = APIRouter(tags=["commands"])
@@ -38,7 +38,7 @@ async def get_command(command_id: Annotated[str, Path(min_length=1, max_length=2
     row = await readmodel.command_outcome(resources.pool, command_id)
     if row is None:
         raise HTTPException(404, f"command {command_id} has not been processed (yet)")
-    return json_response(outcome_from_record(row))
+    return json_response(row.contract())
 
 
 COMMAND_SCHEMA, COMMAND_DEFINITIONS = command_json_schema()  # app.py adds the definitions to the document

@@ -7,27 +7,19 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from services.query_api.dependencies import Resources, ResourcesDep
+from services.query_api.dependencies import ResourcesDep
+from services.query_api.parameters import Month, UserIdQuery, Year
 from services.query_api.reports import ReportLinkExpired, ReportLinkInvalid, stream_report
 from services.query_api.schemas import Problem, ReportLink, json_response
-from shared.commands import MAX_USER_ID
 
 router = APIRouter(tags=["reports"])
-Year = Annotated[int, Query(ge=1970, le=9999, description="year, 1970-9999", examples=[2026])]
-Month = Annotated[int, Query(ge=1, le=12, description="month, 1-12", examples=[11])]
-
-
-def report_link(request: Request, resources: Resources, year: int, month: int, user_id: int | None) -> str:
-    token = resources.signer.sign(year, month, user_id)
-    base = resources.settings.api_public_url or str(request.base_url).rstrip("/")
-    return f"{base.rstrip('/')}/reports/download?token={token}"
 
 
 @router.get("/reports/history", response_model=ReportLink,
             summary="Signed link to the history CSV of all users (or one) for a month")
 async def get_history_report(year: Year, month: Month, request: Request, resources: ResourcesDep,
-                             user_id: Annotated[int | None, Query(ge=1, le=MAX_USER_ID)] = None) -> Response:
-    return json_response({"report_link": report_link(request, resources, year, month, user_id)})
+                             user_id: UserIdQuery = None) -> Response:
+    return json_response({"report_link": resources.report_link(request, year, month, user_id)})
 
 
 @router.get("/reports/download", response_class=StreamingResponse,

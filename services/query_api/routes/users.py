@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, HTTPException, Path, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 
 from services.query_api import readmodel
 from services.query_api.dependencies import ResourcesDep
-from services.query_api.routes.reports import Month, Year, report_link
+from services.query_api.parameters import USER_SEGMENTS_PATH, Month, UserIdPath, Year
 from services.query_api.schemas import Problem, ReportLink, User, UserSegments, json_response
-from shared.commands import MAX_USER_ID
 from shared.outcomes import format_timestamp
 
 router = APIRouter(tags=["users"])
-UserIdPath = Annotated[int, Path(ge=1, le=MAX_USER_ID, description="user id, 1 … 2^63−1", examples=[1000])]
 
 
-@router.get("/users/{user_id}/segments", response_model=UserSegments,
+@router.get(USER_SEGMENTS_PATH, response_model=UserSegments,
             summary="Segments the user is in now (explicit, unexpired, plus percent rollout)")
 async def get_user_segments(user_id: UserIdPath, resources: ResourcesDep) -> Response:
     # Valid ids are normally answered by fast_path.py before routing; this is the same answer.
@@ -38,4 +34,4 @@ async def get_user(user_id: UserIdPath, resources: ResourcesDep) -> Response:
             summary="Signed link to the user's history CSV for a month")
 async def get_user_history(user_id: UserIdPath, year: Year, month: Month, request: Request,
                            resources: ResourcesDep) -> Response:
-    return json_response({"report_link": report_link(request, resources, year, month, user_id)})
+    return json_response({"report_link": resources.report_link(request, year, month, user_id)})

@@ -1,0 +1,67 @@
+"""What the consumer tells operators: Prometheus metrics, and a log line for every command that
+was not simply applied (every command at DEBUG), with its trace and position."""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+import structlog
+from aiokafka import TopicPartition
+
+from services.command_consumer import metrics
+from services.command_consumer.batch import Processed
+from services.command_consumer.parsing import InvalidRecord
+
+log = structlog.get_logger("command_consumer")
+
+
+def batch_applied(processed: list[Processed], seconds: float, durable_at: float) -> None:
+    """A partition's batch is durable: its size, duration, per-command latency and outcomes."""
+    metrics.BATCH_DURATION.observe(seconds)
+    metrics.BATCH_SIZE.observe(len(processed))
+    counts: collections.Counter[tuple[str, str]] = collections.Counter()
+    debug = log.is_enabled_for(logging.DEBUG)
+    for item in processed:
+        outcome, record = item.outcome, item.parsed.record
+        if item.replayed:
+            metrics.REPLAYED.inc()
+        else:
+            counts[(outcome.type or "unknown", outcome.status)] += 1
+            if record.timestamp_ms is not None:
+                metrics.COMMAND_LATENCY.observe(max(0.0, durable_at - record.timestamp_ms / 1000))
+            if isinstance(item.parsed, InvalidRecord):
+                metrics.DLQ_RECORDS.labels(item.parsed.code).inc()
+        if outcome.status != "applied" or item.replayed or debug:
+            _log_outcome(item)
+    for (command_type, status), count in counts.items():
+        metrics.COMMANDS.labels(command_type, status).inc(count)
+
+
+def lag(tp: TopicPartition, highwater: int | None, next_offset: int) -> None:
+    if highwater is not None:
+        metrics.LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwater - next_offset))
+
+
+def retry(tp: TopicPartition, first_offset: int, attempt: int, error: BaseException) -> None:
+    metrics.DB_RETRIES.inc()
+    log.warning("batch transaction failed, will retry", topic=tp.topic, partition=tp.partition,
+                first_offset=first_offset, attempt=attempt, error=repr(error))
+
+
+def _log_outcome(item: Processed) -> None:
+    record, outcome = item.parsed.record, item.outcome
+    error = outcome.error or {}
+    traceparent = record.header("traceparent")
+    fields = {"command_id": outcome.command_id, "type": outcome.type, "status": outcome.status,
+              "code": error.get("code"), "reason": error.get("message"),
+              "traceparent": traceparent.decode(errors="replace") if traceparent else None,
+              "topic": record.topic, "partition": record.partition, "offset": record.offset}
+    if item.replayed:
+        log.info("command seen again, stored outcome re-published", **fields)
+    elif outcome.status == "invalid":
+        log.warning("dead-lettered", **fields)
+    elif outcome.status == "rejected":
+        log.info("command rejected", **fields)
+    else:
+        log.debug("command applied", **fields)
