@@ -59,5 +59,6 @@ bench: $(STAMP) ## run every benchmark in bench/ and print their ratios (about 1
 	for script in consumer_throughput read_throughput report_stream expiry rollout_create; do \
 		$(BIN)/python -m bench.$$script || exit 1; done
 
-clean: ## remove the virtualenv and local data
+clean: ## remove the virtualenv and local data (as root also the embedded PostgreSQL's data under /var/lib)
+	if [ -x $(BIN)/python ]; then $(BIN)/python -m devstack clean; fi
 	rm -rf $(VENV) .data .pytest_cache .hypothesis

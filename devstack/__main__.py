@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 
+from devstack.embedded import EmbeddedPostgres
 from devstack.stack import SERVICES, Stack
 from shared.db import apply_migrations
 from shared.kafka import ensure_topics
@@ -60,8 +61,15 @@ def main() -> None:
     sub.add_parser("migrate", help="apply pending migrations to DATABASE_URL (or the embedded database)")
     sub.add_parser("provision", help="apply migrations and create the topics on DATABASE_URL and "
                    "KAFKA_BOOTSTRAP_SERVERS (the one-shot job of a deployment)")
+    sub.add_parser("clean", help="stop the embedded PostgreSQL of DATA_DIR and delete its data, wherever it "
+                   "keeps it (as root: under EMBEDDED_POSTGRES_ROOT_DIR); what `make clean` calls")
     args = parser.parse_args()
     settings = get_settings()
+    if args.command == "clean":
+        postgres = EmbeddedPostgres(settings.data_dir / "postgres")
+        postgres.remove()
+        print(f"removed the embedded PostgreSQL data in {postgres.data_dir}")
+        return
     if args.command == "provision":
         applied = apply_migrations(settings.require_database_url())
         created = asyncio.run(ensure_topics(settings))

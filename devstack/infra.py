@@ -45,8 +45,8 @@ def start_infra() -> Infra:
             work_dir = Path(tempfile.mkdtemp(prefix="segmentation-test-"))
             exit_stack.callback(shutil.rmtree, work_dir, ignore_errors=True)
             postgres = EmbeddedPostgres(work_dir / "postgres")
+            exit_stack.callback(postgres.remove)  # stopped, and its data gone (as root: its home too)
             database_url = postgres.start()
-            exit_stack.callback(postgres.stop, "immediate")
         if not bootstrap:
             kafka = EmbeddedKafka()
             bootstrap = kafka.start()

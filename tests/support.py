@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -142,3 +143,13 @@ def service_env(settings: Settings, **overrides: str) -> dict[str, str]:
     import os
 
     return {**os.environ, **settings.to_env(), **overrides}
+
+
+def ancestry(*paths: Path) -> dict[str, tuple[int, int, int]]:
+    """Mode, owner and group of each path and of every directory above it."""
+    found = {}
+    for path in paths:
+        for directory in (path, *path.parents):
+            info = directory.stat()
+            found[str(directory)] = (info.st_mode, info.st_uid, info.st_gid)
+    return found

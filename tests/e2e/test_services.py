@@ -17,6 +17,7 @@ import pytest
 
 from devstack.embedded import EmbeddedPostgres
 from devstack.processes import free_port
+from tests.e2e.launcher import alive, descendants, launcher_env, postgres_of, wait_ready
 from tests.support import Publisher
 
 pytestmark = pytest.mark.e2e
@@ -91,59 +92,31 @@ async def test_commands_on_kafka_become_reads_over_http(stack):
     assert any(line["event"] == "memberships expired" for line in logs["expiry_worker"])
 
 
-def _launcher_env(tmp_path: Path, api_port: int) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS")}
-    env.update(DATA_DIR=str(tmp_path / "data"), API_PORT=str(api_port), CONSUMER_METRICS_PORT=str(free_port()),
-               EXPIRY_METRICS_PORT=str(free_port()))
-    return env
-
-
-def _wait_ready(url: str, launcher: subprocess.Popen, timeout: float = 60.0) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        assert launcher.poll() is None, "the launcher exited before the API was ready"
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return time.monotonic() - started
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"/readyz not 200 within {timeout}s")
-
-
-def _descendants(pid: int) -> list[psutil.Process]:
-    return psutil.Process(pid).children(recursive=True)
-
-
-def _alive(process: psutil.Process) -> bool:
-    """Running and not a zombie (a detached server that exited may wait to be reaped by PID 1)."""
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _postgres_of(data_dir: Path) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        if _alive(process) and any(str(data_dir) in part for part in process.info["cmdline"] or ()):
-            found.append(process)
-    return found
-
-
 @pytest.mark.skipif(bool(os.environ.get("DATABASE_URL") or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")),
                     reason="exercises the embedded defaults of make run")
 def test_make_run_starts_everything_embedded_and_ctrl_c_leaves_nothing(tmp_path):
+    postgres = EmbeddedPostgres(tmp_path / "data" / "postgres")  # where the launcher keeps it (as root: elsewhere)
+    try:
+        started = _run_kill_and_rerun_the_launcher(tmp_path, postgres)
+        time.sleep(0.5)
+        left = [p for p in started if alive(p)]
+        assert left == [], f"left running: {[p.cmdline() for p in left]}"
+        assert postgres_of(postgres.data_dir) == []
+    finally:
+        postgres.remove()  # its data gone (and stopped, if a failure above left it running)
+
+
+def _run_kill_and_rerun_the_launcher(tmp_path: Path, postgres: EmbeddedPostgres) -> list[psutil.Process]:
+    """Every process the second run started; the launcher has been stopped with Ctrl-C."""
     api_port = free_port()
     url = f"http://127.0.0.1:{api_port}"
     command = [sys.executable, "-m", "devstack", "run"]
-    launcher = subprocess.Popen(command, env=_launcher_env(tmp_path, api_port), stdout=subprocess.PIPE,
+    launcher = subprocess.Popen(command, env=launcher_env(tmp_path, api_port), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
     try:
-        ready_after = _wait_ready(url, launcher)
+        ready_after = wait_ready(url, launcher)
         print(f"make run: API ready after {ready_after:.1f}s")
-        started = _descendants(launcher.pid) + _postgres_of(tmp_path / "data" / "postgres")
+        started = descendants(launcher.pid) + postgres_of(postgres.data_dir)
         assert len(started) >= 5  # broker, three services, PostgreSQL (and its workers)
         response = httpx.post(f"{url}/commands", json={"type": "create_segment", "slug": "S", "percent": 100})
         assert response.status_code == 202
@@ -157,19 +130,19 @@ def test_make_run_starts_everything_embedded_and_ctrl_c_leaves_nothing(tmp_path)
 
         # A killed launcher: its children get SIGTERM from the kernel (PDEATHSIG) and exit, but
         # PostgreSQL runs detached and stays as a stray; the next run stops it and starts afresh.
-        children = _descendants(launcher.pid)
+        children = descendants(launcher.pid)
         launcher.send_signal(signal.SIGKILL)
         launcher.wait()
-        _, alive = psutil.wait_procs(children, timeout=20)
-        assert alive == []
-        strays = _postgres_of(tmp_path / "data" / "postgres")
+        _, still_running = psutil.wait_procs(children, timeout=20)
+        assert still_running == []
+        strays = postgres_of(postgres.data_dir)
         assert strays
-        launcher = subprocess.Popen(command, env=_launcher_env(tmp_path, api_port), stdout=subprocess.PIPE,
+        launcher = subprocess.Popen(command, env=launcher_env(tmp_path, api_port), stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True)
-        _wait_ready(url, launcher)
+        wait_ready(url, launcher)
         assert httpx.get(f"{url}/segments").json()["segments"][0]["slug"] == "S"  # data kept across runs
-        assert not any(_alive(p) for p in strays)
-        started = _descendants(launcher.pid) + _postgres_of(tmp_path / "data" / "postgres")
+        assert not any(alive(p) for p in strays)
+        started = descendants(launcher.pid) + postgres_of(postgres.data_dir)
 
         launcher.send_signal(signal.SIGINT)  # Ctrl-C
         output, _ = launcher.communicate(timeout=60)
@@ -179,9 +152,4 @@ def test_make_run_starts_everything_embedded_and_ctrl_c_leaves_nothing(tmp_path)
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
-        if _postgres_of(tmp_path / "data" / "postgres"):  # only after a failure above
-            EmbeddedPostgres(tmp_path / "data" / "postgres").stop("immediate")
-    time.sleep(0.5)
-    alive = [p for p in started if _alive(p)]
-    assert alive == [], f"left running: {[p.cmdline() for p in alive]}"
-    assert _postgres_of(tmp_path / "data" / "postgres") == []
+    return started
