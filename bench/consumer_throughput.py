@@ -18,6 +18,7 @@ from bench import common
 from bench.common import Progress, bench_environment, percentile
 from bench.simple_consumer import run_simple_consumer
 from services.command_consumer.consumer import CommandConsumer
+from shared.kafka import kafka_options
 from shared.service import tune_gc
 
 
@@ -39,7 +40,7 @@ async def seed_segments(pool, segments: int) -> None:
 
 
 async def preload(settings, commands: list[dict]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, linger_ms=20,
+    producer = AIOKafkaProducer(**kafka_options(settings), linger_ms=20,
                                 max_batch_size=256 * 1024, acks="all")
     await producer.start()
     progress = Progress("preloading", len(commands))
@@ -92,9 +93,9 @@ async def consume_all(settings, pool) -> None:
 async def latency_at_steady_rate(settings, pool, rate: int, seconds: float) -> list[float]:
     consumer = CommandConsumer(settings, pool)
     consuming = asyncio.create_task(consumer.run())
-    results = AIOKafkaConsumer(settings.results_topic, bootstrap_servers=settings.kafka_bootstrap_servers,
+    results = AIOKafkaConsumer(settings.results_topic, **kafka_options(settings),
                                auto_offset_reset="earliest", fetch_max_wait_ms=5)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all", linger_ms=0)
+    producer = AIOKafkaProducer(**kafka_options(settings), acks="all", linger_ms=0)
     await results.start()
     await producer.start()
     sent_at: dict[str, float] = {}

@@ -22,6 +22,7 @@ from bench import common
 from bench.common import Progress, bench_environment, percentile
 from devstack.processes import stop_process
 from services.expiry_worker.worker import ExpiryWorker
+from shared.kafka import kafka_options
 from shared.settings import Settings
 
 LIMIT_SQL = """
@@ -47,7 +48,7 @@ async def seed_backlog(pool, rows: int) -> None:
 
 async def other_users_traffic(settings, rate: int, stop: asyncio.Event) -> int:
     """update_user_segments for users the backlog does not contain, at a steady rate."""
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, linger_ms=5)
+    producer = AIOKafkaProducer(**kafka_options(settings), linger_ms=5)
     await producer.start()
     sent, started, rng = 0, time.monotonic(), random.Random(3)
     try:

@@ -1,5 +1,6 @@
 """GET /users/{id}/segments: this API against a minimal FastAPI + asyncpg baseline, same data,
-same database, same load (wrk, random user ids, 32 connections), in one run.
+same database, same load (wrk, random user ids, 32 connections), in one run; and this API with
+access control on (every read sends an API key) against the same API open.
 
     python -m bench.read_throughput [--users 200000] [--duration 15] [--workers 2]
 
@@ -16,11 +17,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
+from pathlib import Path
 
 from bench import common
 from bench.common import bench_environment
 from devstack.processes import free_port, stop_process
+from shared.api_keys import new_key
 
 LUA = """
 math.randomseed(os.time())
@@ -50,28 +54,32 @@ async def seed(pool, users: int, segments: int, rollout_segments: int, per_user:
     await pool.execute("CHECKPOINT")
 
 
-def serve(command: list[str], env: dict, port: int) -> subprocess.Popen:
+def serve(command: list[str], env: dict, port: int, path: str = "/users/1/segments") -> subprocess.Popen:
+    """Start a server and wait until `path` answers (any status: a key may be needed)."""
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/users/1/segments", timeout=2) as response:
-                if response.status == 200:
-                    return process
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2):
+                return process
+        except urllib.error.HTTPError:
+            return process  # it answers
         except OSError:
             time.sleep(0.2)
     stop_process(process)
     raise RuntimeError(f"{command} did not serve on port {port}")
 
 
-def wrk(port: int, users: int, duration: int, connections: int) -> dict:
+def wrk(port: int, users: int, duration: int, connections: int, headers: tuple[str, ...] = ()) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(LUA.replace("{users}", str(users)))
     # Warm up (connections, prepared statements, caches), then measure.
-    subprocess.run(["wrk", "-t2", f"-c{connections}", "-d3s", "-s", script.name, f"http://127.0.0.1:{port}"],
+    extra = [option for header in headers for option in ("-H", header)]
+    subprocess.run(["wrk", "-t2", f"-c{connections}", "-d3s", *extra, "-s", script.name, f"http://127.0.0.1:{port}"],
                    capture_output=True, check=True)
-    output = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", "-s", script.name,
-                             f"http://127.0.0.1:{port}"], capture_output=True, text=True, check=True).stdout
+    output = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", *extra, "-s",
+                             script.name, f"http://127.0.0.1:{port}"], capture_output=True, text=True,
+                            check=True).stdout
     os.unlink(script.name)
 
     def millis(label: str) -> float:
@@ -91,22 +99,28 @@ async def main(args) -> None:
         await seed(pool, args.users, 100, 10, 5)
         env = {**os.environ, "DATABASE_URL": settings.database_url,
                "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers, "LOG_LEVEL": "WARNING"}
+        key, line = new_key("bench", ["read"])
+        keys_file = Path(tempfile.mkdtemp(prefix="bench-keys-")) / "api-keys"
+        keys_file.write_text(line + "\n")
+        api = [sys.executable, "-m", "services.query_api", "--workers", str(args.workers)]
+        # name → (command, extra environment, wrk headers)
         servers = {
-            "this API": [sys.executable, "-m", "services.query_api", "--workers", str(args.workers)],
-            "baseline": [sys.executable, "-m", "uvicorn", "bench.baseline_api:app", "--workers", str(args.workers),
-                         "--log-level", "warning", "--no-access-log"],
+            "this API": (api, {}, ()),
+            "keys on": (api, {"API_KEYS_FILE": str(keys_file)}, (f"Authorization: Bearer {key}",)),
+            "baseline": ([sys.executable, "-m", "uvicorn", "bench.baseline_api:app", "--workers", str(args.workers),
+                          "--log-level", "warning", "--no-access-log"], {}, ()),
         }
         # Rounds alternate the two servers, and medians are reported: on a small shared machine
         # single runs differ enough to decide a ratio by luck.
         rounds: dict[str, list[dict]] = {name: [] for name in servers}
         for round_number in range(1, args.rounds + 1):
-            for name, command in servers.items():
+            for name, (command, extra_env, headers) in servers.items():
                 port = free_port()
-                process = serve([*command, "--port", str(port)], {**env, "API_PORT": str(port)}, port)
+                process = serve([*command, "--port", str(port)], {**env, **extra_env, "API_PORT": str(port)}, port)
                 try:
                     print(f"  round {round_number}/{args.rounds}: {name} for {args.duration}s…", file=sys.stderr,
                           flush=True)
-                    result = wrk(port, args.users, args.duration, args.connections)
+                    result = wrk(port, args.users, args.duration, args.connections, headers)
                     rounds[name].append(result)
                     print(f"    {result['rps']:,.0f} req/s, p50 {result['p50']:.2f} ms, p99 {result['p99']:.2f} ms",
                           file=sys.stderr, flush=True)
@@ -114,7 +128,8 @@ async def main(args) -> None:
                     stop_process(process)
         results = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
                    for name, runs in rounds.items()}
-    ours, base = results["this API"], results["baseline"]
+        shutil.rmtree(keys_file.parent)
+    ours, base, keyed = results["this API"], results["baseline"], results["keys on"]
     common.report(
         f"reads: GET /users/{{id}}/segments, {args.users:,} users x 5 memberships, 100 segments (10 rollout), "
         f"{args.connections} connections, {args.workers} workers each, wrk on the same machine, "
@@ -122,6 +137,7 @@ async def main(args) -> None:
             **{name: f"{result['rps']:9,.0f} req/s  p50 {result['p50']:.2f} ms  p99 {result['p99']:.2f} ms"
                      f"  non-2xx {result['errors']}" for name, result in results.items()},
             "ratio": f"{ours['rps'] / base['rps']:9.2f}x   (target >= 2x with p99 <= 25 ms)",
+            "keys on / off": f"{keyed['rps'] / ours['rps']:9.1%}   (target >= 95%)",
         })
 
 

@@ -13,7 +13,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 
 from services.command_consumer.parsing import RecordRef, ValidCommand, parse_record
-from shared.kafka import create_producer
+from shared.kafka import create_producer, kafka_options
 from shared.outcomes import format_timestamp
 from shared.settings import Settings
 
@@ -66,7 +66,7 @@ async def apply_one(conn: asyncpg.Connection, parsed: ValidCommand) -> dict:
 
 
 async def run_simple_consumer(settings: Settings, pool: asyncpg.Pool, stop_after: int, progress=None) -> int:
-    consumer = AIOKafkaConsumer(settings.assignments_commands_topic, bootstrap_servers=settings.kafka_bootstrap_servers,
+    consumer = AIOKafkaConsumer(settings.assignments_commands_topic, **kafka_options(settings),
                                 group_id=settings.consumer_group + "-simple", enable_auto_commit=False,
                                 auto_offset_reset="earliest", fetch_max_wait_ms=10)
     producer = create_producer(settings)

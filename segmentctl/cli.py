@@ -12,7 +12,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import orjson
 import typer
 from pydantic import ValidationError
@@ -20,9 +19,13 @@ from rich.console import Console
 
 from segmentctl.bulk import explain, publish_all, read_assignments
 from segmentctl.durations import parse_duration
+from shared.api_keys import SCOPES, KeyFileError, new_key
 from shared.client import CommandPublisher, KafkaUnavailable, OutcomeReader
 from shared.commands import command_adapter
+from shared.kafka import KafkaSetupError
+from shared.query_client import QueryApiError, QueryClient
 from shared.settings import Settings
+from shared.settings import explain as explain_settings
 
 EXIT_REJECTED, EXIT_BAD_INPUT, EXIT_UNAVAILABLE = 1, 2, 3
 err = Console(stderr=True)
@@ -41,6 +44,7 @@ app.add_typer(user_app, name="user")
 class Config:
     settings: Settings
     api_url: str
+    api_key: str | None
     timeout: float
 
 
@@ -60,10 +64,18 @@ def options(
         envvar="KAFKA_BOOTSTRAP_SERVERS", help="Kafka bootstrap servers.")] = "localhost:9092",
     api_url: Annotated[str, typer.Option(
         envvar="SEGMENTCTL_API_URL", help="Query API base URL (for `status`).")] = "http://127.0.0.1:8080",
+    api_key: Annotated[str | None, typer.Option(
+        envvar="SEGMENTCTL_API_KEY", show_default=False,
+        help="API key for the query API, when it has access control on (`status` needs the scope status).")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for Kafka, the API or an outcome.", min=0.1)] = 30.0,
 ) -> None:
-    """Topic names come from the same settings as the services (SEGMENTS_COMMANDS_TOPIC, …)."""
-    ctx.obj = Config(Settings(kafka_bootstrap_servers=bootstrap_servers), api_url.rstrip("/"), timeout)
+    """Topic names and the Kafka connection (KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_*, KAFKA_SSL_*) come
+    from the same settings as the services."""
+    try:
+        settings = Settings(kafka_bootstrap_servers=bootstrap_servers)
+    except ValidationError as error:
+        raise _fail(explain_settings(error), EXIT_BAD_INPUT) from None
+    ctx.obj = Config(settings, api_url.rstrip("/"), api_key, timeout)
 
 
 def _print_json(value: Any) -> None:
@@ -114,6 +126,8 @@ def _run(coroutine) -> Any:
         raise _fail(f"invalid command: {explain(error)}", EXIT_BAD_INPUT) from None
     except KafkaUnavailable as error:
         raise _fail(str(error), EXIT_UNAVAILABLE) from None
+    except KafkaSetupError as error:
+        raise _fail(str(error), EXIT_BAD_INPUT) from None
 
 
 @segment_app.command("create")
@@ -184,18 +198,38 @@ def user_update(
 def status(ctx: typer.Context, command_id: Annotated[str, typer.Argument(help="The command's id.")]) -> None:
     """Print a command's stored outcome (from the query API)."""
     config: Config = ctx.obj
+
+    async def fetch() -> dict[str, Any] | None:
+        async with QueryClient(config.api_url, config.api_key, config.timeout) as api:
+            return await api.command_outcome(command_id)
+
     try:
-        response = httpx.get(f"{config.api_url}/commands/{command_id}", timeout=config.timeout)
-    except httpx.HTTPError as error:
-        raise _fail(f"the query API at {config.api_url} is unreachable: {error!r}", EXIT_UNAVAILABLE) from None
-    if response.status_code == 404:
+        outcome = asyncio.run(fetch())
+    except QueryApiError as error:
+        raise _fail(str(error), EXIT_UNAVAILABLE) from None
+    if outcome is None:
         raise _fail(f"{command_id}: not processed (yet)", EXIT_REJECTED)
-    if response.status_code != 200:
-        raise _fail(f"the query API answered {response.status_code}: {response.text[:200]}", EXIT_UNAVAILABLE)
-    outcome = response.json()
     _print_json(outcome)
     if outcome["status"] != "applied":
         raise typer.Exit(EXIT_REJECTED)
+
+
+keys_app = typer.Typer(no_args_is_help=True, help="API keys of the query API (API_KEYS_FILE).")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="Who uses the key; the actor of the commands it publishes.")],
+    scopes: Annotated[str, typer.Option(help=f"Comma-separated, of: {', '.join(SCOPES)}.")],
+) -> None:
+    """Make a new key: prints the key (give it to its user; it is not stored anywhere) and the line to
+    add to API_KEYS_FILE (it holds the key's SHA-256 only). The API picks the line up within a second."""
+    try:
+        key, line = new_key(name, [scope.strip() for scope in scopes.split(",") if scope.strip()])
+    except KeyFileError as error:
+        raise _fail(str(error).removeprefix("line 1: "), EXIT_BAD_INPUT) from None
+    sys.stdout.write(f"key:  {key}\nline: {line}\n")
 
 
 @app.command()

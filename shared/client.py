@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from shared.commands import SEGMENT_COMMAND_TYPES, command_adapter, partition_key
-from shared.kafka import create_producer
+from shared.kafka import KafkaSetupError, create_producer, kafka_options, start_client
 from shared.settings import Settings
 
 
@@ -61,7 +61,10 @@ class CommandPublisher:
             if self._producer is None:
                 producer = create_producer(self.settings)
                 try:
-                    await asyncio.wait_for(producer.start(), self.timeout)
+                    await asyncio.wait_for(start_client(producer, self.settings), self.timeout)
+                except KafkaSetupError:
+                    await producer.stop()
+                    raise
                 except (TimeoutError, KafkaError, OSError) as error:
                     await producer.stop()
                     raise KafkaUnavailable(f"Kafka at {self.settings.kafka_bootstrap_servers} is unavailable: "
@@ -129,11 +132,14 @@ class OutcomeReader:
 
     async def __aenter__(self) -> OutcomeReader:
         topic = self.settings.results_topic
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.require_kafka(), enable_auto_commit=False,
+        self._consumer = AIOKafkaConsumer(**kafka_options(self.settings), enable_auto_commit=False,
                                           fetch_max_wait_ms=100, request_timeout_ms=int(self.timeout * 1000) + 1000)
         try:
-            await asyncio.wait_for(self._consumer.start(), self.timeout)
+            await asyncio.wait_for(start_client(self._consumer, self.settings), self.timeout)
             await asyncio.wait_for(self._consumer.topics(), self.timeout)
+        except KafkaSetupError:
+            await self._consumer.stop()
+            raise
         except (TimeoutError, KafkaError, OSError) as error:
             await self._consumer.stop()
             raise KafkaUnavailable(f"Kafka at {self.settings.kafka_bootstrap_servers} is unavailable: "

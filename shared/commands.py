@@ -84,9 +84,28 @@ class CommandEnvelope(BaseModel):
     actor: Annotated[str, StringConstraints(max_length=128)] | None = None
 
 
+def _new_slug(slug: str) -> str:
+    """A new slug begins with a letter or a digit: a first "-" makes a report cell a spreadsheet
+    formula (CSV injection), and "." and ".." are resolved away as URL path segments."""
+    if slug[:1] in ("-", "_", "."):
+        raise ValueError("a new segment's slug must begin with a letter or a digit (A-Z, a-z, 0-9); "
+                         "slugs beginning with - _ . are refused because spreadsheets read a cell like -A1 as "
+                         "a formula and HTTP clients resolve . and .. as path segments")
+    return slug
+
+
+NewSlug = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"),
+    BeforeValidator(lambda value: _new_slug(value) if isinstance(value, str) and value else value),
+    Field(description="1-128 chars of A-Z a-z 0-9 _ - . (case-sensitive), beginning with a letter or a digit",
+          examples=["AVITO_VOICE_MESSAGES"]),
+]
+
+
 class CreateSegment(CommandEnvelope):
     type: Literal["create_segment"]
-    slug: Slug
+    slug: NewSlug
     percent: Percent = Decimal(0)
     description: Annotated[str, StringConstraints(max_length=1000)] | None = None
 

@@ -1,11 +1,120 @@
-"""Kafka client settings shared by the services, and topic provisioning."""
+"""How every Kafka client of the project connects (consumer, producers, admin and provisioning,
+the HTTP gateway, segmentctl, the Python client, benchmarks), and topic provisioning.
+
+`kafka_options` is the one place that turns the settings into client options: bootstrap servers,
+TLS (KAFKA_SSL_*) and SASL (KAFKA_SASL_*). `start_client` starts a client and, when it cannot
+connect, says why in words: an untrusted or expired certificate, a wrong password.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import ssl
+from typing import Any
+
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.conn import create_conn
+from aiokafka.errors import (
+    AuthenticationFailedError,
+    AuthenticationMethodNotSupported,
+    IllegalSaslStateError,
+    KafkaConnectionError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+)
 
 from shared.settings import Settings
+
+SASL_REFUSALS = (AuthenticationFailedError, SaslAuthenticationFailed, AuthenticationMethodNotSupported,
+                 UnsupportedSaslMechanismError, IllegalSaslStateError)
+
+
+class KafkaSetupError(RuntimeError):
+    """The Kafka settings cannot work (TLS or SASL refused); retrying will not help."""
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext:
+    """Verifies the broker against KAFKA_SSL_CA_FILE (or the system's CAs) and its host name;
+    presents KAFKA_SSL_CERT_FILE / KEY_FILE for mutual TLS."""
+    context = ssl.create_default_context(cafile=settings.kafka_ssl_ca_file)
+    if settings.kafka_ssl_cert_file:
+        password = settings.kafka_ssl_key_password
+        context.load_cert_chain(settings.kafka_ssl_cert_file, settings.kafka_ssl_key_file,
+                                password=password.get_secret_value() if password else None)
+    return context
+
+
+def kafka_options(settings: Settings) -> dict[str, Any]:
+    """The connection options of any aiokafka client (consumer, producer, admin)."""
+    protocol = settings.kafka_security_protocol
+    options: dict[str, Any] = {"bootstrap_servers": settings.require_kafka(), "security_protocol": protocol}
+    if protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = ssl_context(settings)
+    if protocol.startswith("SASL_"):
+        options.update(sasl_mechanism=settings.kafka_sasl_mechanism,
+                       sasl_plain_username=settings.kafka_sasl_username,
+                       sasl_plain_password=settings.kafka_sasl_password.get_secret_value())
+    return options
+
+
+async def start_client(client, settings: Settings) -> None:
+    """`client.start()`, failing fast with the reason when the settings cannot work."""
+    try:
+        await client.start()
+    except KafkaConnectionError as error:
+        # aiokafka logs why each bootstrap server failed and raises only "Unable to bootstrap".
+        reason = await _tls_refusal(settings) or await _sasl_refusal(settings)
+        if reason:
+            raise KafkaSetupError(reason) from error
+        raise
+
+
+def _first_server(settings: Settings) -> tuple[str, str, int]:
+    address = settings.require_kafka().split(",")[0].strip()
+    host, _, port = address.rpartition(":")
+    return address, host, int(port)
+
+
+async def _sasl_refusal(settings: Settings) -> str | None:
+    """Why the first bootstrap server refuses the SASL credentials, if it does."""
+    if not settings.kafka_security_protocol.startswith("SASL_"):
+        return None
+    address, host, port = _first_server(settings)
+    options = kafka_options(settings)
+    del options["bootstrap_servers"]
+    try:
+        connection = await asyncio.wait_for(create_conn(host, port, **options), 10)
+    except SASL_REFUSALS as error:
+        return (f"Kafka at {address} refused SASL {settings.kafka_sasl_mechanism} for user "
+                f"{settings.kafka_sasl_username!r}: {error}. Check KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD and "
+                "KAFKA_SASL_MECHANISM (and that the listener takes SASL).")
+    except (OSError, TimeoutError, KafkaError):
+        return None  # not a SASL problem
+    connection.close()
+    return None
+
+
+async def _tls_refusal(settings: Settings) -> str | None:
+    """Why a TLS handshake with the first bootstrap server fails, if it does."""
+    if settings.kafka_security_protocol not in ("SSL", "SASL_SSL"):
+        return None
+    address, host, port = _first_server(settings)
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=ssl_context(settings), server_hostname=host), 10)
+    except ssl.SSLCertVerificationError as error:
+        return (f"Kafka at {address}: the broker's TLS certificate is not trusted "
+                f"(certificate verify failed: {error.verify_message}). "
+                "Set KAFKA_SSL_CA_FILE to the CA that signed it, and check the certificate's host name "
+                "and validity dates.")
+    except ssl.SSLError as error:
+        return f"Kafka at {address}: the TLS handshake failed ({error.reason or error}). Check KAFKA_SSL_*."
+    except (OSError, TimeoutError):
+        return None  # not a TLS problem: unreachable
+    writer.close()
+    return None
 
 
 def producer_options(settings: Settings) -> dict:
@@ -13,7 +122,7 @@ def producer_options(settings: Settings) -> dict:
     # No idempotent producer: the commands' own ids make effects idempotent, and some
     # Kafka-protocol brokers (the embedded one) do not implement InitProducerId.
     return {
-        "bootstrap_servers": settings.require_kafka(),
+        **kafka_options(settings),
         "acks": "all",
         "linger_ms": 2,
         # Room for anything the consumer can fetch (3x MAX_COMMAND_BYTES), so an oversized
@@ -29,8 +138,8 @@ def create_producer(settings: Settings) -> AIOKafkaProducer:
 
 async def ensure_topics(settings: Settings) -> list[str]:
     """Create the contract's topics if missing. Returns the names created."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.require_kafka(), request_timeout_ms=10_000)
-    await admin.start()
+    admin = AIOKafkaAdminClient(**kafka_options(settings), request_timeout_ms=10_000)
+    await start_client(admin, settings)
     try:
         existing = set(await admin.list_topics())
         wanted = [

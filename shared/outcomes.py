@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Status(StrEnum):
@@ -53,6 +53,7 @@ class Outcome(BaseModel):
                     "result": {"added": ["A"], "removed": [], "unchanged": [], "expires_at": None},
                     "processed_at": "2026-11-28T10:00:00.123Z",
                     "source": {"topic": "assignments.commands", "partition": 3, "offset": 1042},
+                    "actor": "checkout",
                 }
             ]
         }
@@ -65,6 +66,8 @@ class Outcome(BaseModel):
     result: dict[str, Any] | None = None
     processed_at: datetime
     source: OutcomeSource
+    actor: str | None = Field(None, description="who issued the command: its `actor`; through POST /commands "
+                                                "with access control on, the name of the caller's API key")
 
 
 def format_timestamp(moment: datetime) -> str:
@@ -85,6 +88,7 @@ class OutcomeRow(NamedTuple):
     source_topic: str
     source_partition: int
     source_offset: int
+    actor: str | None = None  # who issued the command
 
     @classmethod
     def from_record(cls, record) -> OutcomeRow:
@@ -101,6 +105,7 @@ class OutcomeRow(NamedTuple):
             "processed_at": format_timestamp(self.processed_at),
             "source": {"topic": self.source_topic, "partition": self.source_partition,
                        "offset": self.source_offset},
+            "actor": self.actor,
         }
 
 

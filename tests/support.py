@@ -14,6 +14,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from services.command_consumer.consumer import CommandConsumer
+from shared.kafka import kafka_options
 from shared.settings import Settings
 
 
@@ -22,7 +23,7 @@ class Publisher:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all",
+        self.producer = AIOKafkaProducer(**kafka_options(settings), acks="all",
                                          max_request_size=4 * 1024 * 1024)
 
     async def __aenter__(self) -> Publisher:
@@ -108,7 +109,7 @@ async def wait_for_count(pool: asyncpg.Pool, query: str, at_least: int, timeout:
 
 async def read_topic(settings: Settings, topic: str, count: int, timeout: float = 20.0) -> list:
     """Every record of a topic from the beginning, until `count` have arrived."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False,
+    consumer = AIOKafkaConsumer(**kafka_options(settings), enable_auto_commit=False,
                                 auto_offset_reset="earliest", fetch_max_wait_ms=50,
                                 max_partition_fetch_bytes=8 * 1024 * 1024)
     await consumer.start()

@@ -12,6 +12,7 @@ from services.command_consumer.consumer import CommandConsumer
 from services.command_consumer.poison_guard import PoisonGuardTripped
 from services.command_consumer.retry import DatabaseUnavailable
 from shared.db import create_pool
+from shared.kafka import KafkaSetupError
 from shared.service import bootstrap, on_shutdown_signal, serve_metrics, tune_gc
 
 log = structlog.get_logger("command_consumer")
@@ -34,6 +35,9 @@ async def main() -> int:
     except DatabaseUnavailable as error:
         log.critical("database unavailable", error=str(error))
         return 4
+    except KafkaSetupError as error:
+        log.critical("Kafka refused the connection settings", error=str(error))
+        return 2
     finally:
         await pool.close()
 

@@ -34,13 +34,13 @@ def _clock() -> datetime:
 def _outcome(parsed: ParsedRecord, decision: Decision | None, now: datetime) -> OutcomeRow:
     record = parsed.record
     if isinstance(parsed, InvalidRecord):
-        status, result, kind = Status.INVALID, None, parsed.type
+        status, result, kind, actor = Status.INVALID, None, parsed.type, None
         error = {"code": parsed.code, "message": parsed.message}
     else:
-        status, result, kind = decision.status, decision.result, parsed.command.type
+        status, result, kind, actor = decision.status, decision.result, parsed.command.type, parsed.command.actor
         error = {"code": decision.error_code, "message": decision.error_message} if decision.error_code else None
     return OutcomeRow(parsed.command_id, kind, str(status), error, result, now, record.topic, record.partition,
-                      record.offset)
+                      record.offset, actor)
 
 
 async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord]) -> list[Processed]:

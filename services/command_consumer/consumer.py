@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from services.command_consumer.pipeline import BatchPipeline
 from services.command_consumer.publishing import OutcomePublisher
-from shared.kafka import create_producer
+from shared.kafka import create_producer, kafka_options, start_client
 from shared.settings import Settings
 
 log = structlog.get_logger("command_consumer")
@@ -59,7 +59,7 @@ class CommandConsumer:
         self._in_hand: dict[TopicPartition, asyncio.Task] = {}  # at most one batch per partition
         self._freed = asyncio.Event()  # a partition finished its batch
         self.kafka_consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.require_kafka(),
+            **kafka_options(settings),
             group_id=settings.consumer_group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -75,8 +75,13 @@ class CommandConsumer:
                                        OutcomePublisher(self.producer, settings.results_topic, settings.dlq_topic))
 
     async def run(self) -> None:
-        await self.producer.start()
-        await self.kafka_consumer.start()
+        try:
+            await start_client(self.producer, self.settings)
+            await start_client(self.kafka_consumer, self.settings)
+        except BaseException:
+            await self.kafka_consumer.stop()
+            await self.producer.stop()
+            raise
         self.kafka_consumer.subscribe(list(self.settings.command_topics), listener=_CommitOnRevoke(self))
         log.info("consuming", topics=list(self.settings.command_topics), group=self.settings.consumer_group)
         graceful = False

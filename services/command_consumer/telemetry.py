@@ -53,7 +53,7 @@ def _log_outcome(item: Processed) -> None:
     record, outcome = item.parsed.record, item.outcome
     error = outcome.error or {}
     traceparent = record.header("traceparent")
-    fields = {"command_id": outcome.command_id, "type": outcome.type, "status": outcome.status,
+    fields = {"command_id": outcome.command_id, "type": outcome.type, "status": outcome.status, "actor": outcome.actor,
               "code": error.get("code"), "reason": error.get("message"),
               "traceparent": traceparent.decode(errors="replace") if traceparent else None,
               "topic": record.topic, "partition": record.partition, "offset": record.offset}

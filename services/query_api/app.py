@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
+import threading
 from contextlib import asynccontextmanager
 
 import structlog
 from fastapi import FastAPI
 
+from services.query_api.auth import KeyRing
 from services.query_api.batched_lookup import BatchedLookup
 from services.query_api.dependencies import Resources
 from services.query_api.fast_path import answer_user_segments
@@ -15,8 +20,10 @@ from services.query_api.readmodel import READ_SERVER_SETTINGS, USER_SEGMENTS_SQL
 from services.query_api.reports import ReportSigner
 from services.query_api.rollout_cache import RolloutCache
 from services.query_api.routes import asyncapi, commands, health, reports, segments, users
-from shared.client import CommandPublisher
+from shared.api_keys import KeyFileError
+from shared.client import CommandPublisher, KafkaUnavailable
 from shared.db import create_pool
+from shared.kafka import KafkaSetupError
 from shared.settings import DEVELOPMENT_REPORT_SECRET, Settings, get_settings
 
 log = structlog.get_logger("query_api")
@@ -30,12 +37,41 @@ signed CSV links, and an HTTP gateway that publishes commands to Kafka.
 def check_production_settings(settings: Settings) -> None:
     if settings.environment == "development":
         return
-    if settings.report_signing_secret == DEVELOPMENT_REPORT_SECRET:
+    if settings.report_signing_secret.get_secret_value() == DEVELOPMENT_REPORT_SECRET:
         raise SystemExit("REPORT_SIGNING_SECRET is the development default; set a secret of your own "
                          "before running with ENVIRONMENT=production.")
+    if settings.api_auth == "enabled" and settings.api_keys_file is None:
+        raise SystemExit("ENVIRONMENT=production needs API keys: set API_KEYS_FILE (make one with "
+                         "`segmentctl keys create`), or API_AUTH=disabled when a gateway in front authenticates.")
     if not settings.api_public_url:
         log.warning("API_PUBLIC_URL is not set: report links are built from each request's Host header, "
                     "which a client controls; set it to the API's public base URL")
+
+
+def key_ring(settings: Settings) -> KeyRing:
+    """The keys in force; API_AUTH=disabled or no API_KEYS_FILE (in development) leaves the API open."""
+    if settings.api_auth == "disabled":
+        log.warning("API_AUTH=disabled: every caller may read, publish and fetch reports; only behind a "
+                    "gateway that authenticates")
+        return KeyRing(None)
+    if settings.api_keys_file is None:
+        log.warning("no API_KEYS_FILE: the API is open to every caller (development)")
+        return KeyRing(None)
+    try:
+        return KeyRing(settings.api_keys_file)
+    except (OSError, KeyFileError) as error:
+        raise SystemExit(f"API_KEYS_FILE={settings.api_keys_file}: {error}") from None
+
+
+async def _connect(publisher: CommandPublisher) -> None:
+    """Kafka settings the broker refuses (TLS, SASL) stop the start; a broker that is merely away
+    is waited for, with POST /commands answering 503 meanwhile."""
+    try:
+        await publisher.start()
+    except KafkaSetupError as error:
+        raise SystemExit(str(error)) from None
+    except KafkaUnavailable as error:
+        log.warning("Kafka is not reachable yet: POST /commands answers 503 until it is", error=str(error))
 
 
 class SegmentationAPI(FastAPI):
@@ -50,29 +86,36 @@ class SegmentationAPI(FastAPI):
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     check_production_settings(settings)
+    keys = key_ring(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # The API's queries never change session state, so connections skip the reset round trip.
-        pool = await create_pool(settings.require_database_url(), min_size=settings.db_pool_min_size,
-                                 max_size=settings.db_pool_max_size, reset_sessions=False)
-        # GET /users/{id}/segments has connections of its own: a long report cannot starve it.
-        read_pool = await create_pool(settings.require_database_url(), min_size=settings.read_pool_size,
-                                      max_size=settings.read_pool_size,
-                                      reset_sessions=False, server_settings=READ_SERVER_SETTINGS)
-        rollout = RolloutCache(pool, settings.rollout_cache_refresh_seconds)
-        await rollout.start()
-        resources = Resources(settings, pool, rollout,
-                              ReportSigner(settings.report_signing_secret, settings.report_link_ttl_seconds),
-                              CommandPublisher(settings), BatchedLookup(read_pool, USER_SEGMENTS_SQL))
-        app.state.resources = resources
-        try:
+        async with contextlib.AsyncExitStack() as opened:  # closed in reverse, also after a failed start
+            # The API's queries never change session state, so connections skip the reset round trip.
+            pool = await create_pool(settings.require_database_url(), min_size=settings.db_pool_min_size,
+                                     max_size=settings.db_pool_max_size, reset_sessions=False)
+            opened.push_async_callback(pool.close)
+            # GET /users/{id}/segments has connections of its own: a long report cannot starve it.
+            read_pool = await create_pool(settings.require_database_url(), min_size=settings.read_pool_size,
+                                          max_size=settings.read_pool_size,
+                                          reset_sessions=False, server_settings=READ_SERVER_SETTINGS)
+            opened.push_async_callback(read_pool.close)
+            rollout = RolloutCache(pool, settings.rollout_cache_refresh_seconds)
+            await rollout.start()
+            opened.push_async_callback(rollout.stop)
+            publisher = CommandPublisher(settings)
+            opened.push_async_callback(publisher.stop)
+            await _connect(publisher)
+            signer = ReportSigner(settings.report_signing_secret.get_secret_value(), settings.report_link_ttl_seconds)
+            app.state.resources = Resources(settings, pool, rollout, signer, publisher,
+                                            BatchedLookup(read_pool, USER_SEGMENTS_SQL), keys)
+            keys.start()
+            opened.push_async_callback(keys.stop)
+            if keys.enabled and threading.current_thread() is threading.main_thread():
+                loop = asyncio.get_running_loop()
+                loop.add_signal_handler(signal.SIGHUP, keys.reload)
+                opened.callback(loop.remove_signal_handler, signal.SIGHUP)
             yield
-        finally:
-            await rollout.stop()
-            await resources.publisher.stop()
-            await read_pool.close()
-            await pool.close()
 
     app = SegmentationAPI(title="User segmentation service", version="1.0.0", description=DESCRIPTION,
                           lifespan=lifespan)

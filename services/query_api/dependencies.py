@@ -6,11 +6,14 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import asyncpg
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from services.query_api.auth import KeyRing
 from services.query_api.batched_lookup import BatchedLookup
 from services.query_api.reports import ReportSigner
 from services.query_api.rollout_cache import RolloutCache
+from shared.api_keys import ApiKey
 from shared.client import CommandPublisher
 from shared.settings import Settings
 
@@ -23,6 +26,7 @@ class Resources:
     signer: ReportSigner
     publisher: CommandPublisher
     memberships: BatchedLookup  # GET /users/{id}/segments' lookups, on connections of their own
+    keys: KeyRing
 
     def report_link(self, request: Request, year: int, month: int, user_id: int | None) -> str:
         """The absolute, signed link to a month's history CSV (of one user, or of all)."""
@@ -36,3 +40,42 @@ async def get_resources(request: Request) -> Resources:
 
 
 ResourcesDep = Annotated[Resources, Depends(get_resources)]
+
+
+_bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey",
+                     description="An API key: `Authorization: Bearer <key>`. Its scopes (read, reports, write, "
+                                 "status) decide what it may do.")
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+CHALLENGE = 'Bearer realm="segmentation"'
+
+
+def authenticate(keys: KeyRing, credentials: HTTPAuthorizationCredentials | None,
+                 scope: str | None) -> ApiKey | None:
+    """The caller's key, if it has `scope` (any valid key for None); None when authentication is
+    off. 401 without a valid key, 403 without the scope."""
+    if not keys.enabled:
+        return None
+    if credentials is None:
+        raise HTTPException(401, "an API key is needed: send Authorization: Bearer <key>",
+                            headers={"WWW-Authenticate": CHALLENGE})
+    key = keys.verify(credentials.credentials)
+    if key is None:
+        raise HTTPException(401, "this API key is not valid (unknown or revoked)",
+                            headers={"WWW-Authenticate": f'{CHALLENGE}, error="invalid_token"'})
+    if scope is not None and scope not in key.scopes:
+        raise HTTPException(403, f"the key {key.name!r} does not have the scope {scope!r} this needs")
+    return key
+
+
+def _requiring(scope: str):
+    async def dependency(request: Request, credentials: BearerDep) -> ApiKey | None:
+        return authenticate(request.app.state.resources.keys, credentials, scope)
+
+    return Depends(dependency)
+
+
+# The caller's key with the scope a route needs (None with authentication off).
+ReadKey = Annotated[ApiKey | None, _requiring("read")]
+ReportsKey = Annotated[ApiKey | None, _requiring("reports")]
+WriteKey = Annotated[ApiKey | None, _requiring("write")]
+StatusKey = Annotated[ApiKey | None, _requiring("status")]

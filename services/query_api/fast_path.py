@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from services.query_api import http_metrics
+from services.query_api.auth import KeyRing, bearer_token
 from services.query_api.parameters import USER_SEGMENTS_PATH, user_id_from_path
 from services.query_api.readmodel import user_segments_json
 
@@ -20,8 +21,8 @@ async def answer_user_segments(resources, scope, send) -> bool:
     if scope["type"] != "http" or scope["method"] != "GET":
         return False
     user_id = user_id_from_path(scope["path"])
-    if user_id is None:
-        return False
+    if user_id is None or (resources.keys.enabled and not _may_read(resources.keys, scope["headers"])):
+        return False  # the route answers, with the 401 or 403 it deserves
     started = time.perf_counter()
     status = 500
     try:
@@ -33,3 +34,12 @@ async def answer_user_segments(resources, scope, send) -> bool:
     finally:
         http_metrics.record(USER_SEGMENTS_PATH, "GET", status, time.perf_counter() - started)
     return True
+
+
+def _may_read(keys: KeyRing, headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"authorization":
+            token = bearer_token(value.decode("latin-1"))
+            key = keys.verify(token) if token else None
+            return key is not None and "read" in key.scopes
+    return False

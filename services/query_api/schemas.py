@@ -75,3 +75,9 @@ class Health(BaseModel):
 def json_response(content: object, status_code: int = 200) -> Response:
     """Serialized as built (timestamps already in the contract's format), without a second validation."""
     return Response(orjson.dumps(content), status_code=status_code, media_type="application/json")
+
+
+AUTH_RESPONSES = {
+    401: {"model": Problem, "description": "No valid API key (see WWW-Authenticate)"},
+    403: {"model": Problem, "description": "The key lacks the scope this needs"},
+}

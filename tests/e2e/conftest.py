@@ -6,17 +6,32 @@ import pytest
 
 from devstack.processes import free_port
 from devstack.stack import Stack
+from shared.api_keys import SCOPES, new_key
 
 
 @pytest.fixture
 def stack(settings, tmp_path):
     """A started Stack (consumer, API, expiry worker) configured like `settings`; stopped afterwards."""
+    yield from started_stack(settings, tmp_path)
+
+
+@pytest.fixture
+def secured_stack(settings, tmp_path):
+    """The same with access control on; `stack.api_key` holds a key with every scope."""
+    key, line = new_key("fuzzer", list(SCOPES))
+    keys_file = tmp_path / "api-keys"
+    keys_file.write_text(line + "\n")
+    for stack in started_stack(settings.model_copy(update={"api_keys_file": keys_file}), tmp_path):
+        stack.api_key = key
+        yield stack
+
+
+def started_stack(settings, tmp_path):
     settings = settings.model_copy(update={"api_port": free_port(), "data_dir": tmp_path,
                                            "consumer_metrics_port": free_port(),
                                            "expiry_metrics_port": free_port()})
     stack = Stack(settings, say=lambda *_: None)
-    stack.env.update({key.upper(): str(value) for key, value in settings.model_dump().items()
-                      if value is not None and key != "data_dir"})
+    stack.env.update({name: value for name, value in settings.to_env().items() if name != "DATA_DIR"})
     try:
         stack.start_servers()  # external servers given: nothing embedded is started
         assert stack.postgres is None and stack.kafka is None

@@ -25,7 +25,9 @@ def launcher_env(tmp_path: Path, api_port: int) -> dict[str, str]:
 def wait_ready(url: str, launcher: subprocess.Popen, timeout: float = 60.0) -> float:
     started = time.monotonic()
     while time.monotonic() - started < timeout:
-        assert launcher.poll() is None, "the launcher exited before the API was ready"
+        if launcher.poll() is not None:
+            said = launcher.stdout.read() if launcher.stdout else ""
+            raise AssertionError(f"the launcher exited with {launcher.returncode} before the API was ready:\n{said}")
         try:
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                 return time.monotonic() - started

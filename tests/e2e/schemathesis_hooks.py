@@ -1,4 +1,4 @@
-"""schemathesis hooks for the HTTP fuzzing test.
+"""schemathesis hooks for the HTTP fuzzing tests.
 
 A JSON Schema cannot say "in the future": a schema-valid `expires_at` in the past is refused with
 422 by design (tests/unit/test_commands.py and the API tests cover that). Generated past times are
@@ -7,9 +7,11 @@ moved to the future so the positive-data check judges the rest of the command.
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
 
 import schemathesis
+from schemathesis.specs.openapi.adapter.security import declares_security
 
 
 def _in_the_future(body):
@@ -32,3 +34,13 @@ def map_body(context, body):
 def map_case(context, case):  # the stateful phase builds cases without map_body
     case.body = _in_the_future(case.body)
     return case
+
+
+@schemathesis.check
+def refused_without_a_key(ctx, response, case):
+    """For the run without an API key: every operation that declares the bearer scheme answers 401."""
+    same_method = case.method.upper() == case.operation.method.upper()  # not the coverage phase's TRACE probes
+    if os.environ.get("EXPECT_UNAUTHENTICATED") and same_method and declares_security(case.operation):
+        if response.status_code != 401:
+            raise AssertionError(f"{case.operation.label} answered {response.status_code} without an API key, "
+                                 "not 401")

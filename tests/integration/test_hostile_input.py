@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+from datetime import UTC, datetime
 from urllib.parse import quote
 
 import pytest
@@ -18,7 +19,10 @@ REFUSED_SLUGS = [
     "A&&B", "A B", "A/B", "..\\x", "A\x00B", "A\nB", "АVITO",  # the last starts with a Cyrillic А
     "%27%20OR%201%3D1", "*", "A,B", "",
 ]
-ODD_BUT_VALID_SLUGS = ["--", "..", ".", "-rf", "--help", "_", "A.B-C_D", "1", "0x00"]
+ODD_BUT_VALID_SLUGS = ["A.B-C_D", "1", "0x00", "A--", "Z.."]
+# Valid before v2 of the contract, refused for new segments since (they begin with - _ .);
+# segments created with them before keep working.
+OLD_STYLE_SLUGS = ["--", "..", ".", "-rf", "--help", "_", "-A1"]
 HOSTILE_TEXT = "'; DROP TABLE segments; -- $(rm -rf /) `id` && echo pwned | tee /tmp/x <script>alert(1)</script> \\x00"
 
 
@@ -47,6 +51,49 @@ async def test_metacharacter_slugs_from_kafka_are_dead_lettered_and_change_nothi
     assert await pool.fetchval("SELECT count(*) FROM command_outcomes") == len(ids)  # the tables still work
 
 
+async def test_a_new_slug_must_begin_with_a_letter_or_a_digit(settings, pool, api):
+    for slug in OLD_STYLE_SLUGS:
+        response = await api.post("/commands", json={"type": "create_segment", "slug": slug})
+        assert response.status_code == 422 and "must begin with a letter or a digit" in response.text, slug
+    async with Publisher(settings) as publish, running_consumer(settings, pool):
+        for i, slug in enumerate(OLD_STYLE_SLUGS):
+            await publish.segment({"type": "create_segment", "slug": slug, "command_id": f"s{i}"})
+        outcomes = await wait_for_outcomes(pool, [f"s{i}" for i in range(len(OLD_STYLE_SLUGS))])
+    for outcome in outcomes.values():
+        assert outcome["status"] == "invalid" and outcome["error"]["code"] == "invalid_field"
+        assert "must begin with a letter or a digit" in outcome["error"]["message"]
+    assert await pool.fetchval("SELECT count(*) FROM segments") == 0
+
+
+async def test_segments_from_before_the_first_character_rule_keep_working(settings, pool, api):
+    """Inserted as the earlier version stored them: every command but create_segment still takes
+    them, reads return them, and a report holds them literally (the contract's CSV format)."""
+    await pool.execute("INSERT INTO segments (slug, created_at, updated_at) "
+                       "SELECT unnest($1::text[]), now(), now()", OLD_STYLE_SLUGS)
+    async with Publisher(settings) as publish, running_consumer(settings, pool):
+        await publish.user({"type": "update_user_segments", "user_id": 42, "add": OLD_STYLE_SLUGS,
+                            "command_id": "u"})
+        await wait_for_outcomes(pool, ["u"])  # no order across topics: the delete must come after
+        await publish.segment({"type": "update_segment", "slug": "-A1", "percent": 100, "command_id": "p"})
+        await publish.segment({"type": "delete_segment", "slug": "--help", "command_id": "d"})
+        outcomes = await wait_for_outcomes(pool, ["u", "p", "d"])
+    assert {outcome["status"] for outcome in outcomes.values()} == {"applied"}
+    assert outcomes["u"]["result"]["added"] == OLD_STYLE_SLUGS
+    alive = sorted(set(OLD_STYLE_SLUGS) - {"--help"})
+    assert [s["slug"] for s in (await api.get("/segments")).json()["segments"]] == alive
+    for slug in alive:
+        # Clients resolve "." and ".." path segments before sending; percent-encoded they arrive as slugs.
+        response = await api.get(f"/segments/{quote(slug, safe='').replace('.', '%2E')}")
+        assert response.status_code == 200 and response.json()["slug"] == slug, slug
+    assert [s["slug"] for s in (await api.get("/users/42/segments")).json()["segments"]] == alive
+
+    now = datetime.now(UTC)
+    link = (await api.get("/users/42/history", params={"year": now.year, "month": now.month})).json()["report_link"]
+    rows = list(csv.DictReader(io.StringIO((await api.get(link)).text)))
+    assert sorted((row["segment_slug"], row["operation"]) for row in rows) == sorted(
+        [(slug, "I") for slug in OLD_STYLE_SLUGS] + [("--help", "D")])
+
+
 async def test_odd_slugs_and_hostile_text_are_stored_and_returned_literally(settings, pool, api):
     async with Publisher(settings) as publish, running_consumer(settings, pool):
         for i, slug in enumerate(ODD_BUT_VALID_SLUGS):
@@ -61,8 +108,7 @@ async def test_odd_slugs_and_hostile_text_are_stored_and_returned_literally(sett
     listed = (await api.get("/segments")).json()["segments"]
     assert {s["slug"]: s["description"] for s in listed} == {slug: HOSTILE_TEXT for slug in ODD_BUT_VALID_SLUGS}
     for slug in ODD_BUT_VALID_SLUGS:
-        # Clients resolve "." and ".." path segments before sending; percent-encoded they arrive as slugs.
-        response = await api.get(f"/segments/{quote(slug, safe='').replace('.', '%2E')}")
+        response = await api.get(f"/segments/{quote(slug, safe='')}")
         assert response.status_code == 200 and response.json()["slug"] == slug, slug
     for slug in REFUSED_SLUGS[:6]:
         response = await api.get(f"/segments/{quote(slug, safe='')}")
@@ -70,7 +116,8 @@ async def test_odd_slugs_and_hostile_text_are_stored_and_returned_literally(sett
     segments = (await api.get("/users/42/segments")).json()["segments"]
     assert [s["slug"] for s in segments] == sorted(ODD_BUT_VALID_SLUGS)
 
-    link = (await api.get("/users/42/history", params={"year": 2026, "month": 11})).json()["report_link"]
+    now = datetime.now(UTC)
+    link = (await api.get("/users/42/history", params={"year": now.year, "month": now.month})).json()["report_link"]
     report = await api.get(link)
     rows = list(csv.DictReader(io.StringIO(report.text)))
     assert sorted(row["segment_slug"] for row in rows) == sorted(ODD_BUT_VALID_SLUGS)

@@ -106,7 +106,7 @@ async def test_command_status(api, pool):
     body = (await api.get("/commands/c-1")).json()
     assert body == {"command_id": "c-1", "type": "create_user", "status": "applied", "error": None,
                     "result": {"user_id": 1}, "processed_at": "2026-11-28T10:00:00.123Z",
-                    "source": {"topic": "assignments.commands", "partition": 3, "offset": 1042}}
+                    "source": {"topic": "assignments.commands", "partition": 3, "offset": 1042}, "actor": None}
     assert (await api.get("/commands/unknown")).status_code == 404
 
 
@@ -163,9 +163,9 @@ async def test_tampered_and_expired_links(api, settings):
         response = await api.get("/reports/download", params={"token": bad})
         assert response.status_code == 403, bad
     # Same secret, 1-second lifetime: a link signed 2 s ago has expired.
-    old = ReportSigner(settings.report_signing_secret, 1).sign(2023, 9, None)
+    old = ReportSigner(settings.report_signing_secret.get_secret_value(), 1).sign(2023, 9, None)
     await asyncio.sleep(2.1)
-    api.app.state.resources.signer = ReportSigner(settings.report_signing_secret, 1)
+    api.app.state.resources.signer = ReportSigner(settings.report_signing_secret.get_secret_value(), 1)
     response = await api.get("/reports/download", params={"token": old})
     assert response.status_code == 410 and "expired" in response.json()["detail"]
 

@@ -46,12 +46,13 @@ def test_the_guard_lets_a_mostly_valid_stream_through():
 
 def test_an_outcome_row_is_the_table_row_and_gives_the_contract_json():
     row = OutcomeRow("c-1", "create_user", "applied", None, {"user_id": 1000, "created": True}, AT,
-                     "assignments.commands", 3, 1042)
+                     "assignments.commands", 3, 1042, "checkout")
     assert OutcomeRow.from_record(row._asdict()) == row
     contract = row.contract()
     assert contract == {"command_id": "c-1", "type": "create_user", "status": "applied", "error": None,
                         "result": {"user_id": 1000, "created": True}, "processed_at": "2026-11-28T10:00:00.123Z",
-                        "source": {"topic": "assignments.commands", "partition": 3, "offset": 1042}}
+                        "source": {"topic": "assignments.commands", "partition": 3, "offset": 1042},
+                        "actor": "checkout"}
     Outcome.model_validate(contract)  # the documented schema accepts it
 
 

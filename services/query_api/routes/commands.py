@@ -11,14 +11,14 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from services.query_api import readmodel
-from services.query_api.dependencies import ResourcesDep
-from services.query_api.schemas import Problem, Published, json_response
+from services.query_api.dependencies import ResourcesDep, StatusKey, WriteKey
+from services.query_api.schemas import AUTH_RESPONSES, Problem, Published, json_response
 from shared.client import KafkaUnavailable
-from shared.commands import command_json_schema
+from shared.commands import command_adapter, command_json_schema
 from shared.outcomes import Outcome
 
 log = structlog.get_logger("query_api")
-router = APIRouter(tags=["commands"])
+router = APIRouter(tags=["commands"], responses=AUTH_RESPONSES)
 
 COMMAND_EXAMPLES = {
     "create_segment": {"value": {"type": "create_segment", "slug": "AVITO_VOICE_MESSAGES", "percent": 10}},
@@ -34,7 +34,7 @@ COMMAND_EXAMPLES = {
 @router.get("/commands/{command_id}", response_model=Outcome, responses={404: {"model": Problem}},
             summary="The outcome of a consumed command")
 async def get_command(command_id: Annotated[str, Path(min_length=1, max_length=200)],
-                      resources: ResourcesDep) -> Response:
+                      resources: ResourcesDep, _key: StatusKey) -> Response:
     row = await readmodel.command_outcome(resources.pool, command_id)
     if row is None:
         raise HTTPException(404, f"command {command_id} has not been processed (yet)")
@@ -51,7 +51,7 @@ COMMAND_BODY = {
 @router.post("/commands", status_code=202, response_model=Published, openapi_extra={"requestBody": COMMAND_BODY},
              responses={422: {"model": Problem}, 413: {"model": Problem}, 503: {"model": Problem}},
              summary="Validate a command and publish it to its topic with its key")
-async def post_command(request: Request, resources: ResourcesDep):
+async def post_command(request: Request, resources: ResourcesDep, key: WriteKey):
     try:
         raw = orjson.loads(await request.body())
     except orjson.JSONDecodeError as error:
@@ -59,6 +59,9 @@ async def post_command(request: Request, resources: ResourcesDep):
     if not isinstance(raw, dict):
         raise HTTPException(422, "a command is a JSON object")
     try:
+        if key is not None:
+            command_adapter.validate_python(raw)  # the body as sent must be valid, actor included
+            raw["actor"] = key.name  # who did it is the key's name, whatever the body says
         sent = await resources.publisher.publish(raw, traceparent=request.headers.get("traceparent"))
     except ValidationError as error:
         problems = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
@@ -66,7 +69,8 @@ async def post_command(request: Request, resources: ResourcesDep):
         raise HTTPException(422, problems) from error
     except KafkaUnavailable as error:
         raise HTTPException(503, str(error)) from error
-    log.info("command published", command_id=sent.command_id, topic=sent.topic, partition=sent.partition,
-             offset=sent.offset, traceparent=request.headers.get("traceparent"))
+    log.info("command published", command_id=sent.command_id, type=raw.get("type"), actor=raw.get("actor"),
+             topic=sent.topic, partition=sent.partition, offset=sent.offset,
+             traceparent=request.headers.get("traceparent"))
     return JSONResponse({"command_id": sent.command_id, "topic": sent.topic, "partition": sent.partition,
                          "offset": sent.offset}, status_code=202)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
-from services.query_api.dependencies import ResourcesDep
-from services.query_api.schemas import Health
+from services.query_api.auth import bearer_token
+from services.query_api.dependencies import ResourcesDep, authenticate
+from services.query_api.schemas import Health, Problem
 from shared.client import KafkaUnavailable
 
 router = APIRouter(tags=["operations"])
@@ -40,8 +42,14 @@ async def readyz(resources: ResourcesDep):
                         status_code=200 if ready else 503)
 
 
-@router.get("/metrics", response_class=Response, summary="Prometheus metrics")
-async def metrics() -> Response:
+@router.get("/metrics", response_class=Response, responses={401: {"model": Problem}},
+            summary="Prometheus metrics (with METRICS_REQUIRE_KEY, for any valid API key)")
+async def metrics(request: Request, resources: ResourcesDep) -> Response:
+    # The header is read here rather than declared: /metrics is open unless METRICS_REQUIRE_KEY says so.
+    if resources.settings.metrics_require_key:
+        token = bearer_token(request.headers.get("authorization"))
+        credentials = HTTPAuthorizationCredentials(scheme="Bearer", credentials=token) if token else None
+        authenticate(resources.keys, credentials, scope=None)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # several workers: add up every process's values
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)

@@ -7,18 +7,18 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from services.query_api.dependencies import ResourcesDep
+from services.query_api.dependencies import ReportsKey, ResourcesDep
 from services.query_api.parameters import Month, UserIdQuery, Year
 from services.query_api.reports import ReportLinkExpired, ReportLinkInvalid, stream_report
-from services.query_api.schemas import Problem, ReportLink, json_response
+from services.query_api.schemas import AUTH_RESPONSES, Problem, ReportLink, json_response
 
 router = APIRouter(tags=["reports"])
 
 
-@router.get("/reports/history", response_model=ReportLink,
+@router.get("/reports/history", response_model=ReportLink, responses=AUTH_RESPONSES,
             summary="Signed link to the history CSV of all users (or one) for a month")
 async def get_history_report(year: Year, month: Month, request: Request, resources: ResourcesDep,
-                             user_id: UserIdQuery = None) -> Response:
+                             _key: ReportsKey, user_id: UserIdQuery = None) -> Response:
     return json_response({"report_link": resources.report_link(request, year, month, user_id)})
 
 

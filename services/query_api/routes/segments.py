@@ -7,22 +7,22 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Response
 
 from services.query_api import readmodel
-from services.query_api.dependencies import ResourcesDep
-from services.query_api.schemas import Problem, Segment, Segments, json_response
+from services.query_api.dependencies import ReadKey, ResourcesDep
+from services.query_api.schemas import AUTH_RESPONSES, Problem, Segment, Segments, json_response
 
-router = APIRouter(tags=["segments"])
+router = APIRouter(tags=["segments"], responses=AUTH_RESPONSES)
 SlugPath = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$",
                                 examples=["AVITO_VOICE_MESSAGES"])]
 
 
 @router.get("/segments", response_model=Segments, summary="Live segments, sorted by slug")
-async def list_segments(resources: ResourcesDep) -> Response:
+async def list_segments(resources: ResourcesDep, _key: ReadKey) -> Response:
     return json_response({"segments": await readmodel.live_segments(resources.pool)})
 
 
 @router.get("/segments/{slug}", response_model=Segment, responses={404: {"model": Problem}},
             summary="One live segment")
-async def get_segment(slug: SlugPath, resources: ResourcesDep) -> Response:
+async def get_segment(slug: SlugPath, resources: ResourcesDep, _key: ReadKey) -> Response:
     segment = await readmodel.live_segment(resources.pool, slug)
     if segment is None:
         raise HTTPException(404, f"no live segment {slug}")

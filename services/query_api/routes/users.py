@@ -5,17 +5,17 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Request, Response
 
 from services.query_api import readmodel
-from services.query_api.dependencies import ResourcesDep
+from services.query_api.dependencies import ReadKey, ReportsKey, ResourcesDep
 from services.query_api.parameters import USER_SEGMENTS_PATH, Month, UserIdPath, Year
-from services.query_api.schemas import Problem, ReportLink, User, UserSegments, json_response
+from services.query_api.schemas import AUTH_RESPONSES, Problem, ReportLink, User, UserSegments, json_response
 from shared.outcomes import format_timestamp
 
-router = APIRouter(tags=["users"])
+router = APIRouter(tags=["users"], responses=AUTH_RESPONSES)
 
 
 @router.get(USER_SEGMENTS_PATH, response_model=UserSegments,
             summary="Segments the user is in now (explicit, unexpired, plus percent rollout)")
-async def get_user_segments(user_id: UserIdPath, resources: ResourcesDep) -> Response:
+async def get_user_segments(user_id: UserIdPath, resources: ResourcesDep, _key: ReadKey) -> Response:
     # Valid ids are normally answered by fast_path.py before routing; this is the same answer.
     return Response(await readmodel.user_segments_json(resources.memberships, resources.rollout.segments, user_id),
                     media_type="application/json")
@@ -23,7 +23,7 @@ async def get_user_segments(user_id: UserIdPath, resources: ResourcesDep) -> Res
 
 @router.get("/users/{user_id}", response_model=User, responses={404: {"model": Problem}},
             summary="When the user was first seen")
-async def get_user(user_id: UserIdPath, resources: ResourcesDep) -> Response:
+async def get_user(user_id: UserIdPath, resources: ResourcesDep, _key: ReadKey) -> Response:
     row = await readmodel.user(resources.pool, user_id)
     if row is None:
         raise HTTPException(404, f"user {user_id} has never been seen")
@@ -33,5 +33,5 @@ async def get_user(user_id: UserIdPath, resources: ResourcesDep) -> Response:
 @router.get("/users/{user_id}/history", response_model=ReportLink,
             summary="Signed link to the user's history CSV for a month")
 async def get_user_history(user_id: UserIdPath, year: Year, month: Month, request: Request,
-                           resources: ResourcesDep) -> Response:
+                           resources: ResourcesDep, _key: ReportsKey) -> Response:
     return json_response({"report_link": resources.report_link(request, year, month, user_id)})

@@ -1,0 +1,89 @@
+"""The API keys in force (README: "Access control"), from API_KEYS_FILE (format: shared/api_keys.py).
+
+Clients send `Authorization: Bearer <key>`. The file is read again when it changes (checked every
+second) or on SIGHUP, so a key is revoked without a restart; a file that no longer parses keeps
+the keys in force and says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import structlog
+
+from shared.api_keys import ApiKey, KeyFileError, key_hash, parse_keys
+
+log = structlog.get_logger("query_api")
+
+
+class KeyRing:
+    """The keys in force. With no file, authentication is off and every caller may do anything."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._keys: dict[str, ApiKey] = {}
+        self._known: dict[str, ApiKey] = {}  # keys already verified, by the key itself: no hash per request
+        self._seen: tuple[int, int] | None = None  # the file's (mtime_ns, size) when last read
+        self._watcher: asyncio.Task | None = None
+        if path is not None:
+            self._keys = self._read()
+
+    @property
+    def enabled(self) -> bool:
+        return self.path is not None
+
+    def verify(self, key: str) -> ApiKey | None:
+        found = self._known.get(key)
+        if found is None:
+            found = self._keys.get(key_hash(key))
+            if found is not None and len(self._known) < 10_000:  # only valid keys: nobody can fill it
+                self._known[key] = found
+        return found
+
+    def reload(self) -> None:
+        """Read the file again; on an error keep the keys in force."""
+        try:
+            keys = self._read()
+        except (OSError, KeyFileError) as error:
+            log.error("API keys not reloaded; the keys in force stay", file=str(self.path), error=str(error))
+            return
+        if keys != self._keys:
+            log.info("API keys reloaded", file=str(self.path), keys=len(keys))
+        self._keys, self._known = keys, {}
+
+    def _read(self) -> dict[str, ApiKey]:
+        info = self.path.stat()
+        keys = parse_keys(self.path.read_text(encoding="utf-8"))
+        self._seen = (info.st_mtime_ns, info.st_size)
+        return keys
+
+    def _changed(self) -> bool:
+        try:
+            info = self.path.stat()
+        except OSError:
+            return False
+        return (info.st_mtime_ns, info.st_size) != self._seen
+
+    async def watch(self, interval: float = 1.0) -> None:
+        """Reload whenever the file changes, until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            if self._changed():
+                self.reload()
+
+    def start(self) -> None:
+        if self.enabled:
+            self._watcher = asyncio.create_task(self.watch())
+
+    async def stop(self) -> None:
+        if self._watcher:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
