@@ -9,7 +9,10 @@ Needs wrk (Debian: apt-get install wrk).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import random
 import re
 import shutil
 import statistics
@@ -20,11 +23,17 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
 
 from bench import common
-from bench.common import bench_environment
+from bench.common import Progress, bench_environment
+from devstack.embedded import EmbeddedPostgres
 from devstack.processes import free_port, stop_process
 from shared.api_keys import new_key
+from shared.rollout import rollout_bucket
 
 LUA = """
 math.randomseed(os.time())
@@ -94,14 +103,14 @@ def wrk(port: int, users: int, duration: int, connections: int, headers: tuple[s
 async def main(args) -> None:
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed for this benchmark: apt-get install wrk")
-    async with bench_environment("reads") as (_infra, new):
+    async with bench_environment("reads") as (infra, new), contextlib.AsyncExitStack() as cleanup:
         settings, pool = await new("data")
         await seed(pool, args.users, 100, 10, 5)
-        env = {**os.environ, "DATABASE_URL": settings.database_url,
-               "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers, "LOG_LEVEL": "WARNING"}
+        env = {**os.environ, **settings.to_env(), "LOG_LEVEL": "WARNING"}
         key, line = new_key("bench", ["read"])
         keys_file = Path(tempfile.mkdtemp(prefix="bench-keys-")) / "api-keys"
         keys_file.write_text(line + "\n")
+        cleanup.callback(shutil.rmtree, keys_file.parent)
         api = [sys.executable, "-m", "services.query_api", "--workers", str(args.workers)]
         # name → (command, extra environment, wrk headers)
         servers = {
@@ -110,13 +119,20 @@ async def main(args) -> None:
             "baseline": ([sys.executable, "-m", "uvicorn", "bench.baseline_api:app", "--workers", str(args.workers),
                           "--log-level", "warning", "--no-access-log"], {}, ()),
         }
-        # Rounds alternate the two servers, and medians are reported: on a small shared machine
+        replica_url = await start_replica(infra, settings, cleanup) if infra.postgres else None
+        if replica_url:
+            token = await pool.fetchval("SELECT pg_current_wal_lsn()::text")  # replayed before the rounds
+            on_replica = {"READ_DATABASE_URLS": replica_url, "MAX_REPLICA_LAG_MS": "60000"}
+            servers["replica"] = (api, on_replica, ())
+            servers["replica+token"] = (api, on_replica, (f"X-Consistency-Token: {token}",))
+        # Rounds alternate the servers, and medians are reported: on a small shared machine
         # single runs differ enough to decide a ratio by luck.
         rounds: dict[str, list[dict]] = {name: [] for name in servers}
         for round_number in range(1, args.rounds + 1):
             for name, (command, extra_env, headers) in servers.items():
                 port = free_port()
-                process = serve([*command, "--port", str(port)], {**env, **extra_env, "API_PORT": str(port)}, port)
+                process = serve([*command, "--port", str(port)], {**env, **extra_env, "API_PORT": str(port)}, port,
+                                path="/readyz")
                 try:
                     print(f"  round {round_number}/{args.rounds}: {name} for {args.duration}s…", file=sys.stderr,
                           flush=True)
@@ -128,21 +144,102 @@ async def main(args) -> None:
                     stop_process(process)
         results = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
                    for name, runs in rounds.items()}
-        shutil.rmtree(keys_file.parent)
+        missed, checked = await read_your_writes(settings, env, args.ryw_commands, args.workers)
     ours, base, keyed = results["this API"], results["baseline"], results["keys on"]
+    lines = {
+        **{name: f"{result['rps']:9,.0f} req/s  p50 {result['p50']:.2f} ms  p99 {result['p99']:.2f} ms"
+                 f"  non-2xx {result['errors']}" for name, result in results.items()},
+        "ratio": f"{ours['rps'] / base['rps']:9.2f}x   (target >= 2x with p99 <= 25 ms)",
+        "keys on / off": f"{keyed['rps'] / ours['rps']:9.1%}   (target >= 95%)",
+    }
+    if "replica" in results:
+        lines["replica / primary"] = (f"{results['replica']['rps'] / ours['rps']:9.1%}   (target >= 90%; one "
+                                      "machine: the replica shares the cores, so no gain can show)")
+        lines["token / none"] = f"{results['replica+token']['rps'] / results['replica']['rps']:9.1%}   (target >= 100%)"
+    lines["read-your-writes"] = (f"{missed} of {checked} reads missed a change applied before them "
+                                 f"({args.workers} API workers; target 0)")
     common.report(
         f"reads: GET /users/{{id}}/segments, {args.users:,} users x 5 memberships, 100 segments (10 rollout), "
         f"{args.connections} connections, {args.workers} workers each, wrk on the same machine, "
-        f"median of {args.rounds} alternating {args.duration}s rounds", {
-            **{name: f"{result['rps']:9,.0f} req/s  p50 {result['p50']:.2f} ms  p99 {result['p99']:.2f} ms"
-                     f"  non-2xx {result['errors']}" for name, result in results.items()},
-            "ratio": f"{ours['rps'] / base['rps']:9.2f}x   (target >= 2x with p99 <= 25 ms)",
-            "keys on / off": f"{keyed['rps'] / ours['rps']:9.1%}   (target >= 95%)",
-        })
+        f"median of {args.rounds} alternating {args.duration}s rounds", lines)
+
+
+async def start_replica(infra, settings, cleanup: contextlib.AsyncExitStack) -> str:
+    """A streaming replica of the embedded server, caught up; its URL for the bench database."""
+    replica = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="bench-replica-")) / "postgres",
+                               replica_of=infra.postgres)
+    await asyncio.to_thread(replica.start)
+    cleanup.push_async_callback(asyncio.to_thread, replica.remove)
+    parts = urlsplit(settings.database_url)
+    url = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{replica.port}"))
+    primary = await asyncpg.connect(settings.database_url)
+    target = await primary.fetchval("SELECT pg_current_wal_lsn()")
+    await primary.close()
+    async with asyncio.timeout(120):
+        while True:
+            with contextlib.suppress(OSError, asyncpg.PostgresError):
+                conn = await asyncpg.connect(url)
+                try:
+                    if await conn.fetchval("SELECT pg_last_wal_replay_lsn() >= $1", target):
+                        return url
+                finally:
+                    await conn.close()
+            await asyncio.sleep(0.1)
+
+
+async def read_your_writes(settings, env: dict, commands: int, workers: int) -> tuple[int, int]:
+    """Commands of every kind through POST /commands, each awaited through GET /commands/{id},
+    then a read that must reflect it; returns (reads that did not, reads)."""
+    consumer = subprocess.Popen([sys.executable, "-m", "services.command_consumer"],  # noqa: ASYNC220 - started once
+                                env={**env, "CONSUMER_METRICS_PORT": "0"}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    port = free_port()
+    api = serve([sys.executable, "-m", "services.query_api", "--workers", str(workers), "--port", str(port)],
+                {**env, "API_PORT": str(port)}, port, path="/readyz")
+    rng = random.Random(7)
+    missed = checked = 0
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            slugs = [f"RYW_{i}" for i in range(5)]
+            for slug in slugs:
+                await applied(http, {"type": "create_segment", "slug": slug, "command_id": f"ryw-{slug}"})
+            progress = Progress("read-your-writes", commands)
+            for step in range(commands):
+                slug = rng.choice(slugs)
+                kind = rng.choice(["percent", "add", "remove"])
+                if kind == "percent":
+                    percent = rng.choice([0, 10, 50, 90, 100])
+                    user = 10_000_000 + rng.randint(1, 1000)  # never named by a command: the rollout alone decides
+                    command = {"type": "update_segment", "slug": slug, "percent": percent}
+                    expected = rollout_bucket(slug, user) < percent * 100
+                else:
+                    user = 9_000_000 + rng.randint(1, 50)
+                    command = {"type": "update_user_segments", "user_id": user,
+                               ("add" if kind == "add" else "remove"): [slug]}
+                    expected = kind == "add"  # removed: out (excluded, if a percent covers it)
+                await applied(http, {**command, "command_id": f"ryw-{step}"})
+                segments = (await http.get(f"/users/{user}/segments")).json()["segments"]
+                present = slug in [segment["slug"] for segment in segments]
+                checked += 1
+                missed += present != expected
+                progress.update(step + 1)
+    finally:
+        stop_process(api)
+        stop_process(consumer)
+    return missed, checked
+
+
+async def applied(http: httpx.AsyncClient, command: dict) -> None:
+    assert (await http.post("/commands", json=command)).status_code == 202
+    async with asyncio.timeout(30):
+        while (response := await http.get(f"/commands/{command['command_id']}")).status_code == 404:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+    assert response.json()["status"] == "applied", response.text
 
 
 def cli() -> None:
-    common.cli(__doc__, main, users=200_000, duration=10, rounds=3, workers=2, connections=32)
+    common.cli(__doc__, main, users=200_000, duration=10, rounds=3, workers=2, connections=32,
+               ryw_commands=(300, "commands of the read-your-writes check"))
 
 
 if __name__ == "__main__":

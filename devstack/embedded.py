@@ -101,11 +101,13 @@ class EmbeddedPostgres:
     binaries there. Nothing outside those directories changes mode or owner.
     """
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, replica_of: EmbeddedPostgres | None = None) -> None:
+        """`replica_of`: a running server to stream from (a hot standby made with pg_basebackup -R)."""
         self.requested_dir = Path(data_dir).resolve()
         self.home = ServerHome.for_data(self.requested_dir)
         self.data_dir = self.home.data_dir
         self.port = port or free_port()
+        self.replica_of = replica_of
 
     @property
     def url(self) -> str:
@@ -116,6 +118,10 @@ class EmbeddedPostgres:
 
     def _prepare(self) -> None:
         self.home.prepare()
+        if not (self.data_dir / "PG_VERSION").exists() and self.replica_of is not None:
+            # A copy of the primary that keeps replaying its WAL (standby.signal, primary_conninfo).
+            self.home.run("pg_basebackup", "-D", str(self.data_dir), "-R", "-X", "stream", "-c", "fast",
+                          "-h", "127.0.0.1", "-p", str(self.replica_of.port), "-U", "postgres", timeout=300)
         if not (self.data_dir / "PG_VERSION").exists():
             self.home.run("initdb", "-D", str(self.data_dir), "--auth=trust", "--encoding=UTF8", "--locale=C",
                           "-U", "postgres", timeout=120)

@@ -214,6 +214,26 @@ def status(ctx: typer.Context, command_id: Annotated[str, typer.Argument(help="T
         raise typer.Exit(EXIT_REJECTED)
 
 
+@user_app.command("segments")
+def user_segments(
+    ctx: typer.Context, user_id: UserIdArgument,
+    token: Annotated[str | None, typer.Option(
+        "--token", help="An outcome's consistency_token (printed by --wait): the answer reflects that command, "
+                        "even when the API reads from replicas.")] = None,
+) -> None:
+    """Print the segments a user is in now (from the query API; needs the scope read)."""
+    config: Config = ctx.obj
+
+    async def fetch() -> list[dict[str, Any]]:
+        async with QueryClient(config.api_url, config.api_key, config.timeout) as api:
+            return await api.user_segments(user_id, token)
+
+    try:
+        _print_json({"user_id": user_id, "segments": asyncio.run(fetch())})
+    except QueryApiError as error:
+        raise _fail(str(error), EXIT_BAD_INPUT if error.status == 422 else EXIT_UNAVAILABLE) from None
+
+
 keys_app = typer.Typer(no_args_is_help=True, help="API keys of the query API (API_KEYS_FILE).")
 app.add_typer(keys_app, name="keys")
 

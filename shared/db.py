@@ -43,13 +43,18 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
 
 
 async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 10,
-                      reset_sessions: bool = True, server_settings: dict[str, str] | None = None) -> asyncpg.Pool:
+                      reset_sessions: bool = True, server_settings: dict[str, str] | None = None,
+                      exit_on_failure: bool = True) -> asyncpg.Pool:
+    """A pool of `min_size` open connections; a server that cannot be reached ends the process
+    with a message naming it, unless `exit_on_failure` is off (the error is raised)."""
     try:
         return await asyncpg.create_pool(
             database_url, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=60,
             reset=None if reset_sessions else _keep_session, server_settings=server_settings,
         )
     except (OSError, asyncpg.PostgresError) as error:
+        if not exit_on_failure:
+            raise
         raise SystemExit(
             f"Cannot connect to PostgreSQL at {redact(database_url)}: {error}. "
             "Set DATABASE_URL to a reachable server, or unset it to let `make run` start the embedded one."

@@ -54,6 +54,7 @@ class Outcome(BaseModel):
                     "processed_at": "2026-11-28T10:00:00.123Z",
                     "source": {"topic": "assignments.commands", "partition": 3, "offset": 1042},
                     "actor": "checkout",
+                    "consistency_token": "0/16B3748",
                 }
             ]
         }
@@ -68,6 +69,9 @@ class Outcome(BaseModel):
     source: OutcomeSource
     actor: str | None = Field(None, description="who issued the command: its `actor`; through POST /commands "
                                                 "with access control on, the name of the caller's API key")
+    consistency_token: str | None = Field(
+        None, description="a WAL position at or after the command's commit; a read that passes it (header "
+                          "X-Consistency-Token) is answered only by a server that has replayed it")
 
 
 def format_timestamp(moment: datetime) -> str:
@@ -95,7 +99,9 @@ class OutcomeRow(NamedTuple):
         """From a database record selected with OUTCOME_COLUMNS."""
         return cls(*(record[name] for name in OUTCOME_COLUMNS))
 
-    def contract(self) -> dict[str, Any]:
+    def contract(self, consistency_token: str | None = None) -> dict[str, Any]:
+        """The contract's outcome object; `consistency_token` is a WAL position at or after the
+        command's commit (known only after it, so not stored: see the README)."""
         return {
             "command_id": self.command_id,
             "type": self.type,
@@ -106,6 +112,7 @@ class OutcomeRow(NamedTuple):
             "source": {"topic": self.source_topic, "partition": self.source_partition,
                        "offset": self.source_offset},
             "actor": self.actor,
+            "consistency_token": consistency_token,
         }
 
 

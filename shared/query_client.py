@@ -3,7 +3,7 @@ user's segments, with the caller's API key.
 
     async with QueryClient("http://127.0.0.1:8080", api_key=os.environ.get("SEGMENTCTL_API_KEY")) as api:
         outcome = await api.command_outcome("c-42")        # None until the consumer has applied it
-        segments = await api.user_segments(1000)
+        segments = await api.user_segments(1000, outcome["consistency_token"])  # reflects c-42
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+
+CONSISTENCY_HEADER = "X-Consistency-Token"
 
 
 class QueryApiError(RuntimeError):
@@ -42,12 +44,16 @@ class QueryClient:
         response = await self._get(f"/commands/{command_id}", missing_ok=True)
         return None if response is None else response.json()
 
-    async def user_segments(self, user_id: int) -> list[dict[str, Any]]:
-        return (await self._get(f"/users/{user_id}/segments")).json()["segments"]
+    async def user_segments(self, user_id: int, consistency_token: str | None = None) -> list[dict[str, Any]]:
+        """A user's segments; with an outcome's `consistency_token`, as of that command or later
+        (even when the API reads from replicas)."""
+        headers = {CONSISTENCY_HEADER: consistency_token} if consistency_token else None
+        return (await self._get(f"/users/{user_id}/segments", headers=headers)).json()["segments"]
 
-    async def _get(self, path: str, missing_ok: bool = False) -> httpx.Response | None:
+    async def _get(self, path: str, missing_ok: bool = False,
+                   headers: dict[str, str] | None = None) -> httpx.Response | None:
         try:
-            response = await self._http.get(path)
+            response = await self._http.get(path, headers=headers)
         except httpx.HTTPError as error:
             raise QueryApiError(f"the query API at {self.base_url} is unreachable: {error!r}") from None
         if response.status_code == 404 and missing_ok:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEVELOPMENT_REPORT_SECRET = "development-only-report-secret"
 # Settings that are secrets: each can also be read from a file named by <NAME>_FILE (the Docker and
@@ -23,6 +23,11 @@ class Settings(BaseSettings):
     # Servers. Unset means "start the embedded ones" (make run, the test suite).
     database_url: str | None = None
     database_url_file: Path | None = None
+    # Streaming replicas for hot reads and reports (comma-separated URLs); see services/query_api/replicas.py.
+    read_database_urls: Annotated[list[str], NoDecode] = []
+    max_replica_lag_ms: int = Field(500, ge=0)
+    read_token_wait_ms: int = Field(250, ge=0)
+    replica_poll_interval_ms: int = Field(50, ge=10)
     kafka_bootstrap_servers: str | None = None
     data_dir: Path = Path(".data")
 
@@ -90,6 +95,13 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
 
+    @field_validator("read_database_urls", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        if isinstance(value, str):
+            return [url.strip() for url in value.split(",") if url.strip()]
+        return value
+
     @model_validator(mode="after")
     def _read_secret_files(self) -> Self:
         for name in SECRETS:
@@ -125,7 +137,11 @@ class Settings(BaseSettings):
         from shared.db import redact  # the URL's password, like the SecretStr fields, is never shown
 
         for name, value in super().__repr_args__():
-            yield name, redact(value) if name == "database_url" and value else value
+            if name == "database_url" and value:
+                value = redact(value)
+            elif name == "read_database_urls":
+                value = [redact(url) for url in value]
+            yield name, value
 
     @property
     def command_topics(self) -> tuple[str, str]:
@@ -134,8 +150,7 @@ class Settings(BaseSettings):
     def to_env(self) -> dict[str, str]:
         """These settings as the environment variables a service process reads (secrets included:
         for handing to a child process, never for showing)."""
-        return {name.upper(): value.get_secret_value() if isinstance(value, SecretStr) else str(value)
-                for name, value in self if value is not None}
+        return {name.upper(): _as_env(value) for name, value in self if value is not None}
 
     def require_database_url(self) -> str:
         if not self.database_url:
@@ -152,6 +167,14 @@ class Settings(BaseSettings):
                 "or start everything on embedded servers with `make run`."
             )
         return self.kafka_bootstrap_servers
+
+
+def _as_env(value) -> str:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 class ConfigurationError(SystemExit):

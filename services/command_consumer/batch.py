@@ -72,6 +72,7 @@ async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord]) -> li
         processed: list[Processed] = []
         new_outcomes: dict[str, OutcomeRow] = {}
         history = []
+        catalogue_changed = False
         for parsed in batch:
             if parsed.command_id in stored:
                 processed.append(Processed(parsed, stored[parsed.command_id], True))
@@ -88,11 +89,14 @@ async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord]) -> li
                                                             parsed.command_id)
                 else:
                     decision = await SEGMENT_HANDLERS[type(command)](conn, command, now, parsed.command_id)
+                    catalogue_changed |= decision.status is Status.APPLIED
                 history.extend(decision.history)
             outcome = _outcome(parsed, decision, now)
             new_outcomes[parsed.command_id] = outcome
             processed.append(Processed(parsed, outcome, False))
 
+        if catalogue_changed:
+            await repository.bump_catalogue_version(conn)
         if states:
             await repository.save_user_states(conn, list(states.values()), _clock())
         await repository.insert_history(conn, history)

@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from services.command_consumer import telemetry
-from services.command_consumer.batch import apply_batch
+from services.command_consumer.batch import Processed, apply_batch
 from services.command_consumer.parsing import ParsedRecord, RecordRef, parse_record
 from services.command_consumer.poison_guard import PoisonGuard
 from services.command_consumer.publishing import OutcomePublisher
@@ -38,9 +38,9 @@ class BatchPipeline:
                  for r in records]
         self._guard.check(batch)
         started = time.monotonic()
-        processed = await self._apply(tp, batch)
+        processed, token = await self._apply(tp, batch)
         applied_in, durable_at = time.monotonic() - started, time.time()
-        await self._publisher.publish(processed)
+        await self._publisher.publish(processed, token)
         next_offset = batch[-1].record.offset + 1
         try:
             await self._kafka_consumer.commit({tp: next_offset})
@@ -51,10 +51,13 @@ class BatchPipeline:
         telemetry.batch_applied(processed, applied_in, durable_at)
         telemetry.lag(tp, self._kafka_consumer.highwater(tp), next_offset)
 
-    async def _apply(self, tp: TopicPartition, batch: list[ParsedRecord]):
+    async def _apply(self, tp: TopicPartition, batch: list[ParsedRecord]) -> tuple[list[Processed], str]:
+        """The batch applied and committed, and the consistency token of its outcomes: the WAL
+        position right after the commit, so at or after it (one query a batch, nothing stored)."""
         async def attempt():
             async with self._pool.acquire() as conn:
-                return await apply_batch(conn, batch)
+                processed = await apply_batch(conn, batch)
+                return processed, await conn.fetchval("SELECT pg_current_wal_lsn()::text")
 
         first_offset = batch[0].record.offset
         return await with_retry(

@@ -23,7 +23,7 @@ class Message(NamedTuple):
     headers: Headers
 
 
-def outcome_message(item: Processed) -> Message:
+def outcome_message(item: Processed, consistency_token: str | None = None) -> Message:
     """The results-topic record of an outcome: keyed by command id, with the contract's headers
     and the command's own `traceparent`, if it had one."""
     outcome = item.outcome
@@ -33,7 +33,7 @@ def outcome_message(item: Processed) -> Message:
     traceparent = item.parsed.record.header("traceparent")
     if traceparent is not None:
         headers.append(("traceparent", traceparent))
-    return Message(orjson.dumps(outcome.contract()), outcome.command_id.encode(), headers)
+    return Message(orjson.dumps(outcome.contract(consistency_token)), outcome.command_id.encode(), headers)
 
 
 def dlq_message(invalid: InvalidRecord) -> Message:
@@ -62,11 +62,11 @@ class OutcomePublisher:
         self._results_topic = results_topic
         self._dlq_topic = dlq_topic
 
-    async def publish(self, processed: list[Processed]) -> None:
+    async def publish(self, processed: list[Processed], consistency_token: str | None = None) -> None:
         """Every outcome of a batch (and the DLQ record of each invalid one), all acknowledged."""
         deliveries = []
         for item in processed:
-            deliveries.append(await self._send(self._results_topic, outcome_message(item)))
+            deliveries.append(await self._send(self._results_topic, outcome_message(item, consistency_token)))
             if isinstance(item.parsed, InvalidRecord):
                 message = dlq_message(item.parsed)
                 try:

@@ -115,6 +115,12 @@ async def save_user_states(conn: asyncpg.Connection, states: list[UserState], no
 
 # Segment commands are few; each is a short sequence of statements in the batch transaction.
 
+async def bump_catalogue_version(conn: asyncpg.Connection) -> None:
+    """Readers compare this with the version of their in-memory rollout list (migration 0004).
+    A row, not a sequence: a sequence would show the new version before the change commits."""
+    await conn.execute("UPDATE segment_catalogue SET version = version + 1")
+
+
 async def find_live_segment(conn: asyncpg.Connection, slug: str) -> asyncpg.Record | None:
     return await conn.fetchrow(
         "SELECT id, slug, percent, description FROM segments WHERE slug = $1 AND deleted_at IS NULL FOR UPDATE",

@@ -9,7 +9,8 @@ import threading
 from contextlib import asynccontextmanager
 
 import structlog
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
 
 from services.query_api.auth import KeyRing
 from services.query_api.batched_lookup import BatchedLookup
@@ -17,12 +18,14 @@ from services.query_api.dependencies import Resources
 from services.query_api.fast_path import answer_user_segments
 from services.query_api.http_metrics import BodySizeLimitMiddleware, MetricsMiddleware
 from services.query_api.readmodel import READ_SERVER_SETTINGS, USER_SEGMENTS_SQL
+from services.query_api.replicas import ReadRouter
 from services.query_api.reports import ReportSigner
 from services.query_api.rollout_cache import RolloutCache
 from services.query_api.routes import asyncapi, commands, health, reports, segments, users
+from services.query_api.schemas import DATABASE_UNAVAILABLE, RETRY_AFTER_SECONDS
 from shared.api_keys import KeyFileError
 from shared.client import CommandPublisher, KafkaUnavailable
-from shared.db import create_pool
+from shared.db import TRANSIENT_DB_ERRORS, create_pool
 from shared.kafka import KafkaSetupError
 from shared.settings import DEVELOPMENT_REPORT_SECRET, Settings, get_settings
 
@@ -61,6 +64,13 @@ def key_ring(settings: Settings) -> KeyRing:
         return KeyRing(settings.api_keys_file)
     except (OSError, KeyFileError) as error:
         raise SystemExit(f"API_KEYS_FILE={settings.api_keys_file}: {error}") from None
+
+
+async def database_unavailable(request, error) -> Response:
+    """A lost or unreachable database is a 503 the client may retry, never a 500."""
+    log.warning("database unavailable", path=request.url.path, error=repr(error))
+    return JSONResponse({"detail": DATABASE_UNAVAILABLE}, status_code=503,
+                        headers={"Retry-After": RETRY_AFTER_SECONDS})
 
 
 async def _connect(publisher: CommandPublisher) -> None:
@@ -106,9 +116,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             publisher = CommandPublisher(settings)
             opened.push_async_callback(publisher.stop)
             await _connect(publisher)
+            reads = ReadRouter(pool, BatchedLookup(read_pool, USER_SEGMENTS_SQL), settings.read_database_urls,
+                               read_pool_size=settings.read_pool_size, pool_size=settings.db_pool_max_size,
+                               max_lag_ms=settings.max_replica_lag_ms, token_wait_ms=settings.read_token_wait_ms,
+                               poll_interval_ms=settings.replica_poll_interval_ms)
+            await reads.start()
+            opened.push_async_callback(reads.stop)
             signer = ReportSigner(settings.report_signing_secret.get_secret_value(), settings.report_link_ttl_seconds)
-            app.state.resources = Resources(settings, pool, rollout, signer, publisher,
-                                            BatchedLookup(read_pool, USER_SEGMENTS_SQL), keys)
+            app.state.resources = Resources(settings, pool, rollout, signer, publisher, reads, keys)
             keys.start()
             opened.push_async_callback(keys.stop)
             if keys.enabled and threading.current_thread() is threading.main_thread():
@@ -130,6 +145,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi
+    for error in TRANSIENT_DB_ERRORS:
+        app.add_exception_handler(error, database_unavailable)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     app.add_middleware(MetricsMiddleware)
     return app

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
 
+class Found(NamedTuple):
+    rows: list[tuple]  # the key's rows, without the key column
+    shared: list[tuple]  # rows of the query with a NULL key: the same for every key it answered
+
+
 class BatchedLookup:
-    """Runs `query` ($1: an array of keys; each row's first column is its key) for all the
-    lookups waiting together.
+    """Runs `query` ($1: an array of keys; each row's first column is its key, or NULL for a row
+    every lookup of the batch gets) for all the lookups waiting together.
 
     At most `max_in_flight` queries run at once (by default one per connection of its pool). Reads
     asked for meanwhile wait together, and the next query, sent as soon as a connection is free
@@ -32,8 +37,7 @@ class BatchedLookup:
         self._scheduled = False
         self._tasks: set[asyncio.Task] = set()
 
-    async def read(self, key: Any) -> list[tuple]:
-        """The rows of one key, without the key column."""
+    async def read(self, key: Any) -> Found:
         future = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(key, []).append(future)
         self._schedule()
@@ -75,10 +79,11 @@ class BatchedLookup:
                     future.cancel()
             raise
         rows: dict[Any, list[tuple]] = {key: [] for key in waiting}
+        shared: list[tuple] = []
         for record in records:
             key, *values = record
-            rows[key].append(tuple(values))
+            (shared if key is None else rows[key]).append(tuple(values))
         for key, futures in waiting.items():
             for future in futures:
                 if not future.done():  # a request that went away no longer waits
-                    future.set_result(rows[key])
+                    future.set_result(Found(rows[key], shared))

@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import asyncpg
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Header, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from services.query_api.auth import KeyRing
-from services.query_api.batched_lookup import BatchedLookup
+from services.query_api.replicas import InvalidToken, ReadRouter, parse_token
 from services.query_api.reports import ReportSigner
 from services.query_api.rollout_cache import RolloutCache
 from shared.api_keys import ApiKey
@@ -25,7 +26,7 @@ class Resources:
     rollout: RolloutCache
     signer: ReportSigner
     publisher: CommandPublisher
-    memberships: BatchedLookup  # GET /users/{id}/segments' lookups, on connections of their own
+    reads: ReadRouter  # where hot reads and reports go: the primary or a recent enough replica
     keys: KeyRing
 
     def report_link(self, request: Request, year: int, month: int, user_id: int | None) -> str:
@@ -79,3 +80,27 @@ ReadKey = Annotated[ApiKey | None, _requiring("read")]
 ReportsKey = Annotated[ApiKey | None, _requiring("reports")]
 WriteKey = Annotated[ApiKey | None, _requiring("write")]
 StatusKey = Annotated[ApiKey | None, _requiring("status")]
+
+
+TOKEN_HEADER = "X-Consistency-Token"
+TOKEN_PATTERN = r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$"  # a WAL position, as PostgreSQL writes it
+
+
+async def consistency_token(
+        # `str`, not `str | None`: a header or parameter is absent or a string, never null (a
+        # nullable schema would invite clients, and fuzzers, to send the text "null").
+        header: Annotated[str, Header(alias=TOKEN_HEADER, pattern=TOKEN_PATTERN, description=(  # noqa: RUF013
+            "An outcome's consistency_token: the read is answered only by a server that has replayed it "
+            "(waiting up to READ_TOKEN_WAIT_MS for a replica, then the primary)"))] = None,
+        query: Annotated[str, Query(alias="consistency_token", pattern=TOKEN_PATTERN,  # noqa: RUF013
+                                           description=f"The same as the {TOKEN_HEADER} header")] = None,
+) -> int | None:
+    given = header or query
+    try:
+        return parse_token(given) if given else None
+    except InvalidToken as error:
+        where = ("header", TOKEN_HEADER) if header else ("query", "consistency_token")
+        raise RequestValidationError([{"loc": where, "msg": str(error), "type": "value_error"}]) from None
+
+
+ConsistencyToken = Annotated[int | None, Depends(consistency_token)]

@@ -1,32 +1,60 @@
 """The hot read, GET /users/{user_id}/segments, answered before Starlette's middleware stack,
 FastAPI's routing and its dependency machinery (SegmentationAPI.__call__ asks here first). Only
-well-formed requests take this path; anything else (a bad id that deserves a 422, another method)
-goes on to the FastAPI route, which gives the same answer more slowly. It records its own request
+well-formed requests take this path (the consistency token, if any, in its header); anything else
+(a bad id or token that deserves a 422, a missing key, a query string, another method) goes on to
+the FastAPI route, which gives the same answer more slowly. It records its own request
 metrics; an exception reaches the server, which answers 500."""
 
 from __future__ import annotations
 
 import time
 
+import orjson
+
 from services.query_api import http_metrics
 from services.query_api.auth import KeyRing, bearer_token
 from services.query_api.parameters import USER_SEGMENTS_PATH, user_id_from_path
 from services.query_api.readmodel import user_segments_json
+from services.query_api.replicas import InvalidToken, parse_token
+from services.query_api.schemas import DATABASE_UNAVAILABLE, RETRY_AFTER_SECONDS
+from shared.db import TRANSIENT_DB_ERRORS
 
 HEADERS = [(b"content-type", b"application/json")]
+UNAVAILABLE = orjson.dumps({"detail": DATABASE_UNAVAILABLE})
+UNAVAILABLE_HEADERS = [*HEADERS, (b"retry-after", RETRY_AFTER_SECONDS.encode()),
+                       (b"content-length", str(len(UNAVAILABLE)).encode())]
 
 
 async def answer_user_segments(resources, scope, send) -> bool:
     """Answers the request and returns True if it is a well-formed GET of a user's segments."""
-    if scope["type"] != "http" or scope["method"] != "GET":
+    if scope["type"] != "http" or scope["method"] != "GET" or scope["query_string"]:
         return False
     user_id = user_id_from_path(scope["path"])
-    if user_id is None or (resources.keys.enabled and not _may_read(resources.keys, scope["headers"])):
+    if user_id is None:
+        return False
+    authorization = consistency = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            authorization = value
+        elif name == b"x-consistency-token":
+            consistency = value
+    if resources.keys.enabled and not _may_read(resources.keys, authorization):
         return False  # the route answers, with the 401 or 403 it deserves
+    try:
+        token = parse_token(consistency.decode("latin-1")) if consistency is not None else None
+    except InvalidToken:
+        return False  # the route answers 422
     started = time.perf_counter()
     status = 500
     try:
-        body = await user_segments_json(resources.memberships, resources.rollout.segments, user_id)
+        try:
+            found = await resources.reads.memberships(user_id, token)
+            body = await user_segments_json(found, resources.rollout, user_id)
+        except TRANSIENT_DB_ERRORS:
+            status = 503
+            await send({"type": "http.response.start", "status": 503, "headers": UNAVAILABLE_HEADERS})
+            await send({"type": "http.response.body", "body": UNAVAILABLE})
+            return True
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*HEADERS, (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
@@ -36,10 +64,7 @@ async def answer_user_segments(resources, scope, send) -> bool:
     return True
 
 
-def _may_read(keys: KeyRing, headers: list[tuple[bytes, bytes]]) -> bool:
-    for name, value in headers:
-        if name == b"authorization":
-            token = bearer_token(value.decode("latin-1"))
-            key = keys.verify(token) if token else None
-            return key is not None and "read" in key.scopes
-    return False
+def _may_read(keys: KeyRing, authorization: bytes | None) -> bool:
+    token = bearer_token(authorization.decode("latin-1")) if authorization else None
+    key = keys.verify(token) if token else None
+    return key is not None and "read" in key.scopes

@@ -7,15 +7,18 @@ from typing import Any
 import asyncpg
 import orjson
 
-from services.query_api.batched_lookup import BatchedLookup
-from shared.membership import Segment, user_segments
-from shared.outcomes import OUTCOME_SELECT, OutcomeRow, format_timestamp
+from services.query_api.batched_lookup import Found
+from services.query_api.rollout_cache import RolloutCache
+from shared.membership import user_segments
+from shared.outcomes import OUTCOME_COLUMNS, OutcomeRow, format_timestamp
 
 # Explicit memberships not yet expired (never relying on the expiry worker having run), plus the
 # rollout exclusions, of a batch of users in one round trip. LATERAL keeps the plan of a single
-# user's lookup (index scans by user id) for each user of the batch.
+# user's lookup (index scans by user id) for each user of the batch. The last row (no user) is the
+# segment catalogue's version in the same snapshot: a worker whose rollout list is older reloads
+# it before answering (read-your-writes for segment commands, without a second round trip).
 USER_SEGMENTS_SQL = """
-SELECT u.user_id, r.slug, r.expires_at, r.excluded
+SELECT u.user_id, r.slug, r.expires_at, r.excluded, NULL::bigint
 FROM unnest($1::bigint[]) AS u(user_id)
 CROSS JOIN LATERAL (
     SELECT s.slug, m.expires_at, false AS excluded
@@ -26,6 +29,8 @@ CROSS JOIN LATERAL (
     FROM rollout_exclusions x JOIN segments s ON s.id = x.segment_id
     WHERE x.user_id = u.user_id AND s.deleted_at IS NULL
 ) AS r
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, version FROM segment_catalogue
 """
 
 # The lookup's connections plan the query once: with the batch as a parameter PostgreSQL would
@@ -33,17 +38,21 @@ CROSS JOIN LATERAL (
 READ_SERVER_SETTINGS = {"plan_cache_mode": "force_generic_plan"}
 
 
-async def user_segments_json(memberships: BatchedLookup, rollout: tuple[Segment, ...], user_id: int) -> bytes:
-    """The body of GET /users/{user_id}/segments: the user's unexpired explicit memberships and
-    exclusions from one (shared) query, the rollout's coverage from the in-memory segments."""
+async def user_segments_json(found: Found, rollout: RolloutCache, user_id: int) -> bytes:
+    """The body of GET /users/{user_id}/segments from the user's unexpired explicit memberships and
+    exclusions (USER_SEGMENTS_SQL's rows) and the rollout's coverage from the in-memory segments,
+    as new as the catalogue that query saw."""
     explicit, excluded = {}, set()
-    for slug, expires_at, is_exclusion in await memberships.read(user_id):
+    for slug, expires_at, is_exclusion, _ in found.rows:
         if is_exclusion:
             excluded.add(slug)
         else:
             explicit[slug] = expires_at
+    seen_version = found.shared[0][-1]
+    if seen_version > rollout.version:
+        await rollout.refresh(at_least=seen_version)
     segments = [{"slug": slug, "source": source, "expires_at": format_timestamp(expires_at) if expires_at else None}
-                for slug, source, expires_at in user_segments(user_id, explicit, excluded, rollout)]
+                for slug, source, expires_at in user_segments(user_id, explicit, excluded, rollout.segments)]
     return orjson.dumps({"user_id": user_id, "segments": segments})
 
 
@@ -70,6 +79,10 @@ async def live_segment(pool: asyncpg.Pool, slug: str) -> dict[str, Any] | None:
     return segment_view(row) if row else None
 
 
-async def command_outcome(pool: asyncpg.Pool, command_id: str) -> OutcomeRow | None:
-    row = await pool.fetchrow(f"{OUTCOME_SELECT} WHERE command_id = $1", command_id)
-    return OutcomeRow.from_record(row) if row else None
+async def command_outcome(pool: asyncpg.Pool, command_id: str) -> tuple[OutcomeRow, str] | None:
+    """The stored outcome, and the primary's WAL position now as its consistency token: the
+    outcome is visible, so its commit is at or before that position."""
+    row = await pool.fetchrow(
+        f"SELECT {', '.join(OUTCOME_COLUMNS)}, pg_current_wal_lsn()::text AS token FROM command_outcomes "
+        "WHERE command_id = $1", command_id)
+    return (OutcomeRow.from_record(row), row["token"]) if row else None

@@ -7,7 +7,7 @@ Explicit entries and exits come from `membership_history`; the rollout's are der
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
 import asyncpg
@@ -170,21 +170,31 @@ async def _copy_through(conn: asyncpg.Connection, start, end, user_id) -> AsyncI
             await asyncio.gather(task, return_exceptions=True)
 
 
-async def stream_report(pool: asyncpg.Pool, year: int, month: int, user_id: int | None) -> AsyncIterator[bytes]:
-    """The CSV in chunks from one repeatable-read snapshot, produced as the client reads."""
+async def stream_report(conn: asyncpg.Connection, year: int, month: int, user_id: int | None,
+                        release: Callable[[], Awaitable[None]]) -> AsyncIterator[bytes]:
+    """The CSV in chunks from one repeatable-read snapshot, produced as the client reads; `release`
+    gives the connection back when it is done (or the client went away)."""
     start, end = month_bounds(year, month)
-    yield CSV_HEADER.encode()
-    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-        if not await conn.fetchval(HAS_EVENTS_SQL, start, end):
-            async for chunk in _copy_through(conn, start, end, user_id):  # nothing to merge
+    try:
+        yield CSV_HEADER.encode()
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            async for chunk in _report_body(conn, start, end, user_id):
                 yield chunk
-            return
-        chunk: list[str] = []
-        merged = _merge(_explicit_rows(conn, start, end, user_id), _rollout_rows(conn, start, end, user_id))
-        async for row in merged:
-            chunk.append(row[3])
-            if len(chunk) >= CHUNK_ROWS:
-                yield "".join(chunk).encode()
-                chunk.clear()
-        if chunk:
+    finally:
+        await release()
+
+
+async def _report_body(conn: asyncpg.Connection, start, end, user_id: int | None) -> AsyncIterator[bytes]:
+    if not await conn.fetchval(HAS_EVENTS_SQL, start, end):
+        async for chunk in _copy_through(conn, start, end, user_id):  # nothing to merge
+            yield chunk
+        return
+    chunk: list[str] = []
+    merged = _merge(_explicit_rows(conn, start, end, user_id), _rollout_rows(conn, start, end, user_id))
+    async for row in merged:
+        chunk.append(row[3])
+        if len(chunk) >= CHUNK_ROWS:
             yield "".join(chunk).encode()
+            chunk.clear()
+    if chunk:
+        yield "".join(chunk).encode()

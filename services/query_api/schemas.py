@@ -81,3 +81,7 @@ AUTH_RESPONSES = {
     401: {"model": Problem, "description": "No valid API key (see WWW-Authenticate)"},
     403: {"model": Problem, "description": "The key lacks the scope this needs"},
 }
+
+DATABASE_UNAVAILABLE = "the database is unavailable; retry shortly"
+RETRY_AFTER_SECONDS = "1"
+UNAVAILABLE_RESPONSES = {503: {"model": Problem, "description": "The database is unavailable (see Retry-After)"}}

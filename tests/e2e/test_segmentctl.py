@@ -13,6 +13,7 @@ import orjson
 import psycopg
 import pytest
 
+from services.query_api.replicas import parse_lsn
 from shared.rollout import rollout_bucket
 from tests.support import service_env
 
@@ -45,7 +46,15 @@ def test_segmentctl_creates_updates_imports_waits_and_reports_status(stack, tmp_
     assert before + timedelta(days=2) <= expires_at <= datetime.now(UTC) + timedelta(days=2)
 
     status = segmentctl(stack, "status", "u-1000")
-    assert status.returncode == 0 and orjson.loads(status.stdout) == orjson.loads(updated.stdout)
+    assert status.returncode == 0
+    published, stored = orjson.loads(updated.stdout), orjson.loads(status.stdout)
+    published_token, stored_token = published.pop("consistency_token"), stored.pop("consistency_token")
+    assert stored == published and parse_lsn(stored_token) >= parse_lsn(published_token)
+    segments = segmentctl(stack, "user", "segments", "1000", "--token", published_token)  # the token handed on
+    assert segments.returncode == 0, segments.stderr
+    assert sorted(s["slug"] for s in orjson.loads(segments.stdout)["segments"]) == [
+        "AVITO_DISCOUNT_30", "AVITO_VOICE_MESSAGES"]
+    assert segmentctl(stack, "user", "segments", "1000", "--token", "not-a-token").returncode == 2
     missing = segmentctl(stack, "status", "never-published")
     assert missing.returncode == 1 and "not processed" in missing.stderr
 

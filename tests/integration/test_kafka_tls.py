@@ -24,8 +24,8 @@ from services.command_consumer.consumer import CommandConsumer
 from services.query_api.app import create_app
 from shared.client import OutcomeReader
 from shared.kafka import KafkaSetupError, ensure_topics
+from tests.proxies import TcpProxy
 from tests.support import service_env, wait_for_outcomes
-from tests.tls.proxy import TlsProxy
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(bool(os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or os.environ.get("TEST_INFRA")),
@@ -43,7 +43,7 @@ async def broker_behind_tls(certificate: trustme.LeafCert, client_ca: trustme.CA
         context.verify_mode = ssl.CERT_REQUIRED
     proxy_port = free_port()
     kafka = EmbeddedKafka(advertised=f"localhost:{proxy_port}")
-    proxy = TlsProxy(kafka.port, context)
+    proxy = TcpProxy(kafka.port, context)
     await proxy.start(proxy_port)
     try:
         await asyncio.to_thread(kafka.start)

@@ -35,6 +35,10 @@ class CountingPool:
         return rows
 
 
+def slugs(found) -> list[str]:
+    return sorted(row[0] for row in found.rows)
+
+
 async def seed(pool, users: range) -> None:
     await pool.execute("INSERT INTO segments (slug, created_at, updated_at) VALUES ('A', $1, $1), ('B', $1, $1)", NOW)
     await pool.execute(
@@ -53,9 +57,10 @@ async def test_reads_waiting_together_share_one_query_and_get_their_own_rows(poo
     one_by_one = [await reader.read(user_id) for user_id in [*range(1, 31), 7]]
     assert len(counting.batches) == 1 + 31
     assert together == one_by_one
-    assert sorted(slug for slug, _, _ in together[1]) == ["A", "B"]  # user 2
-    assert [slug for slug, _, _ in together[2]] == ["A"]  # user 3
-    assert await reader.read(10_000) == []  # never seen: nothing explicit
+    assert slugs(together[1]) == ["A", "B"]  # user 2
+    assert slugs(together[2]) == ["A"]  # user 3
+    assert (await reader.read(10_000)).rows == []  # never seen: nothing explicit
+    assert all(found.shared == [(None, None, None, 0)] for found in together)  # the catalogue version, for all
 
 
 async def test_a_batch_is_split_at_its_limit(pool):
@@ -64,7 +69,7 @@ async def test_a_batch_is_split_at_its_limit(pool):
     reader = BatchedLookup(counting, USER_SEGMENTS_SQL, max_batch=4)
     results = await asyncio.gather(*(reader.read(user_id) for user_id in range(1, 11)))
     assert sorted(len(batch) for batch in counting.batches) == [2, 4, 4]
-    assert [len(rows) for rows in results] == [1, 2] * 5
+    assert [len(found.rows) for found in results] == [1, 2] * 5
 
 
 async def test_a_read_asked_for_after_a_query_ran_never_shares_its_answer(pool):
@@ -80,8 +85,8 @@ async def test_a_read_asked_for_after_a_query_ran_never_shares_its_answer(pool):
     second = asyncio.create_task(reader.read(1))
     await counting.ran.wait()  # a second query ran
     counting.gate.set()
-    assert [slug for slug, _, _ in await first] == ["A"]  # as of its query
-    assert sorted(slug for slug, _, _ in await second) == ["A", "B"]  # a query of its own, after the change
+    assert slugs(await first) == ["A"]  # as of its query
+    assert slugs(await second) == ["A", "B"]  # a query of its own, after the change
 
 
 async def test_a_failed_query_fails_every_read_waiting_on_it(pool):

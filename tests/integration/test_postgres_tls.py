@@ -21,8 +21,8 @@ from services.command_consumer.consumer import CommandConsumer
 from services.expiry_worker.worker import expire_batch
 from services.query_api.app import create_app
 from shared.db import apply_migrations, create_pool
+from tests.proxies import PostgresTlsProxy
 from tests.support import Publisher, wait_for_outcomes
-from tests.tls.proxy import PostgresTlsProxy
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(bool(os.environ.get("DATABASE_URL") or os.environ.get("TEST_INFRA")),

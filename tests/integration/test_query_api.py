@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from services.query_api.app import create_app
+from services.query_api.replicas import parse_lsn
 from services.query_api.reports import ReportSigner, stream_report
 from shared.rollout import rollout_bucket
 from tests.support import read_topic, running_consumer, wait_for_outcomes
@@ -104,6 +105,8 @@ async def test_command_status(api, pool):
         "INSERT INTO command_outcomes VALUES ('c-1', 'create_user', 'applied', NULL, '{\"user_id\": 1}'::jsonb, "
         "'2026-11-28T10:00:00.123Z', 'assignments.commands', 3, 1042)")
     body = (await api.get("/commands/c-1")).json()
+    token = body.pop("consistency_token")
+    assert parse_lsn(token) >= parse_lsn(await pool.fetchval("SELECT pg_current_wal_lsn()::text")) - 10**6
     assert body == {"command_id": "c-1", "type": "create_user", "status": "applied", "error": None,
                     "result": {"user_id": 1}, "processed_at": "2026-11-28T10:00:00.123Z",
                     "source": {"topic": "assignments.commands", "partition": 3, "offset": 1042}, "actor": None}
@@ -179,7 +182,8 @@ async def test_a_large_report_streams_without_loading_it_whole(pool):
     tracemalloc.start()
     lines = chunks = 0
     try:
-        async for chunk in stream_report(pool, 2023, 9, None):
+        conn = await pool.acquire()
+        async for chunk in stream_report(conn, 2023, 9, None, release=lambda: pool.release(conn)):
             chunks += 1
             lines += chunk.count(b"\n")
         _, peak = tracemalloc.get_traced_memory()

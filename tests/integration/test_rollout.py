@@ -157,7 +157,8 @@ async def test_all_users_report_with_rollout_rows_streams_with_flat_memory(pool)
     tracemalloc.start()
     lines, chunks, last = 0, 0, None
     try:
-        async for chunk in stream_report(pool, 2023, 9, None):
+        conn = await pool.acquire()
+        async for chunk in stream_report(conn, 2023, 9, None, release=lambda: pool.release(conn)):
             chunks += 1
             rows = chunk.decode().splitlines()
             lines += len(rows)

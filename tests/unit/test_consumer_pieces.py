@@ -48,11 +48,11 @@ def test_an_outcome_row_is_the_table_row_and_gives_the_contract_json():
     row = OutcomeRow("c-1", "create_user", "applied", None, {"user_id": 1000, "created": True}, AT,
                      "assignments.commands", 3, 1042, "checkout")
     assert OutcomeRow.from_record(row._asdict()) == row
-    contract = row.contract()
+    contract = row.contract("0/16B3748")
     assert contract == {"command_id": "c-1", "type": "create_user", "status": "applied", "error": None,
                         "result": {"user_id": 1000, "created": True}, "processed_at": "2026-11-28T10:00:00.123Z",
                         "source": {"topic": "assignments.commands", "partition": 3, "offset": 1042},
-                        "actor": "checkout"}
+                        "actor": "checkout", "consistency_token": "0/16B3748"}
     Outcome.model_validate(contract)  # the documented schema accepts it
 
 
@@ -63,6 +63,8 @@ def test_an_outcome_record_is_keyed_by_command_id_with_the_contract_headers_and_
     message = outcome_message(Processed(parsed, row, replayed=False))
     assert message.key == b"c-7"
     assert orjson.loads(message.value) == row.contract()
+    assert orjson.loads(outcome_message(Processed(parsed, row, replayed=False), "1/A").value)[
+        "consistency_token"] == "1/A"
     assert message.headers == [("command-id", b"c-7"), ("command-type", b"create_user"), ("status", b"applied"),
                                ("traceparent", b"00-abc-def-01")]
     untraced = outcome_message(Processed(valid(8), row, replayed=True))

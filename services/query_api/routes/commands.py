@@ -35,10 +35,11 @@ COMMAND_EXAMPLES = {
             summary="The outcome of a consumed command")
 async def get_command(command_id: Annotated[str, Path(min_length=1, max_length=200)],
                       resources: ResourcesDep, _key: StatusKey) -> Response:
-    row = await readmodel.command_outcome(resources.pool, command_id)
-    if row is None:
+    found = await readmodel.command_outcome(resources.pool, command_id)  # the primary: the latest write
+    if found is None:
         raise HTTPException(404, f"command {command_id} has not been processed (yet)")
-    return json_response(row.contract())
+    outcome, token = found
+    return json_response(outcome.contract(token))
 
 
 COMMAND_SCHEMA, COMMAND_DEFINITIONS = command_json_schema()  # app.py adds the definitions to the document

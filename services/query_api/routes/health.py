@@ -38,6 +38,7 @@ async def readyz(resources: ResourcesDep):
     except KafkaUnavailable as error:
         checks["kafka"] = f"unavailable: {error}"
     ready = all(value == "ok" for value in checks.values())
+    checks.update(resources.reads.describe())  # shown, not required: reads fall back to the primary
     return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks},
                         status_code=200 if ready else 503)
 

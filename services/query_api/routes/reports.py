@@ -36,5 +36,12 @@ async def download_report(token: Annotated[str, Query(max_length=2048)], resourc
     except ReportLinkInvalid as error:
         raise HTTPException(403, str(error)) from error
     name = f"history-{year:04d}-{month:02d}" + (f"-user-{user_id}" if user_id else "") + ".csv"
-    return StreamingResponse(stream_report(resources.pool, year, month, user_id), media_type="text/csv",
-                             headers={"Content-Disposition": f'attachment; filename="{name}"'})
+    # A connection first (a replica, else the primary): a server that is away means 503, not a
+    # response cut off after its head.
+    pool, conn = await resources.reads.read(_acquire, replica_first=True)
+    return StreamingResponse(stream_report(conn, year, month, user_id, release=lambda: pool.release(conn)),
+                             media_type="text/csv", headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
+async def _acquire(pool):
+    return pool, await pool.acquire()

@@ -17,13 +17,13 @@ SlugPath = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0
 
 @router.get("/segments", response_model=Segments, summary="Live segments, sorted by slug")
 async def list_segments(resources: ResourcesDep, _key: ReadKey) -> Response:
-    return json_response({"segments": await readmodel.live_segments(resources.pool)})
+    return json_response({"segments": await resources.reads.read(readmodel.live_segments, replica_first=False)})
 
 
 @router.get("/segments/{slug}", response_model=Segment, responses={404: {"model": Problem}},
             summary="One live segment")
 async def get_segment(slug: SlugPath, resources: ResourcesDep, _key: ReadKey) -> Response:
-    segment = await readmodel.live_segment(resources.pool, slug)
+    segment = await resources.reads.read(lambda pool: readmodel.live_segment(pool, slug), replica_first=False)
     if segment is None:
         raise HTTPException(404, f"no live segment {slug}")
     return json_response(segment)

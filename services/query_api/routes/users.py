@@ -5,26 +5,36 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Request, Response
 
 from services.query_api import readmodel
-from services.query_api.dependencies import ReadKey, ReportsKey, ResourcesDep
+from services.query_api.dependencies import ConsistencyToken, ReadKey, ReportsKey, ResourcesDep
 from services.query_api.parameters import USER_SEGMENTS_PATH, Month, UserIdPath, Year
-from services.query_api.schemas import AUTH_RESPONSES, Problem, ReportLink, User, UserSegments, json_response
+from services.query_api.schemas import (
+    AUTH_RESPONSES,
+    UNAVAILABLE_RESPONSES,
+    Problem,
+    ReportLink,
+    User,
+    UserSegments,
+    json_response,
+)
 from shared.outcomes import format_timestamp
 
 router = APIRouter(tags=["users"], responses=AUTH_RESPONSES)
 
 
-@router.get(USER_SEGMENTS_PATH, response_model=UserSegments,
+@router.get(USER_SEGMENTS_PATH, response_model=UserSegments, responses=UNAVAILABLE_RESPONSES,
             summary="Segments the user is in now (explicit, unexpired, plus percent rollout)")
-async def get_user_segments(user_id: UserIdPath, resources: ResourcesDep, _key: ReadKey) -> Response:
-    # Valid ids are normally answered by fast_path.py before routing; this is the same answer.
-    return Response(await readmodel.user_segments_json(resources.memberships, resources.rollout.segments, user_id),
+async def get_user_segments(user_id: UserIdPath, resources: ResourcesDep, _key: ReadKey,
+                            token: ConsistencyToken) -> Response:
+    # Well-formed requests are normally answered by fast_path.py before routing; this is the same answer.
+    found = await resources.reads.memberships(user_id, token)
+    return Response(await readmodel.user_segments_json(found, resources.rollout, user_id),
                     media_type="application/json")
 
 
 @router.get("/users/{user_id}", response_model=User, responses={404: {"model": Problem}},
             summary="When the user was first seen")
 async def get_user(user_id: UserIdPath, resources: ResourcesDep, _key: ReadKey) -> Response:
-    row = await readmodel.user(resources.pool, user_id)
+    row = await resources.reads.read(lambda pool: readmodel.user(pool, user_id), replica_first=False)
     if row is None:
         raise HTTPException(404, f"user {user_id} has never been seen")
     return json_response({"user_id": row["user_id"], "registered_at": format_timestamp(row["registered_at"])})

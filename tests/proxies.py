@@ -1,4 +1,4 @@
-"""TLS-terminating TCP proxies for tests: TLS on 127.0.0.1, plain bytes to a local port.
+"""TCP proxies for tests: plain, or TLS-terminating, on 127.0.0.1 in front of a local port.
 
 The embedded Kafka broker serves plaintext only, and the embedded PostgreSQL is built without SSL
 ("SSL is not supported by this build"), so TLS to them runs through these, the way a managed
@@ -13,8 +13,11 @@ import ssl
 import struct
 
 
-class TlsProxy:
-    def __init__(self, target_port: int, context: ssl.SSLContext) -> None:
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to a local port: TLS-terminating with a context, plain without.
+    stop() cuts every connection through it, as a network outage would."""
+
+    def __init__(self, target_port: int, context: ssl.SSLContext | None = None) -> None:
         self.target_port = target_port
         self.context = context
         self.port = 0
@@ -63,7 +66,7 @@ class TlsProxy:
 SSL_REQUEST, GSSENC_REQUEST = 80877103, 80877104
 
 
-class PostgresTlsProxy(TlsProxy):
+class PostgresTlsProxy(TcpProxy):
     """TLS the way PostgreSQL offers it: a plain listener that answers a client's SSLRequest with
     "S" and then completes the TLS handshake (GSSAPI encryption is declined with "N")."""
 
