@@ -23,14 +23,12 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import httpx
 
 from bench import common
 from bench.common import Progress, bench_environment
-from devstack.embedded import EmbeddedPostgres
+from devstack.embedded import EmbeddedPostgres, url_on_port, wait_until_replayed
 from devstack.processes import free_port, stop_process
 from shared.api_keys import new_key
 from shared.rollout import rollout_bucket
@@ -170,21 +168,9 @@ async def start_replica(infra, settings, cleanup: contextlib.AsyncExitStack) -> 
                                replica_of=infra.postgres)
     await asyncio.to_thread(replica.start)
     cleanup.push_async_callback(asyncio.to_thread, replica.remove)
-    parts = urlsplit(settings.database_url)
-    url = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{replica.port}"))
-    primary = await asyncpg.connect(settings.database_url)
-    target = await primary.fetchval("SELECT pg_current_wal_lsn()")
-    await primary.close()
-    async with asyncio.timeout(120):
-        while True:
-            with contextlib.suppress(OSError, asyncpg.PostgresError):
-                conn = await asyncpg.connect(url)
-                try:
-                    if await conn.fetchval("SELECT pg_last_wal_replay_lsn() >= $1", target):
-                        return url
-                finally:
-                    await conn.close()
-            await asyncio.sleep(0.1)
+    url = url_on_port(settings.database_url, replica.port)
+    await wait_until_replayed(settings.database_url, url, timeout=120)
+    return url
 
 
 async def read_your_writes(settings, env: dict, commands: int, workers: int) -> tuple[int, int]:

@@ -166,3 +166,36 @@ class EmbeddedPostgres:
         """Stop the server and delete its data (and, as root, its home under ROOT_STATE_DIR)."""
         self.stop("immediate")
         self.home.remove()
+
+
+def url_on_port(database_url: str, port: int) -> str:
+    """The same user and database on another local server (a replica of it)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(database_url)
+    return urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}"))
+
+
+async def wait_until_replayed(primary_url: str, replica_url: str, timeout: float = 60.0) -> None:
+    """Until the replica has replayed everything the primary has written so far (its database
+    included: connecting to it fails until then)."""
+    import asyncio
+    import contextlib
+
+    import asyncpg
+
+    primary = await asyncpg.connect(primary_url)
+    try:
+        target = await primary.fetchval("SELECT pg_current_wal_lsn()")
+    finally:
+        await primary.close()
+    async with asyncio.timeout(timeout):
+        while True:
+            with contextlib.suppress(OSError, asyncpg.PostgresError):
+                replica = await asyncpg.connect(replica_url)
+                try:
+                    if await replica.fetchval("SELECT pg_last_wal_replay_lsn() >= $1", target):
+                        return
+                finally:
+                    await replica.close()
+            await asyncio.sleep(0.05)

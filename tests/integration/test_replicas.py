@@ -8,13 +8,12 @@ import asyncio
 import contextlib
 import os
 from datetime import UTC, datetime, timedelta
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
 import pytest
 
-from devstack.embedded import EmbeddedPostgres
+from devstack.embedded import EmbeddedPostgres, url_on_port, wait_until_replayed
 from services.query_api.app import create_app
 from tests.proxies import TcpProxy
 from tests.support import Publisher, running_consumer, wait_for_outcomes
@@ -32,11 +31,6 @@ def replica(infra, tmp_path_factory):
         yield server
     finally:
         server.remove()
-
-
-def on(url: str, port: int) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}"))
 
 
 @contextlib.asynccontextmanager
@@ -60,20 +54,7 @@ async def replay_paused(replica_url: str):
 
 
 async def caught_up(settings, replica_url: str) -> None:
-    """Until the replica has the test's database and everything written so far."""
-    primary = await asyncpg.connect(settings.database_url)
-    target = await primary.fetchval("SELECT pg_current_wal_lsn()")
-    await primary.close()
-    async with asyncio.timeout(30):
-        while True:
-            with contextlib.suppress(OSError, asyncpg.PostgresError):
-                conn = await asyncpg.connect(replica_url)
-                try:
-                    if await conn.fetchval("SELECT pg_last_wal_replay_lsn() >= $1", target):
-                        return
-                finally:
-                    await conn.close()
-            await asyncio.sleep(0.05)
+    await wait_until_replayed(settings.database_url, replica_url, timeout=30)
 
 
 async def slugs(client, user_id: int, **headers) -> list[str]:
@@ -89,7 +70,7 @@ async def add(publish, pool, user_id: int, slug: str, command_id: str, **extra) 
 
 
 async def test_reads_go_to_the_replica_and_a_token_is_answered_only_where_it_was_replayed(settings, pool, replica):
-    replica_url = on(settings.database_url, replica.port)
+    replica_url = url_on_port(settings.database_url, replica.port)
     async with Publisher(settings) as publish, running_consumer(settings, pool):
         await publish.segment({"type": "create_segment", "slug": "R", "command_id": "s"})
         await wait_for_outcomes(pool, ["s"])
@@ -118,7 +99,7 @@ async def test_reads_go_to_the_replica_and_a_token_is_answered_only_where_it_was
 
 
 async def test_a_replica_lagging_past_the_bound_gets_no_reads_until_it_catches_up(settings, pool, replica):
-    replica_url = on(settings.database_url, replica.port)
+    replica_url = url_on_port(settings.database_url, replica.port)
     async with Publisher(settings) as publish, running_consumer(settings, pool):
         await publish.segment({"type": "create_segment", "slug": "L", "command_id": "s"})
         await wait_for_outcomes(pool, ["s"])
@@ -142,7 +123,7 @@ async def test_a_replica_lagging_past_the_bound_gets_no_reads_until_it_catches_u
 
 
 async def test_expiry_and_deletion_read_correctly_from_the_replica(settings, pool, replica):
-    replica_url = on(settings.database_url, replica.port)
+    replica_url = url_on_port(settings.database_url, replica.port)
     async with Publisher(settings) as publish, running_consumer(settings, pool):
         for slug in ("TTL", "GONE"):
             await publish.segment({"type": "create_segment", "slug": slug, "command_id": slug})
@@ -166,7 +147,7 @@ async def test_a_replica_stopped_under_load_causes_no_error(settings, pool, tmp_
     own = EmbeddedPostgres(tmp_path / "short-lived", replica_of=infra.postgres)
     await asyncio.to_thread(own.start)
     try:
-        replica_url = on(settings.database_url, own.port)
+        replica_url = url_on_port(settings.database_url, own.port)
         await caught_up(settings, replica_url)
         async with api(settings, read_database_urls=[replica_url], max_replica_lag_ms=60_000) as client:
             statuses: list[int] = []
@@ -194,13 +175,13 @@ async def test_a_lost_database_is_a_503_with_retry_after_or_another_server_answe
     answers 503 with Retry-After; with one, every read but command status is answered by it."""
     await pool.execute("INSERT INTO segments (slug, created_at, updated_at) VALUES ('X', now(), now())")
     await pool.execute("INSERT INTO users VALUES (5, now())")
-    replica_url = on(settings.database_url, replica.port)
+    replica_url = url_on_port(settings.database_url, replica.port)
     await caught_up(settings, replica_url)
     for replicas in ([], [replica_url]):
         proxy = TcpProxy(infra.postgres.port)
         port = await proxy.start()
         try:
-            async with api(settings, database_url=on(settings.database_url, port), read_database_urls=replicas,
+            async with api(settings, database_url=url_on_port(settings.database_url, port), read_database_urls=replicas,
                            max_replica_lag_ms=60_000) as client:
                 link = (await client.get("/reports/history", params=month())).json()["report_link"]
                 for path in ROUTES:
