@@ -7,7 +7,11 @@ end-to-end latency at a steady rate. Same broker, same database server, same run
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 import random
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 
@@ -17,6 +21,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from bench import common
 from bench.common import Progress, bench_environment, percentile
 from bench.simple_consumer import run_simple_consumer
+from devstack.otlp_sink import OtlpSink
+from devstack.processes import stop_process
 from services.command_consumer.consumer import CommandConsumer
 from shared.kafka import kafka_options
 from shared.service import tune_gc
@@ -90,6 +96,19 @@ async def consume_all(settings, pool) -> None:
         raise
 
 
+async def consumer_process(settings, extra_env: dict[str, str]) -> None:
+    """`python -m services.command_consumer` on these settings until cancelled."""
+    env = {**os.environ, **settings.to_env(), "CONSUMER_METRICS_PORT": "0", "LOG_LEVEL": "WARNING", **extra_env}
+    process = subprocess.Popen([sys.executable, "-m", "services.command_consumer"], env=env,  # noqa: ASYNC220
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while process.poll() is None:  # noqa: ASYNC110 - a process, not an event
+            await asyncio.sleep(0.2)
+        raise RuntimeError(f"the consumer exited with status {process.returncode}")
+    finally:
+        await asyncio.to_thread(stop_process, process)
+
+
 async def latency_at_steady_rate(settings, pool, rate: int, seconds: float) -> list[float]:
     consumer = CommandConsumer(settings, pool)
     consuming = asyncio.create_task(consumer.run())
@@ -155,6 +174,23 @@ async def main(args) -> None:
         simple = await measure_until_stored(pool, len(baseline_commands), "simple loop",
                                             lambda: run_simple_consumer(settings, pool, len(baseline_commands)))
 
+        # The consumer as its own process, as deployed: tracing off, and on at 1 % and 100 % of
+        # commands (spans over OTLP to a receiver in this process).
+        traced = {}
+        with OtlpSink() as sink:
+            tracing_commands = commands[: args.tracing_commands]
+            for label, extra in (("process, tracing off", {}),
+                                 ("process, tracing 1%", {"OTEL_TRACES_SAMPLER_ARG": "0.01"}),
+                                 ("process, tracing 100%", {"OTEL_TRACES_SAMPLER_ARG": "1.0"})):
+                if extra:
+                    extra = {**extra, "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint,
+                             "OTEL_TRACES_SAMPLER": "parentbased_traceidratio"}
+                settings, pool = await new(label.split(",")[1].strip().replace(" ", "_").replace("%", "pc"))
+                await seed_segments(pool, args.segments)
+                await preload(settings, tracing_commands)
+                traced[label] = await measure_until_stored(pool, len(tracing_commands), label,
+                                                           functools.partial(consumer_process, settings, extra))
+
         settings, pool = await new("latency")
         await seed_segments(pool, args.segments)
         latencies = await latency_at_steady_rate(settings, pool, args.rate, args.latency_seconds)
@@ -168,12 +204,19 @@ async def main(args) -> None:
             f"latency at {args.rate}/s": f"p50 {percentile(latencies, 0.5) * 1000:.1f} ms, "
                                          f"p99 {percentile(latencies, 0.99) * 1000:.1f} ms over {len(latencies):,} "
                                          "commands (produce → outcome durable and published; target p99 <= 100 ms)",
+            **{label: f"{rate:10,.0f} commands/s  ({args.tracing_commands:,} commands)"
+               for label, rate in traced.items()},
+            "tracing 1% / off": f"{traced['process, tracing 1%'] / traced['process, tracing off']:10.1%}   "
+                                "(target >= 97%)",
+            "tracing 100% / off": f"{traced['process, tracing 100%'] / traced['process, tracing off']:10.1%}   "
+                                  "(every command traced)",
         })
 
 
 def cli() -> None:
     common.cli(__doc__, main, commands=200_000,
                baseline_commands=(20_000, "the baseline's rate is steady, so a sample of the same commands suffices"),
+               tracing_commands=(100_000, "commands of each consumer-process round (tracing off, 1 %, 100 %)"),
                users=100_000, segments=50, partitions=8, rate=500, latency_seconds=20.0)
 
 

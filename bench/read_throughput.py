@@ -1,6 +1,8 @@
 """GET /users/{id}/segments: this API against a minimal FastAPI + asyncpg baseline, same data,
 same database, same load (wrk, random user ids, 32 connections), in one run; and this API with
-access control on (every read sends an API key) against the same API open.
+access control on (every read sends an API key), with tracing on (1 % and 100 % of requests
+sampled, spans sent over OTLP to a receiver in this process), and reading from a streaming replica
+(with and without a consistency token), each against the same API as it is by default.
 
     python -m bench.read_throughput [--users 200000] [--duration 15] [--workers 2]
 
@@ -29,6 +31,7 @@ import httpx
 from bench import common
 from bench.common import Progress, bench_environment
 from devstack.embedded import EmbeddedPostgres, url_on_port, wait_until_replayed
+from devstack.otlp_sink import OtlpSink
 from devstack.processes import free_port, stop_process
 from shared.api_keys import new_key
 from shared.rollout import rollout_bucket
@@ -117,6 +120,10 @@ async def main(args) -> None:
             "baseline": ([sys.executable, "-m", "uvicorn", "bench.baseline_api:app", "--workers", str(args.workers),
                           "--log-level", "warning", "--no-access-log"], {}, ()),
         }
+        sink = cleanup.enter_context(OtlpSink())  # where traced rounds send their spans
+        for label, ratio in (("tracing 1%", "0.01"), ("tracing 100%", "1.0")):
+            servers[label] = (api, {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint, "OTEL_TRACES_SAMPLER_ARG": ratio,
+                                    "OTEL_TRACES_SAMPLER": "parentbased_traceidratio"}, ())
         replica_url = await start_replica(infra, settings, cleanup) if infra.postgres else None
         if replica_url:
             token = await pool.fetchval("SELECT pg_current_wal_lsn()::text")  # replayed before the rounds
@@ -149,6 +156,8 @@ async def main(args) -> None:
                  f"  non-2xx {result['errors']}" for name, result in results.items()},
         "ratio": f"{ours['rps'] / base['rps']:9.2f}x   (target >= 2x with p99 <= 25 ms)",
         "keys on / off": f"{keyed['rps'] / ours['rps']:9.1%}   (target >= 95%)",
+        "tracing 1% / off": f"{results['tracing 1%']['rps'] / ours['rps']:9.1%}   (target >= 97%)",
+        "tracing 100% / off": f"{results['tracing 100%']['rps'] / ours['rps']:9.1%}   (every request traced)",
     }
     if "replica" in results:
         lines["replica / primary"] = (f"{results['replica']['rps'] / ours['rps']:9.1%}   (target >= 90%; one "

@@ -24,6 +24,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from shared import tracing
 from shared.commands import SEGMENT_COMMAND_TYPES, command_adapter, partition_key
 from shared.kafka import KafkaSetupError, create_producer, kafka_options, start_client
 from shared.settings import Settings
@@ -102,7 +103,9 @@ class CommandPublisher:
         command = {**command, "command_id": validated.command_id or uuid.uuid4().hex}
         topic = (self.settings.segments_commands_topic if validated.type in SEGMENT_COMMAND_TYPES
                  else self.settings.assignments_commands_topic)
-        headers = [("traceparent", traceparent.encode())] if traceparent else []
+        # With tracing on, the instrumented send puts the current trace context (which continued the
+        # caller's) in the headers; off, a caller's traceparent is passed on as it is.
+        headers = [("traceparent", traceparent.encode())] if traceparent and not tracing.ENABLED else []
         producer = await self.start()
         try:
             delivery = await asyncio.wait_for(

@@ -9,6 +9,8 @@ import sys
 
 import structlog
 
+from shared.tracing import add_trace_ids
+
 
 def configure_logging(level: str = "INFO", fmt: str = "json", service: str | None = None) -> None:
     renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer()
@@ -21,6 +23,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json", service: str | Non
     processors = [
         structlog.contextvars.merge_contextvars,
         add_service,
+        add_trace_ids,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.StackInfoRenderer(),

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import signal
 from collections.abc import Callable
 
 import structlog
 from prometheus_client import start_http_server
 
+from shared import tracing
 from shared.logging import configure_logging
 from shared.settings import Settings, get_settings
 
@@ -19,6 +21,9 @@ log = structlog.get_logger(__name__)
 def bootstrap(service: str) -> Settings:
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format, service=service)
+    if tracing.configure(service):
+        log.info("tracing on", exporter=os.environ.get("OTEL_TRACES_EXPORTER", "otlp"),
+                 sampler=os.environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on"))
     return settings
 
 

@@ -4,6 +4,7 @@ effects and outcomes are durable in PostgreSQL and acknowledged by Kafka."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -18,6 +19,8 @@ from services.command_consumer.parsing import ParsedRecord, RecordRef, parse_rec
 from services.command_consumer.poison_guard import PoisonGuard
 from services.command_consumer.publishing import OutcomePublisher
 from services.command_consumer.retry import with_retry
+from services.command_consumer.spans import BatchTrace
+from shared import tracing
 from shared.settings import Settings
 
 log = structlog.get_logger("command_consumer")
@@ -38,9 +41,14 @@ class BatchPipeline:
                  for r in records]
         self._guard.check(batch)
         started = time.monotonic()
-        processed, token = await self._apply(tp, batch)
-        applied_in, durable_at = time.monotonic() - started, time.time()
-        await self._publisher.publish(processed, token)
+        traced = BatchTrace(tp, batch) if tracing.ENABLED else None
+        with traced or contextlib.nullcontext():
+            processed, token = await self._apply(tp, batch)
+            applied_in, durable_at = time.monotonic() - started, time.time()
+            spans = traced.command_spans(processed) if traced else None
+            await self._publisher.publish(processed, token, spans)
+        if traced:
+            traced.finish(spans)
         next_offset = batch[-1].record.offset + 1
         try:
             await self._kafka_consumer.commit({tp: next_offset})

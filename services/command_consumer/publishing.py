@@ -9,6 +9,7 @@ from typing import NamedTuple
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError
+from opentelemetry import trace
 
 from services.command_consumer.batch import Processed
 from services.command_consumer.parsing import InvalidRecord
@@ -23,14 +24,15 @@ class Message(NamedTuple):
     headers: Headers
 
 
-def outcome_message(item: Processed, consistency_token: str | None = None) -> Message:
+def outcome_message(item: Processed, consistency_token: str | None = None, copy_trace: bool = True) -> Message:
     """The results-topic record of an outcome: keyed by command id, with the contract's headers
-    and the command's own `traceparent`, if it had one."""
+    and the command's own `traceparent`, if it had one (with tracing on, the instrumented send puts
+    the command span's context there instead)."""
     outcome = item.outcome
     headers = [("command-id", outcome.command_id.encode()),
                ("command-type", (outcome.type or "").encode()),
                ("status", outcome.status.encode())]
-    traceparent = item.parsed.record.header("traceparent")
+    traceparent = item.parsed.record.header("traceparent") if copy_trace else None
     if traceparent is not None:
         headers.append(("traceparent", traceparent))
     return Message(orjson.dumps(outcome.contract(consistency_token)), outcome.command_id.encode(), headers)
@@ -62,18 +64,29 @@ class OutcomePublisher:
         self._results_topic = results_topic
         self._dlq_topic = dlq_topic
 
-    async def publish(self, processed: list[Processed], consistency_token: str | None = None) -> None:
-        """Every outcome of a batch (and the DLQ record of each invalid one), all acknowledged."""
+    async def publish(self, processed: list[Processed], consistency_token: str | None = None,
+                      spans: list[trace.Span] | None = None) -> None:
+        """Every outcome of a batch (and the DLQ record of each invalid one), all acknowledged.
+        With `spans` (tracing on), each is sent inside its command's span."""
         deliveries = []
-        for item in processed:
-            deliveries.append(await self._send(self._results_topic, outcome_message(item, consistency_token)))
-            if isinstance(item.parsed, InvalidRecord):
-                message = dlq_message(item.parsed)
-                try:
-                    deliveries.append(await self._send(self._dlq_topic, message))
-                except MessageSizeTooLargeError:
-                    deliveries.append(await self._send(self._dlq_topic, without_value(message)))
+        for index, item in enumerate(processed):
+            if spans is None:
+                await self._publish_one(item, consistency_token, deliveries, copy_trace=True)
+            else:
+                with trace.use_span(spans[index], end_on_exit=False):
+                    await self._publish_one(item, consistency_token, deliveries, copy_trace=False)
         await asyncio.gather(*deliveries)
+
+    async def _publish_one(self, item: Processed, consistency_token: str | None, deliveries: list,
+                           copy_trace: bool) -> None:
+        deliveries.append(await self._send(self._results_topic,
+                                           outcome_message(item, consistency_token, copy_trace)))
+        if isinstance(item.parsed, InvalidRecord):
+            message = dlq_message(item.parsed)
+            try:
+                deliveries.append(await self._send(self._dlq_topic, message))
+            except MessageSizeTooLargeError:
+                deliveries.append(await self._send(self._dlq_topic, without_value(message)))
 
     async def _send(self, topic: str, message: Message) -> asyncio.Future:
         return await self._producer.send(topic, message.value, key=message.key, headers=message.headers)

@@ -17,6 +17,7 @@ import asyncpg
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
+from shared import tracing
 from shared.db import TRANSIENT_DB_ERRORS
 from shared.membership import HISTORY_COLUMNS, HistoryRow, Segment, leaves_at_expiry
 
@@ -119,7 +120,7 @@ class ExpiryWorker:
         while not self.stopping.is_set():
             try:
                 async with self.pool.acquire() as conn:
-                    result = await expire_batch(conn, self.batch_size)
+                    result = await self._expire(conn)
                     if self.on_batch:
                         self.on_batch(result)
                     if result.removed:
@@ -138,6 +139,14 @@ class ExpiryWorker:
                 await asyncio.wait_for(self.stopping.wait(), sleep)
             except TimeoutError:
                 pass
+
+    async def _expire(self, conn: asyncpg.Connection) -> BatchResult:
+        if not tracing.ENABLED:
+            return await expire_batch(conn, self.batch_size)
+        with tracing.tracer().start_as_current_span("expire memberships") as span:
+            result = await expire_batch(conn, self.batch_size)
+            span.set_attribute("segmentation.expired", result.removed)
+            return result
 
     async def _report_backlog(self, conn: asyncpg.Connection) -> None:
         if time.monotonic() - self._backlog_checked < 5:

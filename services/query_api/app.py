@@ -11,18 +11,21 @@ from contextlib import asynccontextmanager
 import structlog
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
+from opentelemetry import trace
 
 from services.query_api.auth import KeyRing
 from services.query_api.batched_lookup import BatchedLookup
 from services.query_api.dependencies import Resources
 from services.query_api.fast_path import answer_user_segments
 from services.query_api.http_metrics import BodySizeLimitMiddleware, MetricsMiddleware
+from services.query_api.parameters import USER_SEGMENTS_PATH, user_id_from_path
 from services.query_api.readmodel import READ_SERVER_SETTINGS, USER_SEGMENTS_SQL
 from services.query_api.replicas import ReadRouter
 from services.query_api.reports import ReportSigner
 from services.query_api.rollout_cache import RolloutCache
 from services.query_api.routes import asyncapi, commands, health, reports, segments, users
 from services.query_api.schemas import DATABASE_UNAVAILABLE, RETRY_AFTER_SECONDS
+from shared import tracing
 from shared.api_keys import KeyFileError
 from shared.client import CommandPublisher, KafkaUnavailable
 from shared.db import TRANSIENT_DB_ERRORS, create_pool
@@ -85,12 +88,44 @@ async def _connect(publisher: CommandPublisher) -> None:
 
 
 class SegmentationAPI(FastAPI):
-    """FastAPI, with the hot read answered before anything else runs (see fast_path.py)."""
+    """FastAPI, with the hot read answered before anything else runs (see fast_path.py), and with
+    tracing on, all of it inside OpenTelemetry's ASGI middleware (request spans named by route)."""
+
+    entry = None  # the traced entry point, when tracing is on
 
     async def __call__(self, scope, receive, send) -> None:
+        if self.entry is not None and scope["type"] == "http":
+            await self.entry(scope, receive, send)
+        else:
+            await self.dispatch(scope, receive, send)
+
+    async def dispatch(self, scope, receive, send) -> None:
         resources = getattr(self.state, "resources", None)  # set once the lifespan has started
         if resources is None or not await answer_user_segments(resources, scope, send):
             await super().__call__(scope, receive, send)
+            if self.entry is not None:
+                _name_request_span(scope)
+
+    def trace_requests(self) -> None:
+        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+        def span_details(scope) -> tuple[str, dict]:
+            if user_id_from_path(scope["path"]) is not None:  # the fast path: named now, no routing follows
+                return f"GET {USER_SEGMENTS_PATH}", {"http.route": USER_SEGMENTS_PATH}
+            return scope["method"], {}
+
+        self.entry = OpenTelemetryMiddleware(self.dispatch, default_span_details=span_details,
+                                             excluded_urls="healthz,readyz,metrics")
+
+
+def _name_request_span(scope) -> None:
+    """Request spans are named by the route's template once routing has found it."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if path:
+        span = trace.get_current_span()
+        span.update_name(f"{scope['method']} {path}")
+        span.set_attribute("http.route", path)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -145,6 +180,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi
+    if tracing.ENABLED:
+        app.trace_requests()
     for error in TRANSIENT_DB_ERRORS:
         app.add_exception_handler(error, database_unavailable)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)

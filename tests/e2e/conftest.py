@@ -26,12 +26,13 @@ def secured_stack(settings, tmp_path):
         yield stack
 
 
-def started_stack(settings, tmp_path):
+def started_stack(settings, tmp_path, **env: str):
+    """Stack started like `settings`, with `env` added to the services' environment."""
     settings = settings.model_copy(update={"api_port": free_port(), "data_dir": tmp_path,
                                            "consumer_metrics_port": free_port(),
                                            "expiry_metrics_port": free_port()})
     stack = Stack(settings, say=lambda *_: None)
-    stack.env.update({name: value for name, value in settings.to_env().items() if name != "DATA_DIR"})
+    stack.env.update({name: value for name, value in settings.to_env().items() if name != "DATA_DIR"}, **env)
     try:
         stack.start_servers()  # external servers given: nothing embedded is started
         assert stack.postgres is None and stack.kafka is None

@@ -1,0 +1,95 @@
+"""OpenTelemetry across the services, recorded by the SDK's in-memory exporter: one trace from the
+HTTP request through the produce, the consumer's command span and its database work to the
+outcome record; foreign trace context continued; a rejected command's span says why; log lines
+inside spans carry the ids. (Tracing off, configured by the environment: tests/e2e/test_tracing.py.)"""
+
+from __future__ import annotations
+
+import contextlib
+
+import httpx
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from services.query_api.app import create_app
+from shared import tracing
+from tests.support import Publisher, header, read_topic, running_consumer, wait_for_outcomes
+
+pytestmark = pytest.mark.integration
+EXPORTER = InMemorySpanExporter()
+PROVIDER = TracerProvider()
+PROVIDER.add_span_processor(SimpleSpanProcessor(EXPORTER))
+FOREIGN_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+FOREIGN_PARENT = "00f067aa0ba902b7"
+
+
+@pytest.fixture
+def spans():
+    """Tracing on, into the in-memory exporter, for one test."""
+    EXPORTER.clear()
+    tracing.enable(PROVIDER)
+    try:
+        yield EXPORTER
+    finally:
+        tracing.disable()
+        EXPORTER.clear()
+
+
+@contextlib.asynccontextmanager
+async def api(settings):
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as client:
+            yield client
+
+
+def by_name(finished, name: str):
+    return [span for span in finished if span.name == name]
+
+
+async def test_a_command_through_post_commands_is_one_trace_to_its_outcome(settings, pool, spans):
+    async with api(settings) as client, running_consumer(settings, pool):
+        assert (await client.post("/commands", json={"type": "create_segment", "slug": "T",
+                                                      "command_id": "traced"})).status_code == 202
+        await wait_for_outcomes(pool, ["traced"])
+    finished = spans.get_finished_spans()
+    request = next(span for span in finished if span.name == "POST /commands" and span.kind is SpanKind.SERVER)
+    trace_id = request.context.trace_id
+    in_trace = [span for span in finished if span.context.trace_id == trace_id]
+    names = {span.name for span in in_trace}
+    assert f"{settings.segments_commands_topic} send" in names  # the produce, by aiokafka's instrumentation
+    command = next(span for span in in_trace if span.name == "apply create_segment")
+    assert command.attributes["segmentation.command.status"] == "applied"
+    assert command.attributes["messaging.message.id"] == "traced"
+    batch = next(span for span in in_trace if span.name == f"process {settings.segments_commands_topic}")
+    database = [span for span in in_trace if span.parent and span.parent.span_id == batch.context.span_id
+                and span.kind is SpanKind.CLIENT]
+    assert any("segments" in (span.attributes.get("db.statement") or span.attributes.get("db.query.text") or "")
+               for span in database)  # its database work, by asyncpg's instrumentation
+    results = await read_topic(settings, settings.results_topic, 1)
+    traceparent = header(results[0], "traceparent")
+    assert traceparent.split("-")[1] == format(trace_id, "032x")  # the outcome carries the trace on
+
+
+async def test_a_foreign_traceparent_is_continued_and_a_rejection_says_why(settings, pool, spans):
+    async with Publisher(settings) as publish, running_consumer(settings, pool):
+        await publish.segment({"type": "delete_segment", "slug": "NOPE", "command_id": "foreign"},
+                              headers=[("traceparent", f"00-{FOREIGN_TRACE}-{FOREIGN_PARENT}-01".encode())])
+        await wait_for_outcomes(pool, ["foreign"])
+    command = by_name(spans.get_finished_spans(), "apply delete_segment")[0]
+    assert format(command.context.trace_id, "032x") == FOREIGN_TRACE
+    assert format(command.parent.span_id, "016x") == FOREIGN_PARENT
+    assert command.status.status_code is StatusCode.ERROR
+    assert "segment_not_found" in command.status.description and "NOPE" in command.status.description
+    assert command.attributes["error.type"] == "segment_not_found"
+
+
+async def test_log_lines_inside_a_span_carry_its_ids(spans):
+    with tracing.tracer().start_as_current_span("work") as span:
+        line = tracing.add_trace_ids(None, "info", {"event": "inside"})
+    assert line["trace_id"] == format(span.get_span_context().trace_id, "032x")
+    assert line["span_id"] == format(span.get_span_context().span_id, "016x")
+    assert "trace_id" not in tracing.add_trace_ids(None, "info", {"event": "outside"})
