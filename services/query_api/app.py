@@ -18,7 +18,6 @@ from services.query_api.batched_lookup import BatchedLookup
 from services.query_api.dependencies import Resources
 from services.query_api.fast_path import answer_user_segments
 from services.query_api.http_metrics import BodySizeLimitMiddleware, MetricsMiddleware
-from services.query_api.parameters import USER_SEGMENTS_PATH, user_id_from_path
 from services.query_api.readmodel import READ_SERVER_SETTINGS, USER_SEGMENTS_SQL
 from services.query_api.replicas import ReadRouter
 from services.query_api.reports import ReportSigner
@@ -94,28 +93,27 @@ class SegmentationAPI(FastAPI):
     entry = None  # the traced entry point, when tracing is on
 
     async def __call__(self, scope, receive, send) -> None:
+        resources = getattr(self.state, "resources", None)  # set once the lifespan has started
+        if resources is not None and await answer_user_segments(resources, scope, send):
+            return  # the hot read, answered (and traced) by fast_path.py
         if self.entry is not None and scope["type"] == "http":
             await self.entry(scope, receive, send)
         else:
             await self.dispatch(scope, receive, send)
 
     async def dispatch(self, scope, receive, send) -> None:
-        resources = getattr(self.state, "resources", None)  # set once the lifespan has started
-        if resources is None or not await answer_user_segments(resources, scope, send):
-            await super().__call__(scope, receive, send)
-            if self.entry is not None:
-                _name_request_span(scope)
+        await super().__call__(scope, receive, send)
+        if self.entry is not None:
+            _name_request_span(scope)
 
     def trace_requests(self) -> None:
         from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
         def span_details(scope) -> tuple[str, dict]:
-            if user_id_from_path(scope["path"]) is not None:  # the fast path: named now, no routing follows
-                return f"GET {USER_SEGMENTS_PATH}", {"http.route": USER_SEGMENTS_PATH}
-            return scope["method"], {}
+            return scope["method"], {}  # named by its route once routing has found it
 
         self.entry = OpenTelemetryMiddleware(self.dispatch, default_span_details=span_details,
-                                             excluded_urls="healthz,readyz,metrics")
+                                             excluded_urls="healthz,readyz,metrics", exclude_spans=["receive", "send"])
 
 
 def _name_request_span(scope) -> None:

@@ -7,6 +7,9 @@ import itertools
 from typing import Any, NamedTuple
 
 import asyncpg
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+from shared import tracing
 
 
 class Found(NamedTuple):
@@ -66,7 +69,11 @@ class BatchedLookup:
 
     async def _answer(self, waiting: dict[Any, list[asyncio.Future]]) -> None:
         try:
-            records = await self._pool.fetch(self._sql, list(waiting))
+            if tracing.ENABLED:  # one query serves many requests: it belongs to no single request's trace
+                with suppress_instrumentation():
+                    records = await self._pool.fetch(self._sql, list(waiting))
+            else:
+                records = await self._pool.fetch(self._sql, list(waiting))
         except Exception as error:  # each waiting request fails with it (a 500), as its own query would
             for futures in waiting.values():
                 for future in futures:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import time
 
 import orjson
+from opentelemetry import propagate
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.trace import SpanKind
 
 from services.query_api import http_metrics
 from services.query_api.auth import KeyRing, bearer_token
@@ -17,6 +20,7 @@ from services.query_api.parameters import USER_SEGMENTS_PATH, user_id_from_path
 from services.query_api.readmodel import user_segments_json
 from services.query_api.replicas import InvalidToken, parse_token
 from services.query_api.schemas import DATABASE_UNAVAILABLE, RETRY_AFTER_SECONDS
+from shared import tracing
 from shared.db import TRANSIENT_DB_ERRORS
 
 HEADERS = [(b"content-type", b"application/json")]
@@ -44,6 +48,38 @@ async def answer_user_segments(resources, scope, send) -> bool:
         token = parse_token(consistency.decode("latin-1")) if consistency is not None else None
     except InvalidToken:
         return False  # the route answers 422
+    if tracing.ENABLED:
+        with _request_span(scope) as span:
+            status = await _answer(resources, user_id, token, send)
+            span.set_attribute("http.response.status_code", status)
+    else:
+        await _answer(resources, user_id, token, send)
+    return True
+
+
+def _request_span(scope):
+    """The hot read's server span, made here: OpenTelemetry's ASGI middleware costs more than the
+    read itself (it measured at half the reads/s with 1 % of requests sampled)."""
+    parent = propagate.extract(scope["headers"], getter=ASGI_HEADERS)
+    return tracing.tracer().start_as_current_span(
+        f"GET {USER_SEGMENTS_PATH}", context=parent, kind=SpanKind.SERVER,
+        attributes={"http.request.method": "GET", "http.route": USER_SEGMENTS_PATH, "url.path": scope["path"]})
+
+
+class _AsgiHeaders(Getter):
+    def get(self, carrier, key: str):
+        wanted = key.encode()
+        values = [value.decode("latin-1") for name, value in carrier if name == wanted]
+        return values or None
+
+    def keys(self, carrier):
+        return [name.decode("latin-1") for name, _ in carrier]
+
+
+ASGI_HEADERS = _AsgiHeaders()
+
+
+async def _answer(resources, user_id: int, token: int | None, send) -> int:
     started = time.perf_counter()
     status = 500
     try:
@@ -54,14 +90,14 @@ async def answer_user_segments(resources, scope, send) -> bool:
             status = 503
             await send({"type": "http.response.start", "status": 503, "headers": UNAVAILABLE_HEADERS})
             await send({"type": "http.response.body", "body": UNAVAILABLE})
-            return True
+            return status
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*HEADERS, (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
         status = 200
     finally:
         http_metrics.record(USER_SEGMENTS_PATH, "GET", status, time.perf_counter() - started)
-    return True
+    return status
 
 
 def _may_read(keys: KeyRing, authorization: bytes | None) -> bool:
