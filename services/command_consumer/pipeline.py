@@ -12,6 +12,7 @@ import asyncpg
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from services.command_consumer import telemetry
 from services.command_consumer.batch import Processed, apply_batch
@@ -42,8 +43,11 @@ class BatchPipeline:
         self._guard.check(batch)
         started = time.monotonic()
         traced = BatchTrace(tp, batch) if tracing.ENABLED else None
+        # A batch that is not sampled records no database spans: skip their instrumentation too.
+        quiet = traced is not None and not traced.span.is_recording()
         with traced or contextlib.nullcontext():
-            processed, token = await self._apply(tp, batch)
+            with suppress_instrumentation() if quiet else contextlib.nullcontext():
+                processed, token = await self._apply(tp, batch)
             applied_in, durable_at = time.monotonic() - started, time.time()
             spans = traced.command_spans(processed) if traced else None
             await self._publisher.publish(processed, token, spans)
