@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 
 from opentelemetry import trace
+from opentelemetry.propagators.textmap import Getter
 
 ENABLED = False  # whether spans are made; read on the hot paths, so a plain module global
 _instrumented = False
@@ -104,3 +105,19 @@ def add_trace_ids(logger, method_name, event_dict):
         event_dict.setdefault("trace_id", format(context.trace_id, "032x"))
         event_dict.setdefault("span_id", format(context.span_id, "016x"))
     return event_dict
+
+
+class _PairsGetter(Getter):
+    """Trace context in headers given as (name, value) pairs: Kafka's (str, bytes) and ASGI's
+    (bytes, bytes) alike."""
+
+    def get(self, carrier, key: str):
+        names = (key, key.encode())
+        values = [value.decode("latin-1") for name, value in carrier if name in names and value is not None]
+        return values or None
+
+    def keys(self, carrier):
+        return [name.decode("latin-1") if isinstance(name, bytes) else name for name, _ in carrier]
+
+
+HEADER_PAIRS = _PairsGetter()

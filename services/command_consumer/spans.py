@@ -19,33 +19,18 @@ import time
 
 from aiokafka import TopicPartition
 from opentelemetry import context, propagate, trace
-from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from services.command_consumer.batch import Processed
 from services.command_consumer.parsing import InvalidRecord, ParsedRecord
-from shared.tracing import tracer
-
-
-class _HeaderGetter(Getter):
-    """Kafka headers, a sequence of (name, bytes), as a carrier of trace context."""
-
-    def get(self, carrier, key: str):
-        values = [value.decode("latin-1") for name, value in carrier if name == key and value is not None]
-        return values or None
-
-    def keys(self, carrier):
-        return [name for name, _ in carrier]
-
-
-HEADERS = _HeaderGetter()
+from shared.tracing import HEADER_PAIRS, tracer
 
 
 class BatchTrace:
     def __init__(self, tp: TopicPartition, batch: list[ParsedRecord]) -> None:
         self._tracer = tracer()
         empty = context.Context()
-        self.contexts = [propagate.extract(parsed.record.headers, getter=HEADERS)
+        self.contexts = [propagate.extract(parsed.record.headers, getter=HEADER_PAIRS)
                          if parsed.record.header("traceparent") is not None else empty for parsed in batch]
         links = []
         for extracted in self.contexts:

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from services.query_api.dependencies import ReportsKey, ResourcesDep
 from services.query_api.parameters import Month, UserIdQuery, Year
@@ -39,8 +40,19 @@ async def download_report(token: Annotated[str, Query(max_length=2048)], resourc
     # A connection first (a replica, else the primary): a server that is away means 503, not a
     # response cut off after its head.
     pool, conn = await resources.reads.read(_acquire, replica_first=True)
-    return StreamingResponse(stream_report(conn, year, month, user_id, release=lambda: pool.release(conn)),
-                             media_type="text/csv", headers={"Content-Disposition": f'attachment; filename="{name}"'})
+    released = False
+
+    async def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            await pool.release(conn)
+
+    # The stream releases the connection when it ends; the background task after the response
+    # covers a client gone before the stream ever started (its generator's finally never runs).
+    return StreamingResponse(stream_report(conn, year, month, user_id, release=release), media_type="text/csv",
+                             headers={"Content-Disposition": f'attachment; filename="{name}"'},
+                             background=BackgroundTask(release))
 
 
 async def _acquire(pool):
