@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import platform
+import statistics
 import sys
 import time
 import uuid
@@ -109,6 +110,12 @@ def cli(doc: str, main: Callable[[argparse.Namespace], Awaitable[None]], **optio
     args = parser.parse_args()
     print(f"machine: {machine()}", flush=True)
     asyncio.run(main(args))
+
+
+def spread(values: list[float], form: str = "{:,.0f}") -> str:
+    """The median of a benchmark's rounds and their range: one quiet round is not a figure."""
+    low, middle, high = min(values), statistics.median(values), max(values)
+    return f"{form.format(middle)} (range {form.format(low)} to {form.format(high)}, {len(values)} rounds)"
 
 
 def report(title: str, lines: dict[str, str]) -> None:

@@ -19,7 +19,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from bench import common
-from bench.common import Progress, bench_environment, percentile
+from bench.common import Progress, bench_environment, percentile, spread
 from bench.simple_consumer import run_simple_consumer
 from devstack.otlp_sink import OtlpSink
 from devstack.processes import stop_process
@@ -45,16 +45,26 @@ async def seed_segments(pool, segments: int) -> None:
                        "SELECT 'SEGMENT_' || g, now(), now() FROM generate_series(0, $1 - 1) AS g", segments)
 
 
-async def preload(settings, commands: list[dict]) -> None:
+def trace_context(rng: random.Random, sampled_share: float) -> list[tuple[str, bytes]]:
+    """A W3C traceparent as a producer that traces `sampled_share` of its commands sends it."""
+    flags = "01" if rng.random() < sampled_share else "00"
+    return [("traceparent", f"00-{rng.getrandbits(128):032x}-{rng.getrandbits(64) or 1:016x}-{flags}".encode())]
+
+
+async def preload(settings, commands: list[dict], traced_share: float | None = None) -> None:
+    """The commands on the assignments topic; with `traced_share`, each with the trace context of
+    a producer that traces that share of them."""
     producer = AIOKafkaProducer(**kafka_options(settings), linger_ms=20,
                                 max_batch_size=256 * 1024, acks="all")
     await producer.start()
     progress = Progress("preloading", len(commands))
+    rng = random.Random(3)
     try:
         deliveries = []
         for i, command in enumerate(commands, 1):
+            headers = trace_context(rng, traced_share) if traced_share is not None else None
             deliveries.append(await producer.send(settings.assignments_commands_topic, orjson.dumps(command),
-                                                  key=str(command["user_id"]).encode()))
+                                                  key=str(command["user_id"]).encode(), headers=headers))
             if i % 10_000 == 0:
                 await asyncio.gather(*deliveries)
                 deliveries.clear()
@@ -156,67 +166,89 @@ async def latency_at_steady_rate(settings, pool, rate: int, seconds: float) -> l
         await producer.stop()
 
 
+TRACING_ROUNDS = (("process, tracing off", None), ("process, tracing 1%", 0.01), ("process, tracing 100%", 1.0))
+
+
+def paired(traced: dict[str, list[float]], label: str) -> list[float]:
+    """Each round's traced rate over the same round's untraced one."""
+    return [on / off for on, off in zip(traced[label], traced["process, tracing off"], strict=True)]
+
+
 async def main(args) -> None:
     tune_gc()  # as the consumer service does at startup: the consumer runs in this process
+    parts = set(args.parts.split(","))
+    unknown = parts - set(PARTS)
+    if unknown:
+        raise SystemExit(f"unknown parts {sorted(unknown)}: choose from {', '.join(PARTS)}")
+    lines: dict[str, str] = {}
     async with bench_environment("consumer", topic_partitions=args.partitions) as (_infra, new):
         commands = generate(args.commands, args.users, args.segments)
+        if "throughput" in parts:
+            lines.update(await throughput(args, new, commands))
+        if "tracing" in parts:
+            lines.update(await tracing_rounds(args, new, commands[: args.tracing_commands]))
+        if "latency" in parts:
+            settings, pool = await new("latency")
+            await seed_segments(pool, args.segments)
+            latencies = await latency_at_steady_rate(settings, pool, args.rate, args.latency_seconds)
+            lines[f"latency at {args.rate}/s"] = (
+                f"p50 {percentile(latencies, 0.5) * 1000:.1f} ms, p99 {percentile(latencies, 0.99) * 1000:.1f} ms "
+                f"over {len(latencies):,} commands (produce → outcome durable and published; target p99 <= 100 ms)")
+    common.report(f"consumer throughput ({datetime.now(UTC):%Y-%m-%d}, {args.partitions} partitions, "
+                  f"{args.users:,} users, {args.segments} segments)", lines)
 
-        settings, pool = await new("batched")
-        await seed_segments(pool, args.segments)
-        await preload(settings, commands)
-        batched = await measure_until_stored(pool, len(commands), "batched consumer",
-                                             lambda: consume_all(settings, pool))
 
-        baseline_commands = commands[: args.baseline_commands]
-        settings, pool = await new("simple")
-        await seed_segments(pool, args.segments)
-        await preload(settings, baseline_commands)
-        simple = await measure_until_stored(pool, len(baseline_commands), "simple loop",
-                                            lambda: run_simple_consumer(settings, pool, len(baseline_commands)))
+async def throughput(args, new, commands: list[dict]) -> dict[str, str]:
+    settings, pool = await new("batched")
+    await seed_segments(pool, args.segments)
+    await preload(settings, commands)
+    batched = await measure_until_stored(pool, len(commands), "batched consumer", lambda: consume_all(settings, pool))
 
-        # The consumer as its own process, as deployed: tracing off, and on at 1 % and 100 % of
-        # commands (spans over OTLP to a receiver in this process).
-        traced = {}
-        with OtlpSink() as sink:
-            tracing_commands = commands[: args.tracing_commands]
-            for label, extra in (("process, tracing off", {}),
-                                 ("process, tracing 1%", {"OTEL_TRACES_SAMPLER_ARG": "0.01"}),
-                                 ("process, tracing 100%", {"OTEL_TRACES_SAMPLER_ARG": "1.0"})):
-                if extra:
-                    extra = {**extra, "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint,
-                             "OTEL_TRACES_SAMPLER": "parentbased_traceidratio"}
-                settings, pool = await new(label.split(",")[1].strip().replace(" ", "_").replace("%", "pc"))
-                await seed_segments(pool, args.segments)
-                await preload(settings, tracing_commands)
-                traced[label] = await measure_until_stored(pool, len(tracing_commands), label,
-                                                           functools.partial(consumer_process, settings, extra))
-
-        settings, pool = await new("latency")
-        await seed_segments(pool, args.segments)
-        latencies = await latency_at_steady_rate(settings, pool, args.rate, args.latency_seconds)
-
-    common.report(
-        f"consumer throughput ({datetime.now(UTC):%Y-%m-%d}, {args.partitions} partitions, "
-        f"{args.users:,} users, {args.segments} segments)", {
-            "batched consumer": f"{batched:10,.0f} commands/s  ({len(commands):,} commands)",
+    baseline_commands = commands[: args.baseline_commands]
+    settings, pool = await new("simple")
+    await seed_segments(pool, args.segments)
+    await preload(settings, baseline_commands)
+    simple = await measure_until_stored(pool, len(baseline_commands), "simple loop",
+                                        lambda: run_simple_consumer(settings, pool, len(baseline_commands)))
+    return {"batched consumer": f"{batched:10,.0f} commands/s  ({len(commands):,} commands)",
             "simple loop": f"{simple:10,.0f} commands/s  ({len(baseline_commands):,} commands, one transaction each)",
-            "ratio": f"{batched / simple:10.1f}x   (target >= 15,000/s and >= 10x)",
-            f"latency at {args.rate}/s": f"p50 {percentile(latencies, 0.5) * 1000:.1f} ms, "
-                                         f"p99 {percentile(latencies, 0.99) * 1000:.1f} ms over {len(latencies):,} "
-                                         "commands (produce → outcome durable and published; target p99 <= 100 ms)",
-            **{label: f"{rate:10,.0f} commands/s  ({args.tracing_commands:,} commands)"
-               for label, rate in traced.items()},
-            "tracing 1% / off": f"{traced['process, tracing 1%'] / traced['process, tracing off']:10.1%}   "
-                                "(target >= 97%)",
-            "tracing 100% / off": f"{traced['process, tracing 100%'] / traced['process, tracing off']:10.1%}   "
-                                  "(every command traced)",
-        })
+            "ratio": f"{batched / simple:10.1f}x   (target >= 15,000/s and >= 10x)"}
+
+
+async def tracing_rounds(args, new, commands: list[dict]) -> dict[str, str]:
+    """The consumer as its own process, as deployed: tracing off, and on at 1 % and 100 % of
+    commands (spans over OTLP to a receiver in this process), in alternating rounds. The commands
+    carry trace context as from producers that trace as much (the gateway, the client and
+    segmentctl do), so each command's own sampling decision is part of the cost."""
+    traced: dict[str, list[float]] = {label: [] for label, _ in TRACING_ROUNDS}
+    with OtlpSink() as sink:
+        for round_number in range(1, args.rounds + 1):
+            for label, ratio in TRACING_ROUNDS:
+                extra = {} if ratio is None else {
+                    "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                    "OTEL_TRACES_SAMPLER_ARG": str(ratio)}
+                settings, pool = await new(f"tracing_{str(ratio or 0).replace('.', '_')}_{round_number}")
+                await seed_segments(pool, args.segments)
+                await preload(settings, commands, traced_share=0.01 if ratio is None else ratio)
+                traced[label].append(await measure_until_stored(
+                    pool, len(commands), f"round {round_number}/{args.rounds}: {label}",
+                    functools.partial(consumer_process, settings, extra)))
+    return {**{label: f"{spread(rates)} commands/s  ({len(commands):,} commands a round)"
+               for label, rates in traced.items()},
+            "tracing 1% / off": f"{spread(paired(traced, 'process, tracing 1%'), '{:.1%}')}   (target >= 97%)",
+            "tracing 100% / off": f"{spread(paired(traced, 'process, tracing 100%'), '{:.1%}')}   "
+                                  "(every command traced)"}
+
+
+PARTS = ("throughput", "tracing", "latency")
 
 
 def cli() -> None:
     common.cli(__doc__, main, commands=200_000,
                baseline_commands=(20_000, "the baseline's rate is steady, so a sample of the same commands suffices"),
                tracing_commands=(100_000, "commands of each consumer-process round (tracing off, 1 %, 100 %)"),
+               rounds=(3, "rounds of the consumer-process comparison"),
+               parts=(",".join(PARTS), "which parts to run, comma-separated"),
                users=100_000, segments=50, partitions=8, rate=500, latency_seconds=20.0)
 
 

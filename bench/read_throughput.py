@@ -27,15 +27,17 @@ import urllib.request
 from pathlib import Path
 
 import httpx
+import psutil
 
 from bench import common
-from bench.common import Progress, bench_environment
+from bench.common import Progress, bench_environment, spread
 from devstack.embedded import EmbeddedPostgres, url_on_port, wait_until_replayed
 from devstack.otlp_sink import OtlpSink
 from devstack.processes import free_port, stop_process
 from shared.api_keys import new_key
 from shared.rollout import rollout_bucket
 
+UNSAMPLED = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"  # W3C trace context, not sampled
 LUA = """
 math.randomseed(os.time())
 request = function()
@@ -80,16 +82,30 @@ def serve(command: list[str], env: dict, port: int, path: str = "/users/1/segmen
     raise RuntimeError(f"{command} did not serve on port {port}")
 
 
-def wrk(port: int, users: int, duration: int, connections: int, headers: tuple[str, ...] = ()) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and all its descendants (a server and its workers)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def wrk(port: int, users: int, duration: int, connections: int, headers: tuple[str, ...] = (),
+        server_pid: int | None = None) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(LUA.replace("{users}", str(users)))
     # Warm up (connections, prepared statements, caches), then measure.
     extra = [option for header in headers for option in ("-H", header)]
     subprocess.run(["wrk", "-t2", f"-c{connections}", "-d3s", *extra, "-s", script.name, f"http://127.0.0.1:{port}"],
                    capture_output=True, check=True)
+    cpu_before = cpu_seconds(server_pid) if server_pid else 0.0
     output = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", *extra, "-s",
                              script.name, f"http://127.0.0.1:{port}"], capture_output=True, text=True,
                             check=True).stdout
+    cpu = cpu_seconds(server_pid) - cpu_before if server_pid else 0.0
     os.unlink(script.name)
 
     def millis(label: str) -> float:
@@ -97,8 +113,10 @@ def wrk(port: int, users: int, duration: int, connections: int, headers: tuple[s
         return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    requests = int(re.search(r"(\d+) requests in", output).group(1))
     return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),
-            "p50": millis("50%"), "p99": millis("99%"), "errors": int(errors.group(1)) if errors else 0}
+            "p50": millis("50%"), "p99": millis("99%"), "errors": int(errors.group(1)) if errors else 0,
+            "cpu_us": cpu / requests * 1e6 if requests else 0.0}
 
 
 async def main(args) -> None:
@@ -121,50 +139,72 @@ async def main(args) -> None:
                           "--log-level", "warning", "--no-access-log"], {}, ()),
         }
         sink = cleanup.enter_context(OtlpSink())  # where traced rounds send their spans
-        for label, ratio in (("tracing 1%", "0.01"), ("tracing 100%", "1.0")):
+        for label, ratio, headers in (("tracing 1%", "0.01", ()),
+                                      # callers that trace too, and sampled this request out
+                                      ("tracing 1% callers", "0.01", (f"traceparent: {UNSAMPLED}",)),
+                                      ("tracing 100%", "1.0", ())):
             servers[label] = (api, {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint, "OTEL_TRACES_SAMPLER_ARG": ratio,
-                                    "OTEL_TRACES_SAMPLER": "parentbased_traceidratio"}, ())
+                                    "OTEL_TRACES_SAMPLER": "parentbased_traceidratio"}, headers)
         replica_url = await start_replica(infra, settings, cleanup) if infra.postgres else None
         if replica_url:
             token = await pool.fetchval("SELECT pg_current_wal_lsn()::text")  # replayed before the rounds
             on_replica = {"READ_DATABASE_URLS": replica_url, "MAX_REPLICA_LAG_MS": "60000"}
             servers["replica"] = (api, on_replica, ())
             servers["replica+token"] = (api, on_replica, (f"X-Consistency-Token: {token}",))
-        # Rounds alternate the servers, and medians are reported: on a small shared machine
-        # single runs differ enough to decide a ratio by luck.
+        wanted = set(args.variants.split(",")) if args.variants else set(servers)
+        servers = {name: server for name, server in servers.items() if name in wanted | {"this API"}}
+        # Rounds alternate the servers, each round starting one server later than the one before
+        # (no server always runs first), and medians are reported: on a small shared machine single
+        # runs differ enough to decide a ratio by luck.
         rounds: dict[str, list[dict]] = {name: [] for name in servers}
+        order = list(servers)
         for round_number in range(1, args.rounds + 1):
-            for name, (command, extra_env, headers) in servers.items():
+            shift = (round_number - 1) % len(order)
+            for name in order[shift:] + order[:shift]:
+                command, extra_env, headers = servers[name]
                 port = free_port()
                 process = serve([*command, "--port", str(port)], {**env, **extra_env, "API_PORT": str(port)}, port,
                                 path="/readyz")
                 try:
                     print(f"  round {round_number}/{args.rounds}: {name} for {args.duration}s…", file=sys.stderr,
                           flush=True)
-                    result = wrk(port, args.users, args.duration, args.connections, headers)
+                    result = wrk(port, args.users, args.duration, args.connections, headers, process.pid)
                     rounds[name].append(result)
-                    print(f"    {result['rps']:,.0f} req/s, p50 {result['p50']:.2f} ms, p99 {result['p99']:.2f} ms",
-                          file=sys.stderr, flush=True)
+                    print(f"    {result['rps']:,.0f} req/s, p50 {result['p50']:.2f} ms, p99 {result['p99']:.2f} ms, "
+                          f"server CPU {result['cpu_us']:.0f} µs a request", file=sys.stderr, flush=True)
                 finally:
                     stop_process(process)
         results = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
                    for name, runs in rounds.items()}
-        missed, checked = await read_your_writes(settings, env, args.ryw_commands, args.workers)
-    ours, base, keyed = results["this API"], results["baseline"], results["keys on"]
-    lines = {
-        **{name: f"{result['rps']:9,.0f} req/s  p50 {result['p50']:.2f} ms  p99 {result['p99']:.2f} ms"
-                 f"  non-2xx {result['errors']}" for name, result in results.items()},
-        "ratio": f"{ours['rps'] / base['rps']:9.2f}x   (target >= 2x with p99 <= 25 ms)",
-        "keys on / off": f"{keyed['rps'] / ours['rps']:9.1%}   (target >= 95%)",
-        "tracing 1% / off": f"{results['tracing 1%']['rps'] / ours['rps']:9.1%}   (target >= 97%)",
-        "tracing 100% / off": f"{results['tracing 100%']['rps'] / ours['rps']:9.1%}   (every request traced)",
-    }
-    if "replica" in results:
-        lines["replica / primary"] = (f"{results['replica']['rps'] / ours['rps']:9.1%}   (target >= 90%; one "
-                                      "machine: the replica shares the cores, so no gain can show)")
-        lines["token / none"] = f"{results['replica+token']['rps'] / results['replica']['rps']:9.1%}   (target >= 100%)"
-    lines["read-your-writes"] = (f"{missed} of {checked} reads missed a change applied before them "
-                                 f"({args.workers} API workers; target 0)")
+        missed, checked = (await read_your_writes(settings, env, args.ryw_commands, args.workers)
+                           if args.ryw_commands else (0, 0))
+    lines = {name: f"{result['rps']:9,.0f} req/s  p50 {result['p50']:.2f} ms  p99 {result['p99']:.2f} ms"
+                   f"  non-2xx {result['errors']}  server CPU {result['cpu_us']:.0f} µs a request"
+                   f"   (req/s of the rounds: {spread([r['rps'] for r in rounds[name]])})"
+             for name, result in results.items()}
+
+    def ratio(name: str, against: str, target: str, form: str = "{:.1%}") -> None:
+        """The ratio of each round's pair (alternating rounds: a pair shares the machine's moment),
+        and of the server CPU each request took (less disturbed by the load generator and the
+        database sharing the cores)."""
+        if name in rounds and against in rounds:
+            pairs = [run["rps"] / base["rps"] for run, base in zip(rounds[name], rounds[against], strict=True)]
+            lines[f"{name} / {against}"] = f"{spread(pairs, form)}   ({target})"
+            cpu = [base["cpu_us"] / run["cpu_us"] for run, base in zip(rounds[name], rounds[against], strict=True)
+                   if run["cpu_us"]]
+            if cpu:
+                lines[f"{name} / {against}, requests a CPU second"] = spread(cpu, form)
+
+    ratio("this API", "baseline", "target >= 2x with p99 <= 25 ms", "{:.2f}x")
+    ratio("keys on", "this API", "target >= 95%")
+    ratio("tracing 1%", "this API", "target >= 97%")
+    ratio("tracing 1% callers", "this API", "target >= 97%; callers send unsampled trace context")
+    ratio("tracing 100%", "this API", "every request traced")
+    ratio("replica", "this API", "target >= 90%; one machine: the replica shares the cores, so no gain can show")
+    ratio("replica+token", "replica", "target >= 100%")
+    if checked:
+        lines["read-your-writes"] = (f"{missed} of {checked} reads missed a change applied before them "
+                                     f"({args.workers} API workers; target 0)")
     common.report(
         f"reads: GET /users/{{id}}/segments, {args.users:,} users x 5 memberships, 100 segments (10 rollout), "
         f"{args.connections} connections, {args.workers} workers each, wrk on the same machine, "
@@ -234,7 +274,9 @@ async def applied(http: httpx.AsyncClient, command: dict) -> None:
 
 def cli() -> None:
     common.cli(__doc__, main, users=200_000, duration=10, rounds=3, workers=2, connections=32,
-               ryw_commands=(300, "commands of the read-your-writes check"))
+               ryw_commands=(300, "commands of the read-your-writes check (0: skip it)"),
+               variants=("", "only these variants besides 'this API', comma-separated (e.g. 'tracing 1%%,baseline'); "
+                             "all when empty"))
 
 
 if __name__ == "__main__":

@@ -18,13 +18,15 @@ spans are skipped behind one flag, so the hot paths pay nothing measurable. On:
 
 from __future__ import annotations
 
+import copy
 import os
 
-from opentelemetry import trace
+from opentelemetry import context, trace
 from opentelemetry.propagators.textmap import Getter
 
 ENABLED = False  # whether spans are made; read on the hot paths, so a plain module global
 _instrumented = False
+_sampled_first = None  # the SampledFirst of the enabled provider
 
 
 def wanted_by_environment(environ=os.environ) -> bool:
@@ -78,6 +80,8 @@ def enable(provider) -> None:
         unwrap(aiokafka.AIOKafkaConsumer, "getmany")
         unwrap(aiokafka.AIOKafkaConsumer, "getone")
         _instrumented = True
+    global _sampled_first
+    _sampled_first = SampledFirst(tracer())
     ENABLED = True
 
 
@@ -96,6 +100,124 @@ def disable() -> None:
 
 def tracer():
     return trace.get_tracer("segmentation")
+
+
+def start_span_if_sampled(name: str, parent: context.Context | None = None, **options) -> trace.Span | None:
+    """A started span if the configured sampler samples it, else None, having made nothing
+    (see SampledFirst). `parent` None: a new trace. Tracing must be on."""
+    return _sampled_first.start_span(name, parent, **options)
+
+
+def declined_by(traceparent: bytes) -> bool:
+    """True when a span whose parent is this `traceparent` header is certain not to be sampled
+    (see SampledFirst.declined_by): no need to extract the context. Tracing must be on."""
+    return _sampled_first.declined_by(traceparent)
+
+
+class SampledFirst:
+    """Asks the configured sampler first, and makes a span only for a yes.
+
+    The SDK makes its sampler's decision inside start_span, after the span's context, a
+    NonRecordingSpan and the current-context bookkeeping are built, which costs about ten
+    microseconds a request on the hot read even when nothing is recorded. Here the same sampler
+    (OTEL_TRACES_SAMPLER: parent-based, ratio, custom) is asked with the trace id the span
+    would get, and only a sampled span is started, by a copy of the tracer told the decision and
+    the trace id, so sampled spans are exactly what the SDK itself would have made.
+    """
+
+    def __init__(self, sdk_tracer) -> None:
+        from opentelemetry.sdk.trace import Tracer
+
+        self._tracer = sdk_tracer
+        self._decided = None
+        if isinstance(sdk_tracer, Tracer):
+            self._sampler = sdk_tracer.sampler
+            self._ids = sdk_tracer.id_generator
+            self._decision = _Decided()
+            self._trace_id = _PresetTraceId(sdk_tracer.id_generator)
+            self._decided = copy.copy(sdk_tracer)
+            self._decided.sampler = self._decision
+            self._decided.id_generator = self._trace_id
+        self._follows_remote_flag = _follows_remote_flag(getattr(sdk_tracer, "sampler", None))
+        self._root_bound = _root_ratio_bound(getattr(sdk_tracer, "sampler", None))
+
+    def declined_by(self, traceparent: bytes) -> bool:
+        """Whether a child of this W3C `traceparent` is certain not to be sampled, read from its
+        flags alone: true only under a parent-based sampler with the standard remote-parent
+        rules (every OTEL_TRACES_SAMPLER=parentbased_*), which samples a remote parent's child
+        exactly when the parent's sampled flag is set. Extracting a context costs about six
+        microseconds, a command's whole processing about seventy; a command or request from a
+        producer that traces 1 % is declined here 99 times in 100 for a fraction of one."""
+        return (self._follows_remote_flag and len(traceparent) >= 55 and traceparent[52:53] == b"-"
+                and not int(traceparent[53:55], 16) & 1)
+
+    def start_span(self, name: str, parent: context.Context | None = None, *, kind=trace.SpanKind.INTERNAL,
+                   attributes=None, links=(), start_time: int | None = None) -> trace.Span | None:
+        if self._decided is None:  # not the SDK's tracer: let it decide as it always does
+            span = self._tracer.start_span(name, parent or _NEW_TRACE, kind, attributes, links, start_time)
+            return span if span.is_recording() else None
+        parent_context = trace.get_current_span(parent).get_span_context() if parent is not None else None
+        if parent_context is not None and parent_context.is_valid:
+            trace_id = parent_context.trace_id
+        else:
+            parent = _NEW_TRACE
+            trace_id = self._ids.generate_trace_id()
+            if self._root_bound is not None and trace_id & _RATIO_MASK >= self._root_bound:
+                return None  # the ratio sampler's own rule, without building its answer
+        result = self._sampler.should_sample(parent, trace_id, name, kind, attributes, links)
+        if not result.decision.is_recording():
+            return None
+        self._decision.result, self._trace_id.trace_id = result, trace_id  # read at once by start_span
+        span = self._decided.start_span(name, parent, kind, attributes, links, start_time)
+        return span if span.is_recording() else None  # a tracer its provider's configuration turned off
+
+
+_NEW_TRACE = context.Context()
+_RATIO_MASK = (1 << 64) - 1  # TraceIdRatioBased samples a trace when its id's low 64 bits are under its bound
+
+
+def _root_ratio_bound(sampler) -> int | None:
+    """The bound of the ratio sampler that decides new traces (traceidratio, parentbased_traceidratio)."""
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    root = getattr(sampler, "_root", None) if isinstance(sampler, ParentBased) else sampler
+    return root.bound if isinstance(root, TraceIdRatioBased) and root.TRACE_ID_LIMIT == _RATIO_MASK else None
+
+
+def _follows_remote_flag(sampler) -> bool:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
+
+    return (isinstance(sampler, ParentBased) and getattr(sampler, "_remote_parent_sampled", None) is ALWAYS_ON
+            and getattr(sampler, "_remote_parent_not_sampled", None) is ALWAYS_OFF)
+
+
+class _Decided:
+    """A sampler that answers with the decision SampledFirst already has."""
+
+    result = None
+
+    def should_sample(self, *args, **kwargs):
+        return self.result
+
+    def get_description(self) -> str:
+        return "decided by SampledFirst"
+
+
+class _PresetTraceId:
+    """The trace id SampledFirst asked its sampler about; span ids as the SDK makes them."""
+
+    def __init__(self, ids) -> None:
+        self._ids = ids
+        self.trace_id = 0
+
+    def generate_trace_id(self) -> int:
+        return self.trace_id
+
+    def generate_span_id(self) -> int:
+        return self._ids.generate_span_id()
+
+    def is_trace_id_random(self) -> bool:
+        return self._ids.is_trace_id_random()
 
 
 def add_trace_ids(logger, method_name, event_dict):

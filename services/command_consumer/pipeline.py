@@ -44,7 +44,7 @@ class BatchPipeline:
         started = time.monotonic()
         traced = BatchTrace(tp, batch) if tracing.ENABLED else None
         # A batch that is not sampled records no database spans: skip their instrumentation too.
-        quiet = traced is not None and not traced.span.is_recording()
+        quiet = traced is not None and not traced.recording
         with traced or contextlib.nullcontext():
             with suppress_instrumentation() if quiet else contextlib.nullcontext():
                 processed, token = await self._apply(tp, batch)

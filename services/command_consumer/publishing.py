@@ -10,7 +10,7 @@ from typing import NamedTuple
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 
 from services.command_consumer.batch import Processed
 from services.command_consumer.parsing import InvalidRecord
@@ -25,22 +25,27 @@ class Message(NamedTuple):
     headers: Headers
 
 
-def outcome_message(item: Processed, consistency_token: str | None = None, copy_trace: bool = True) -> Message:
+def outcome_message(item: Processed, consistency_token: str | None = None,
+                    trace_context: Headers | None = None) -> Message:
     """The results-topic record of an outcome: keyed by command id, with the contract's headers
-    and the command's own `traceparent`, if it had one (with tracing on, the instrumented send puts
-    the command span's context there instead)."""
+    and the trace context: its command span's (`trace_context`, see span_headers) when the
+    command was traced here, else the command's own `traceparent`, if it had one."""
     outcome = item.outcome
     headers = [("command-id", outcome.command_id.encode()),
                ("command-type", (outcome.type or "").encode()),
                ("status", outcome.status.encode())]
-    traceparent = item.parsed.record.header("traceparent") if copy_trace else None
-    if traceparent is not None:
-        headers.append(("traceparent", traceparent))
+    if trace_context is not None:
+        headers.extend(trace_context)
+    else:
+        traceparent = item.parsed.record.header("traceparent")
+        if traceparent is not None:
+            headers.append(("traceparent", traceparent))
     return Message(orjson.dumps(outcome.contract(consistency_token)), outcome.command_id.encode(), headers)
 
 
-def dlq_message(invalid: InvalidRecord) -> Message:
-    """The original key and value, with why and where from in headers."""
+def dlq_message(invalid: InvalidRecord, trace_context: Headers | None = None) -> Message:
+    """The original key and value, with why and where from in headers (and the command span's
+    trace context, when it was traced)."""
     record = invalid.record
     return Message(record.value, record.key, [
         ("x-error-code", str(invalid.code).encode()),
@@ -49,7 +54,16 @@ def dlq_message(invalid: InvalidRecord) -> Message:
         ("x-original-partition", str(record.partition).encode()),
         ("x-original-offset", str(record.offset).encode()),
         ("x-command-id", invalid.command_id.encode()),
+        *(trace_context or ()),
     ])
+
+
+def span_headers(span: trace.Span) -> Headers:
+    """`span`'s context as Kafka headers, by the configured propagators (W3C traceparent and
+    tracestate by default), so a reader of the record continues the trace."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=trace.set_span_in_context(span))
+    return [(name, value.encode()) for name, value in carrier.items()]
 
 
 def without_value(message: Message) -> Message:
@@ -68,33 +82,26 @@ class OutcomePublisher:
     async def publish(self, processed: list[Processed], consistency_token: str | None = None,
                       spans: list[trace.Span | None] | None = None) -> None:
         """Every outcome of a batch (and the DLQ record of each invalid one), all acknowledged.
-        With tracing on, an outcome whose command has a span is sent inside it (the instrumented
-        send puts its context in the headers); the others go as with tracing off, the command's
-        own traceparent copied, without the instrumentation's cost."""
+        An outcome whose command has a span carries that span's context; the others carry the
+        command's own traceparent. Sent past aiokafka's instrumentation, if it is installed (its
+        send span per record would double the cost of a traced command and add nothing the
+        command span does not say)."""
+        send = functools.partial(getattr(type(self._producer).send, "__wrapped__", type(self._producer).send),
+                                 self._producer)
         deliveries = []
         for index, item in enumerate(processed):
             span = spans[index] if spans is not None else None
-            if span is None:
-                await self._publish_one(item, consistency_token, deliveries, traced=False)
-            else:
-                with trace.use_span(span, end_on_exit=False):
-                    await self._publish_one(item, consistency_token, deliveries, traced=True)
+            trace_context = span_headers(span) if span is not None else None
+            message = outcome_message(item, consistency_token, trace_context)
+            deliveries.append(await send(self._results_topic, message.value, key=message.key,
+                                         headers=message.headers))
+            if isinstance(item.parsed, InvalidRecord):
+                message = dlq_message(item.parsed, trace_context)
+                try:
+                    deliveries.append(await send(self._dlq_topic, message.value, key=message.key,
+                                                 headers=message.headers))
+                except MessageSizeTooLargeError:
+                    message = without_value(message)
+                    deliveries.append(await send(self._dlq_topic, message.value, key=message.key,
+                                                 headers=message.headers))
         await asyncio.gather(*deliveries)
-
-    async def _publish_one(self, item: Processed, consistency_token: str | None, deliveries: list,
-                           traced: bool) -> None:
-        deliveries.append(await self._send(self._results_topic,
-                                           outcome_message(item, consistency_token, copy_trace=not traced), traced))
-        if isinstance(item.parsed, InvalidRecord):
-            message = dlq_message(item.parsed)
-            try:
-                deliveries.append(await self._send(self._dlq_topic, message, traced))
-            except MessageSizeTooLargeError:
-                deliveries.append(await self._send(self._dlq_topic, without_value(message), traced))
-
-    async def _send(self, topic: str, message: Message, traced: bool) -> asyncio.Future:
-        send = self._producer.send
-        if not traced:  # past an instrumentation's wrapper, if one is installed
-            send = functools.partial(getattr(type(self._producer).send, "__wrapped__", type(self._producer).send),
-                                     self._producer)
-        return await send(topic, message.value, key=message.key, headers=message.headers)

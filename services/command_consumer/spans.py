@@ -8,9 +8,11 @@ commands, so the model follows OpenTelemetry's messaging conventions for batches
   context its record carried (by the batch span when it carried none, and then sampled with the
   batch), from the batch's start until its outcome is durable, with the command id, its offset,
   how long it waited in Kafka, its status and error code, and a link to the batch span; a
-  rejected or invalid command's span has status ERROR and says why. Its outcome is published
-  inside it, so the outcome record carries its context. Unsampled commands get no span and cost
-  nothing: their outcome carries the context their record had.
+  rejected or invalid command's span has status ERROR and says why. Its outcome record carries
+  the span's context on.
+
+Every span is made only once the sampler has said yes (shared.tracing.SampledFirst): a batch
+that is not sampled, and a command that is not, cost a header look-up each and make nothing.
 """
 
 from __future__ import annotations
@@ -23,78 +25,96 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from services.command_consumer.batch import Processed
 from services.command_consumer.parsing import InvalidRecord, ParsedRecord
-from shared.tracing import HEADER_PAIRS, tracer
+from shared.tracing import HEADER_PAIRS, declined_by, start_span_if_sampled
 
 
 class BatchTrace:
     def __init__(self, tp: TopicPartition, batch: list[ParsedRecord]) -> None:
-        self._tracer = tracer()
-        empty = context.Context()
-        self.contexts = [propagate.extract(parsed.record.headers, getter=HEADER_PAIRS)
-                         if parsed.record.header("traceparent") is not None else empty for parsed in batch]
-        links = []
-        for extracted in self.contexts:
-            span_context = trace.get_current_span(extracted).get_span_context()
-            if span_context.is_valid:
-                links.append(Link(span_context))
+        self._batch = batch
+        self._traceparents = [parsed.record.header("traceparent") for parsed in batch]
+        self._contexts: dict[int, context.Context] = {}
         self.started_ns = time.time_ns()
-        self.span = self._tracer.start_span(
-            f"process {tp.topic}", kind=SpanKind.CONSUMER, links=links,
-            context=self.contexts[0] if len(batch) == 1 else context.Context(),
+        self.span = start_span_if_sampled(
+            f"process {tp.topic}", self._context(0) if len(batch) == 1 and self._traceparents[0] else None,
+            kind=SpanKind.CONSUMER, start_time=self.started_ns,
             attributes={"messaging.system": "kafka", "messaging.operation.type": "process",
                         "messaging.destination.name": tp.topic, "messaging.destination.partition.id": str(tp.partition),
                         "messaging.batch.message_count": len(batch)})
+        if self.span is not None:
+            for index, traceparent in enumerate(self._traceparents):
+                if traceparent is not None:
+                    self.span.add_link(trace.get_current_span(self._context(index)).get_span_context())
         self._token = None
 
+    @property
+    def recording(self) -> bool:
+        return self.span is not None
+
+    def _context(self, index: int) -> context.Context:
+        """The trace context record `index` carried (extracted once, and only when asked)."""
+        extracted = self._contexts.get(index)
+        if extracted is None:
+            extracted = self._contexts[index] = propagate.extract(self._batch[index].record.headers,
+                                                                  getter=HEADER_PAIRS)
+        return extracted
+
     def __enter__(self) -> BatchTrace:
-        self._token = context.attach(trace.set_span_in_context(self.span))
+        if self.span is not None:
+            self._token = context.attach(trace.set_span_in_context(self.span))
         return self
 
     def __exit__(self, error_type, error, traceback) -> None:
+        if self.span is None:
+            return
         context.detach(self._token)
         if error is not None:  # the batch failed: nothing of it was committed
             self.span.record_exception(error)
             self.span.set_status(Status(StatusCode.ERROR, str(error)))
             self.span.end()
 
-    def command_spans(self, processed: list[Processed]) -> list[trace.Span | None]:
-        """A span per sampled command (None for the others, which then cost nothing): one whose
-        record carried a context follows that context's sampling decision; one that carried none
-        is traced when its batch is, in the batch's trace."""
-        batch_link = [Link(self.span.get_span_context())]
-        batch_context = trace.set_span_in_context(self.span)
-        batch_recorded = self.span.is_recording()
+    def command_spans(self, processed: list[Processed]) -> list[trace.Span | None] | None:
+        """A span per sampled command (None for the others, and None for the whole batch when no
+        command is sampled): a command whose record carried a context is in that context's trace,
+        sampled as the sampler decides for it; one that carried none is traced when its batch is,
+        in the batch's trace."""
+        batch_links = [Link(self.span.get_span_context())] if self.span is not None else ()
+        batch_context = trace.set_span_in_context(self.span) if self.span is not None else None
         spans: list[trace.Span | None] = []
-        for item, parent in zip(processed, self.contexts, strict=True):
-            parent_span = trace.get_current_span(parent).get_span_context()
-            sampled = parent_span.trace_flags.sampled if parent_span.is_valid else batch_recorded
-            spans.append(self._command_span(item, parent if parent_span.is_valid else batch_context, batch_link)
-                         if sampled else None)
-        return spans
+        for index, (item, traceparent) in enumerate(zip(processed, self._traceparents, strict=True)):
+            if traceparent is None:
+                parent = batch_context
+            else:
+                parent = None if declined_by(traceparent) else self._context(index)
+            spans.append(self._command_span(item, parent, batch_links) if parent is not None else None)
+        return spans if any(span is not None for span in spans) else None
 
-    def _command_span(self, item: Processed, parent: context.Context, batch_link: list[Link]) -> trace.Span:
+    def _command_span(self, item: Processed, parent: context.Context, batch_links) -> trace.Span | None:
+        """The command's span if it is sampled. Its attributes are set once it is: the sampler
+        decides on the parent and the trace id (all the standard samplers do), so an unsampled
+        command costs no attribute building."""
         record, outcome = item.parsed.record, item.outcome
-        attributes = {"messaging.system": "kafka", "messaging.message.id": outcome.command_id,
-                      "messaging.kafka.offset": record.offset, "segmentation.command.status": outcome.status,
-                      "segmentation.command.replayed": item.replayed}
+        span = start_span_if_sampled(f"apply {outcome.type or 'invalid record'}", parent, kind=SpanKind.CONSUMER,
+                                     links=batch_links, start_time=self.started_ns)
+        if span is None:
+            return None
+        span.set_attributes({"messaging.system": "kafka", "messaging.message.id": outcome.command_id,
+                             "messaging.kafka.offset": record.offset, "segmentation.command.status": outcome.status,
+                             "segmentation.command.replayed": item.replayed})
         if outcome.type:
-            attributes["segmentation.command.type"] = outcome.type
+            span.set_attribute("segmentation.command.type", outcome.type)
         if record.timestamp_ms is not None:
-            attributes["segmentation.kafka.wait_ms"] = max(0, self.started_ns // 1_000_000 - record.timestamp_ms)
-        if outcome.error:
-            attributes["error.type"] = outcome.error["code"]
-        span = self._tracer.start_span(f"apply {outcome.type or 'invalid record'}", context=parent,
-                                       kind=SpanKind.CONSUMER, links=batch_link, start_time=self.started_ns,
-                                       attributes=attributes)
-        if outcome.status != "applied":
-            span.set_status(Status(StatusCode.ERROR, f"{outcome.status}: {outcome.error['code']}: "
-                                                     f"{outcome.error['message']}"))
+            span.set_attribute("segmentation.kafka.wait_ms", max(0, self.started_ns // 1_000_000 - record.timestamp_ms))
         if isinstance(item.parsed, InvalidRecord):
             span.set_attribute("segmentation.dlq", True)
+        if outcome.status != "applied":
+            span.set_attribute("error.type", outcome.error["code"])
+            span.set_status(Status(StatusCode.ERROR, f"{outcome.status}: {outcome.error['code']}: "
+                                                     f"{outcome.error['message']}"))
         return span
 
-    def finish(self, spans: list[trace.Span | None]) -> None:
-        for span in spans:
+    def finish(self, spans: list[trace.Span | None] | None) -> None:
+        for span in spans or ():
             if span is not None:
                 span.end()
-        self.span.end()
+        if self.span is not None:
+            self.span.end()

@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 from typing import Any, NamedTuple
 
 import asyncpg
-from opentelemetry.instrumentation.utils import suppress_instrumentation
-
-from shared import tracing
+from opentelemetry import context
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
 
 
 class Found(NamedTuple):
     rows: list[tuple]  # the key's rows, without the key column
     shared: list[tuple]  # rows of the query with a NULL key: the same for every key it answered
+
+
+def _context_of_shared_queries() -> contextvars.Context:
+    """An empty context with instrumentation suppressed: no span of any request, none of asyncpg."""
+    quiet = contextvars.Context()
+    quiet.run(lambda: context.attach(context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True, context.Context())))
+    return quiet
+
+
+_SHARED_QUERIES = _context_of_shared_queries()
 
 
 class BatchedLookup:
@@ -56,7 +66,10 @@ class BatchedLookup:
         while self._waiting and self._in_flight < self._max_in_flight:
             batch = {key: self._waiting.pop(key) for key in list(itertools.islice(self._waiting, self._max_batch))}
             self._in_flight += 1
-            task = asyncio.create_task(self._query(batch))
+            # In a context of its own: one query serves many requests and belongs to no single
+            # request's trace (nor to the one that happened to schedule it), so its database
+            # instrumentation is off, set once rather than entered per query.
+            task = asyncio.create_task(self._query(batch), context=_SHARED_QUERIES.copy())
             self._tasks.add(task)  # the loop keeps only weak references to tasks
             task.add_done_callback(self._tasks.discard)
 
@@ -69,11 +82,7 @@ class BatchedLookup:
 
     async def _answer(self, waiting: dict[Any, list[asyncio.Future]]) -> None:
         try:
-            if tracing.ENABLED:  # one query serves many requests: it belongs to no single request's trace
-                with suppress_instrumentation():
-                    records = await self._pool.fetch(self._sql, list(waiting))
-            else:
-                records = await self._pool.fetch(self._sql, list(waiting))
+            records = await self._pool.fetch(self._sql, list(waiting))
         except Exception as error:  # each waiting request fails with it (a 500), as its own query would
             for futures in waiting.values():
                 for future in futures:

@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from services.query_api.app import create_app
+from services.query_api.readmodel import USER_SEGMENTS_SQL
 from shared import tracing
 from tests.support import Publisher, header, read_topic, running_consumer, wait_for_outcomes
 
@@ -70,8 +71,9 @@ async def test_a_command_through_post_commands_is_one_trace_to_its_outcome(setti
     assert any("segments" in (span.attributes.get("db.statement") or span.attributes.get("db.query.text") or "")
                for span in database)  # its database work, by asyncpg's instrumentation
     results = await read_topic(settings, settings.results_topic, 1)
-    traceparent = header(results[0], "traceparent")
-    assert traceparent.split("-")[1] == format(trace_id, "032x")  # the outcome carries the trace on
+    _, outcome_trace, outcome_parent, _ = header(results[0], "traceparent").split("-")
+    assert outcome_trace == format(trace_id, "032x")  # the outcome carries the trace on,
+    assert outcome_parent == format(command.context.span_id, "016x")  # from the command's span
 
 
 async def test_a_foreign_traceparent_is_continued_and_a_rejection_says_why(settings, pool, spans):
@@ -85,6 +87,26 @@ async def test_a_foreign_traceparent_is_continued_and_a_rejection_says_why(setti
     assert command.status.status_code is StatusCode.ERROR
     assert "segment_not_found" in command.status.description and "NOPE" in command.status.description
     assert command.attributes["error.type"] == "segment_not_found"
+
+
+async def test_the_hot_read_is_a_server_span_of_its_callers_trace_and_its_shared_query_of_none(settings, pool, spans):
+    await pool.execute("INSERT INTO users VALUES (1, now())")
+    async with api(settings) as client:
+        sampled = {"traceparent": f"00-{FOREIGN_TRACE}-{FOREIGN_PARENT}-01"}
+        assert (await client.get("/users/1/segments", headers=sampled)).status_code == 200
+        unsampled = {"traceparent": f"00-{'1' * 32}-{FOREIGN_PARENT}-00"}
+        assert (await client.get("/users/1/segments", headers=unsampled)).status_code == 200
+    [read] = by_name(spans.get_finished_spans(), "GET /users/{user_id}/segments")
+    assert read.kind is SpanKind.SERVER
+    assert format(read.context.trace_id, "032x") == FOREIGN_TRACE
+    assert format(read.parent.span_id, "016x") == FOREIGN_PARENT
+    assert read.attributes["http.response.status_code"] == 200
+    assert read.attributes["url.path"] == "/users/1/segments"
+    # The query answering both requests (and any others waiting with them) is in no trace.
+    statements = [span.attributes.get("db.statement") or span.attributes.get("db.query.text")
+                  for span in spans.get_finished_spans() if span.kind is SpanKind.CLIENT]
+    assert statements  # the database is instrumented (the app's start-up queries, say),
+    assert USER_SEGMENTS_SQL not in statements  # but not the shared query
 
 
 async def test_log_lines_inside_a_span_carry_its_ids(spans):
