@@ -16,6 +16,7 @@ import time
 from datetime import UTC, datetime
 
 import orjson
+import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from bench import common
@@ -75,8 +76,9 @@ async def preload(settings, commands: list[dict], traced_share: float | None = N
         await producer.stop()
 
 
-async def measure_until_stored(pool, total: int, label: str, run) -> float:
-    """Commands/s from the first outcome stored to the last one."""
+async def measure_until_stored(pool, total: int, label: str, run, cpu_seconds=None) -> float | tuple[float, float]:
+    """Commands/s from the first outcome stored to the last one; with `cpu_seconds` (the CPU time
+    the consumer has used so far), also the consumer's CPU microseconds a command over that span."""
     task = asyncio.create_task(run())
     progress = Progress(label, total)
     first = None
@@ -84,10 +86,13 @@ async def measure_until_stored(pool, total: int, label: str, run) -> float:
         while True:
             done = await pool.fetchval("SELECT count(*) FROM command_outcomes")
             if done and first is None:
-                first = (time.monotonic(), done)
+                first = (time.monotonic(), done, cpu_seconds() if cpu_seconds else 0.0)
             progress.update(done)
             if done >= total:
-                return (total - first[1]) / (time.monotonic() - first[0])
+                rate = (total - first[1]) / (time.monotonic() - first[0])
+                if cpu_seconds is None:
+                    return rate
+                return rate, (cpu_seconds() - first[2]) / (total - first[1]) * 1e6
             if task.done():
                 task.result()
             await asyncio.sleep(0.1)
@@ -106,11 +111,24 @@ async def consume_all(settings, pool) -> None:
         raise
 
 
-async def consumer_process(settings, extra_env: dict[str, str]) -> None:
+class ConsumerProcess:
+    """The CPU time of the consumer process `consumer_process` runs, once it has started."""
+
+    def __init__(self) -> None:
+        self.process: psutil.Process | None = None
+
+    def cpu_seconds(self) -> float:
+        times = self.process.cpu_times()
+        return times.user + times.system
+
+
+async def consumer_process(settings, extra_env: dict[str, str], watch: ConsumerProcess | None = None) -> None:
     """`python -m services.command_consumer` on these settings until cancelled."""
     env = {**os.environ, **settings.to_env(), "CONSUMER_METRICS_PORT": "0", "LOG_LEVEL": "WARNING", **extra_env}
     process = subprocess.Popen([sys.executable, "-m", "services.command_consumer"], env=env,  # noqa: ASYNC220
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if watch is not None:
+        watch.process = psutil.Process(process.pid)
     try:
         while process.poll() is None:  # noqa: ASYNC110 - a process, not an event
             await asyncio.sleep(0.2)
@@ -221,23 +239,32 @@ async def tracing_rounds(args, new, commands: list[dict]) -> dict[str, str]:
     carry trace context as from producers that trace as much (the gateway, the client and
     segmentctl do), so each command's own sampling decision is part of the cost."""
     traced: dict[str, list[float]] = {label: [] for label, _ in TRACING_ROUNDS}
+    cpu: dict[str, list[float]] = {label: [] for label, _ in TRACING_ROUNDS}
     with OtlpSink() as sink:
         for round_number in range(1, args.rounds + 1):
-            for label, ratio in TRACING_ROUNDS:
+            shift = (round_number - 1) % len(TRACING_ROUNDS)  # no variant always runs first
+            for label, ratio in TRACING_ROUNDS[shift:] + TRACING_ROUNDS[:shift]:
                 extra = {} if ratio is None else {
                     "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
                     "OTEL_TRACES_SAMPLER_ARG": str(ratio)}
                 settings, pool = await new(f"tracing_{str(ratio or 0).replace('.', '_')}_{round_number}")
                 await seed_segments(pool, args.segments)
                 await preload(settings, commands, traced_share=0.01 if ratio is None else ratio)
-                traced[label].append(await measure_until_stored(
+                watch = ConsumerProcess()
+                rate, cpu_us = await measure_until_stored(
                     pool, len(commands), f"round {round_number}/{args.rounds}: {label}",
-                    functools.partial(consumer_process, settings, extra)))
-    return {**{label: f"{spread(rates)} commands/s  ({len(commands):,} commands a round)"
+                    functools.partial(consumer_process, settings, extra, watch), watch.cpu_seconds)
+                traced[label].append(rate)
+                cpu[label].append(cpu_us)
+                print(f"    {rate:,.0f} commands/s, consumer CPU {cpu_us:.1f} µs a command", file=sys.stderr)
+    per_cpu = {label: [1 / value for value in values] for label, values in cpu.items()}  # commands a CPU µs
+    return {**{label: f"{spread(rates)} commands/s, consumer CPU {spread(cpu[label], '{:.1f}')} µs a command"
                for label, rates in traced.items()},
             "tracing 1% / off": f"{spread(paired(traced, 'process, tracing 1%'), '{:.1%}')}   (target >= 97%)",
+            "tracing 1% / off, commands a CPU second": spread(paired(per_cpu, 'process, tracing 1%'), '{:.1%}'),
             "tracing 100% / off": f"{spread(paired(traced, 'process, tracing 100%'), '{:.1%}')}   "
-                                  "(every command traced)"}
+                                  "(every command traced)",
+            "tracing 100% / off, commands a CPU second": spread(paired(per_cpu, 'process, tracing 100%'), '{:.1%}')}
 
 
 PARTS = ("throughput", "tracing", "latency")
@@ -247,7 +274,7 @@ def cli() -> None:
     common.cli(__doc__, main, commands=200_000,
                baseline_commands=(20_000, "the baseline's rate is steady, so a sample of the same commands suffices"),
                tracing_commands=(100_000, "commands of each consumer-process round (tracing off, 1 %, 100 %)"),
-               rounds=(3, "rounds of the consumer-process comparison"),
+               rounds=(5, "rounds of the consumer-process comparison"),
                parts=(",".join(PARTS), "which parts to run, comma-separated"),
                users=100_000, segments=50, partitions=8, rate=500, latency_seconds=20.0)
 
