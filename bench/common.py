@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from devstack.infra import fresh_database, start_infra
+from services.expiry_worker.partitions import PartitionMaintainer
 from shared.db import create_pool
 from shared.kafka import ensure_topics
 from shared.logging import configure_logging
@@ -67,6 +68,9 @@ async def bench_environment(name: str, **overrides) -> AsyncIterator[tuple]:
             await ensure_topics(settings)
             pool = await create_pool(url, min_size=1, max_size=12)
             pools.append(pool)
+            # Partitions as the expiry worker makes them in a deployment (the inbox's for the days
+            # around now, the coming months' of history).
+            await PartitionMaintainer(pool, settings).run_once()
             return settings, pool
 
         yield infra, new

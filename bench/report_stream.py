@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from datetime import UTC, datetime
 
 import httpx
 import psutil
@@ -17,11 +18,15 @@ from bench import common
 from bench.common import bench_environment
 from bench.read_throughput import serve
 from devstack.processes import free_port, stop_process
+from services.expiry_worker.partitions import HISTORY, add_months, create_partition, history_partition_name
 
 COPY_QUERY = """SELECT user_id, segment_slug, operation,
                        to_char(executed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'), source, reason
                 FROM membership_history WHERE executed_at >= '2023-09-01' AND executed_at < '2023-10-01'
                 ORDER BY executed_at, user_id, segment_slug"""
+
+
+MONTH = datetime(2023, 9, 1, tzinfo=UTC)
 
 
 class Sink:
@@ -36,6 +41,8 @@ async def main(args) -> None:
     async with bench_environment("reports") as (_infra, new):
         settings, pool = await new("history")
         print(f"  seeding {args.rows:,} history rows…", file=sys.stderr, flush=True)
+        async with pool.acquire() as conn:  # the month's partition, as the expiry worker would have made it
+            await create_partition(conn, HISTORY, history_partition_name(MONTH), MONTH, add_months(MONTH, 1))
         await pool.execute(
             """INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, reason)
                SELECT 1 + g % 200000, 'SEGMENT_' || (g % 100), CASE WHEN g % 3 = 0 THEN 'D' ELSE 'I' END,

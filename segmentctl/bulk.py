@@ -26,9 +26,9 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from segmentctl.durations import parse_duration
 from shared.client import CommandPublisher, OutcomeReader
 from shared.commands import command_adapter
+from shared.durations import parse_duration
 from shared.settings import Settings
 
 REQUIRED_COLUMNS = ("user_id", "segment_slug")

@@ -18,10 +18,10 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from segmentctl.bulk import explain, publish_all, read_assignments
-from segmentctl.durations import parse_duration
 from shared.api_keys import SCOPES, KeyFileError, new_key
 from shared.client import CommandPublisher, KafkaUnavailable, OutcomeReader
 from shared.commands import command_adapter
+from shared.durations import parse_duration
 from shared.kafka import KafkaSetupError
 from shared.query_client import QueryApiError, QueryClient
 from shared.settings import Settings

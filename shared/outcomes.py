@@ -21,6 +21,7 @@ class ErrorCode(StrEnum):
     SEGMENT_EXISTS = "segment_exists"
     SEGMENT_NOT_FOUND = "segment_not_found"
     CONFLICTING_SEGMENTS = "conflicting_segments"
+    TOO_OLD = "too_old"  # the record is older than the inbox window (OUTCOME_RETENTION): it cannot be checked
     # Record problems (status invalid, record dead-lettered).
     INVALID_JSON = "invalid_json"
     NOT_AN_OBJECT = "not_an_object"
@@ -93,6 +94,7 @@ class OutcomeRow(NamedTuple):
     source_partition: int
     source_offset: int
     actor: str | None = None  # who issued the command
+    recorded_at: datetime | None = None  # the command record's Kafka timestamp: the inbox's partition key
 
     @classmethod
     def from_record(cls, record) -> OutcomeRow:

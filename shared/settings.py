@@ -9,6 +9,8 @@ from typing import Annotated, Literal, Self
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.durations import parse_duration
+
 DEVELOPMENT_REPORT_SECRET = "development-only-report-secret"
 # Settings that are secrets: each can also be read from a file named by <NAME>_FILE (the Docker and
 # Kubernetes secrets convention). None of them is ever logged or shown.
@@ -86,6 +88,16 @@ class Settings(BaseSettings):
     expiry_concurrency: int = Field(2, ge=1)
     expiry_metrics_port: int = 9102
 
+    # Data that stays bounded (README: "Data that stays bounded"). Durations: 90s, 15m, 2h, 7d, 1w
+    # or seconds. The inbox window must exceed the command topics' retention plus the longest
+    # consumer outage: a record older than it is rejected `too_old`, never applied unchecked.
+    outcome_retention: int = 7 * 86_400
+    outcome_partition_interval: int = 86_400  # one partition of the inbox per this much record time
+    outcome_partitions_ahead: int = Field(3, ge=1)  # made in advance, in intervals
+    history_retention_months: int | None = Field(None, ge=1)  # None: history is kept for ever
+    history_partitions_ahead: int = Field(3, ge=1)  # months made in advance
+    partition_maintenance_interval: int = 600  # how often the expiry worker maintains partitions
+
     # Database pool of each API worker. Reads are short, so a few connections per worker keep up;
     # more only add PostgreSQL backends contending for the same cores and lengthen the tail.
     db_pool_min_size: int = Field(1, ge=0)
@@ -101,6 +113,25 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [url.strip() for url in value.split(",") if url.strip()]
         return value
+
+    @field_validator("outcome_retention", "outcome_partition_interval", "partition_maintenance_interval",
+                     mode="before")
+    @classmethod
+    def _duration(cls, value):
+        return parse_duration(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_partitioning(self) -> Self:
+        interval, retention = self.outcome_partition_interval, self.outcome_retention
+        if interval > retention:
+            raise ValueError(f"OUTCOME_PARTITION_INTERVAL ({interval}s) must not exceed OUTCOME_RETENTION "
+                             f"({retention}s): a partition is dropped whole")
+        if interval * self.outcome_partitions_ahead <= self.partition_maintenance_interval:
+            raise ValueError(f"OUTCOME_PARTITION_INTERVAL x OUTCOME_PARTITIONS_AHEAD "
+                             f"({interval * self.outcome_partitions_ahead}s) must exceed "
+                             f"PARTITION_MAINTENANCE_INTERVAL ({self.partition_maintenance_interval}s), or "
+                             "outcomes outrun the partitions made for them")
+        return self
 
     @model_validator(mode="after")
     def _read_secret_files(self) -> Self:

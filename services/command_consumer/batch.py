@@ -17,7 +17,7 @@ from services.command_consumer.segments import SEGMENT_HANDLERS
 from services.command_consumer.users import USER_HANDLERS, Decision
 from shared.commands import CreateUser, UpdateUserSegments
 from shared.membership import UserState
-from shared.outcomes import OutcomeRow, Status
+from shared.outcomes import ErrorCode, OutcomeRow, Status
 
 
 @dataclass(slots=True)
@@ -40,11 +40,35 @@ def _outcome(parsed: ParsedRecord, decision: Decision | None, now: datetime) -> 
         status, result, kind, actor = decision.status, decision.result, parsed.command.type, parsed.command.actor
         error = {"code": decision.error_code, "message": decision.error_message} if decision.error_code else None
     return OutcomeRow(parsed.command_id, kind, str(status), error, result, now, record.topic, record.partition,
-                      record.offset, actor)
+                      record.offset, actor, recorded_at(record, now))
 
 
-async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord]) -> list[Processed]:
+def recorded_at(record, now: datetime) -> datetime:
+    """The inbox's partition key: the record's timestamp (the same every time the record is
+    delivered), or the time it is processed for a record without one."""
+    if record.timestamp_ms is None or record.timestamp_ms < 0:
+        return now
+    return datetime.fromtimestamp(record.timestamp_ms / 1000, UTC)
+
+
+def _too_old(parsed: ValidCommand, now: datetime, window_seconds: int) -> OutcomeRow:
+    record = parsed.record
+    age = (now - recorded_at(record, now)).total_seconds()
+    message = (f"the command's record is {age:,.0f}s old, older than the outcome window "
+               f"(OUTCOME_RETENTION, {window_seconds:,}s): whether it was applied before can no longer be "
+               "checked, so it is not applied")
+    return OutcomeRow(parsed.command_id, parsed.command.type, str(Status.REJECTED),
+                      {"code": str(ErrorCode.TOO_OLD), "message": message}, None, now, record.topic,
+                      record.partition, record.offset, parsed.command.actor, recorded_at(record, now))
+
+
+async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord],
+                      window_seconds: int | None = None) -> list[Processed]:
     """Apply one partition's parsed records, in order, in one transaction; return their outcomes.
+
+    A record older than `window_seconds` (the inbox window, OUTCOME_RETENTION) is not looked up
+    nor applied: its inbox partition may be gone, so it is rejected `too_old`, and not stored
+    (its outcome would belong to a dropped range). Nor is an invalid record that old stored.
 
     The users the batch names are loaded once and locked, every command is decided in memory
     against that state in record order (a rejected command changes nothing), and then the changed
@@ -53,9 +77,16 @@ async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord]) -> li
     applied again: its outcome comes back marked `replayed`. Nothing is visible to anyone until
     the transaction commits, and on any error nothing of the batch is.
     """
+    now = _clock()
+    cutoff_ms = (now.timestamp() - window_seconds) * 1000 if window_seconds is not None else None
+    stale = {index for index, parsed in enumerate(batch)
+             if cutoff_ms is not None and parsed.record.timestamp_ms is not None
+             and 0 <= parsed.record.timestamp_ms < cutoff_ms}
     async with conn.transaction():
-        stored = await repository.fetch_outcomes(conn, list({p.command_id for p in batch}))
-        fresh_user_commands = [p for p in batch if isinstance(p, ValidCommand) and p.command_id not in stored
+        stored = await repository.fetch_outcomes(
+            conn, list({p.command_id for index, p in enumerate(batch) if index not in stale}))
+        fresh_user_commands = [p for index, p in enumerate(batch) if isinstance(p, ValidCommand)
+                               and index not in stale and p.command_id not in stored
                                and isinstance(p.command, (CreateUser, UpdateUserSegments))]
         states: dict[int, UserState] = {}
         segments = {}
@@ -73,7 +104,13 @@ async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord]) -> li
         new_outcomes: dict[str, OutcomeRow] = {}
         history = []
         catalogue_changed = False
-        for parsed in batch:
+        for index, parsed in enumerate(batch):
+            if index in stale:
+                if isinstance(parsed, ValidCommand):
+                    processed.append(Processed(parsed, _too_old(parsed, _clock(), window_seconds), False))
+                else:
+                    processed.append(Processed(parsed, _outcome(parsed, None, _clock()), False))
+                continue
             if parsed.command_id in stored:
                 processed.append(Processed(parsed, stored[parsed.command_id], True))
                 continue

@@ -17,3 +17,6 @@ REPLAYED = Counter("segmentation_commands_replayed_total",
                    "Commands seen again (redelivery or repeated command id) whose stored outcome was re-published")
 DB_RETRIES = Counter("segmentation_consumer_db_retries_total", "Batch transactions retried after a database error")
 LAG = Gauge("segmentation_consumer_lag", "Records behind the partition's high watermark", ["topic", "partition"])
+TOO_OLD = Counter("segmentation_commands_too_old_total",
+                  "Commands rejected too_old: their record was older than OUTCOME_RETENTION, past what the inbox "
+                  "can check, so they were not applied")

@@ -68,7 +68,7 @@ class BatchPipeline:
         position right after the commit, so at or after it (one query a batch, nothing stored)."""
         async def attempt():
             async with self._pool.acquire() as conn:
-                processed = await apply_batch(conn, batch)
+                processed = await apply_batch(conn, batch, self._settings.outcome_retention)
                 return processed, await conn.fetchval("SELECT pg_current_wal_lsn()::text")
 
         first_offset = batch[0].record.offset

@@ -12,6 +12,7 @@ from aiokafka import TopicPartition
 from services.command_consumer import metrics
 from services.command_consumer.batch import Processed
 from services.command_consumer.parsing import InvalidRecord
+from shared.outcomes import ErrorCode
 
 log = structlog.get_logger("command_consumer")
 
@@ -32,6 +33,8 @@ def batch_applied(processed: list[Processed], seconds: float, durable_at: float)
                 metrics.COMMAND_LATENCY.observe(max(0.0, durable_at - record.timestamp_ms / 1000))
             if isinstance(item.parsed, InvalidRecord):
                 metrics.DLQ_RECORDS.labels(item.parsed.code).inc()
+            elif outcome.error and outcome.error["code"] == ErrorCode.TOO_OLD:
+                metrics.TOO_OLD.inc()
         if outcome.status != "applied" or item.replayed or debug:
             _log_outcome(item)
     for (command_type, status), count in counts.items():
@@ -61,6 +64,8 @@ def _log_outcome(item: Processed) -> None:
         log.info("command seen again, stored outcome re-published", **fields)
     elif outcome.status == "invalid":
         log.warning("dead-lettered", **fields)
+    elif error.get("code") == ErrorCode.TOO_OLD:
+        log.warning("command older than the outcome window rejected, not applied", **fields)
     elif outcome.status == "rejected":
         log.info("command rejected", **fields)
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from services.expiry_worker.partitions import PartitionMaintainer
 from services.expiry_worker.worker import ExpiryWorker
 from shared.db import create_pool
 from shared.service import bootstrap, on_shutdown_signal, serve_metrics
@@ -12,10 +13,11 @@ from shared.service import bootstrap, on_shutdown_signal, serve_metrics
 
 async def main() -> None:
     settings = bootstrap("expiry_worker")
-    pool = await create_pool(settings.require_database_url(), min_size=1, max_size=settings.expiry_concurrency + 1)
+    # A connection per expiry loop, one for partition maintenance, one spare.
+    pool = await create_pool(settings.require_database_url(), min_size=1, max_size=settings.expiry_concurrency + 2)
     serve_metrics(settings.expiry_metrics_port, settings.metrics_host)
     worker = ExpiryWorker(pool, settings.expiry_batch_size, settings.expiry_max_sleep_seconds,
-                          concurrency=settings.expiry_concurrency)
+                          concurrency=settings.expiry_concurrency, maintainer=PartitionMaintainer(pool, settings))
     on_shutdown_signal(worker.stop)
     try:
         await worker.run()
@@ -26,9 +28,12 @@ async def main() -> None:
 def cli() -> None:
     argparse.ArgumentParser(
         prog="python -m services.expiry_worker",
-        description="Remove explicit memberships whose expires_at has passed, recording history. "
-        "Any number can run at once. Configured by environment variables (DATABASE_URL, EXPIRY_BATCH_SIZE, "
-        "EXPIRY_MAX_SLEEP_SECONDS, EXPIRY_CONCURRENCY, EXPIRY_METRICS_PORT).",
+        description="Remove explicit memberships whose expires_at has passed, recording history, and "
+        "maintain the partitions of the history and of the outcome inbox: make them ahead, drop them past "
+        "retention. Any number can run at once. Configured by environment variables (DATABASE_URL, "
+        "EXPIRY_BATCH_SIZE, EXPIRY_MAX_SLEEP_SECONDS, EXPIRY_CONCURRENCY, EXPIRY_METRICS_PORT, "
+        "OUTCOME_RETENTION, OUTCOME_PARTITION_INTERVAL, OUTCOME_PARTITIONS_AHEAD, HISTORY_RETENTION_MONTHS, "
+        "HISTORY_PARTITIONS_AHEAD, PARTITION_MAINTENANCE_INTERVAL).",
     ).parse_args()
     asyncio.run(main())
 

@@ -17,6 +17,7 @@ import asyncpg
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.expiry_worker.partitions import PartitionMaintainer
 from shared import tracing
 from shared.db import TRANSIENT_DB_ERRORS
 from shared.membership import HISTORY_COLUMNS, HistoryRow, Segment, leaves_at_expiry
@@ -96,8 +97,10 @@ async def seconds_until_next_expiry(conn: asyncpg.Connection) -> float | None:
 
 class ExpiryWorker:
     def __init__(self, pool: asyncpg.Pool, batch_size: int, max_sleep_seconds: float,
-                 on_batch: Callable[[BatchResult], None] | None = None, concurrency: int = 1) -> None:
+                 on_batch: Callable[[BatchResult], None] | None = None, concurrency: int = 1,
+                 maintainer: PartitionMaintainer | None = None) -> None:
         self.pool = pool
+        self.maintainer = maintainer  # partition maintenance, run alongside (services/expiry_worker/partitions.py)
         self.concurrency = concurrency
         self.on_batch = on_batch
         self.batch_size = batch_size
@@ -112,7 +115,8 @@ class ExpiryWorker:
         log.info("expiring memberships", batch_size=self.batch_size, max_sleep_seconds=self.max_sleep_seconds,
                  concurrency=self.concurrency)
         # SKIP LOCKED keeps concurrent claims disjoint, so a backlog drains on several connections.
-        await asyncio.gather(*(self._loop() for _ in range(self.concurrency)))
+        maintenance = [self.maintainer.run(self.stopping)] if self.maintainer else []
+        await asyncio.gather(*(self._loop() for _ in range(self.concurrency)), *maintenance)
         log.info("stopped")
 
     async def _loop(self) -> None:

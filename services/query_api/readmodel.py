@@ -84,5 +84,5 @@ async def command_outcome(pool: asyncpg.Pool, command_id: str) -> tuple[OutcomeR
     outcome is visible, so its commit is at or before that position."""
     row = await pool.fetchrow(
         f"SELECT {', '.join(OUTCOME_COLUMNS)}, pg_current_wal_lsn()::text AS token FROM command_outcomes "
-        "WHERE command_id = $1", command_id)
+        "WHERE command_id = $1 ORDER BY recorded_at DESC LIMIT 1", command_id)
     return (OutcomeRow.from_record(row), row["token"]) if row else None

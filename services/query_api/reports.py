@@ -170,6 +170,23 @@ async def _copy_through(conn: asyncpg.Connection, start, end, user_id) -> AsyncI
             await asyncio.gather(task, return_exceptions=True)
 
 
+HORIZON_SQL = "SELECT dropped_before FROM retention_horizon WHERE table_name = 'membership_history'"
+
+
+class MonthDropped(Exception):
+    """The month's history was dropped by retention (HISTORY_RETENTION_MONTHS)."""
+
+
+async def check_month_kept(conn: asyncpg.Connection | asyncpg.Pool, year: int, month: int) -> None:
+    """MonthDropped if the month lies before what history retention keeps: its report would be
+    empty for a reason other than nothing having happened (README: "Data that stays bounded")."""
+    start, _ = month_bounds(year, month)
+    horizon = await conn.fetchval(HORIZON_SQL)
+    if horizon is not None and start < horizon:
+        raise MonthDropped(f"the history of {year:04d}-{month:02d} is past retention (HISTORY_RETENTION_MONTHS): "
+                           f"months before {horizon:%Y-%m} have been dropped")
+
+
 async def stream_report(conn: asyncpg.Connection, year: int, month: int, user_id: int | None,
                         release: Callable[[], Awaitable[None]]) -> AsyncIterator[bytes]:
     """The CSV in chunks from one repeatable-read snapshot, produced as the client reads; `release`

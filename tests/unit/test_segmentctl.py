@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from segmentctl.bulk import read_assignments
 from segmentctl.cli import app
-from segmentctl.durations import parse_duration
+from shared.durations import parse_duration
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("90s", 90), ("15m", 900), ("2h", 7200),

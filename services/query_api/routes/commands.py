@@ -15,6 +15,7 @@ from services.query_api.dependencies import ResourcesDep, StatusKey, WriteKey
 from services.query_api.schemas import AUTH_RESPONSES, Problem, Published, json_response
 from shared.client import KafkaUnavailable
 from shared.commands import command_adapter, command_json_schema
+from shared.durations import format_duration
 from shared.outcomes import Outcome
 
 log = structlog.get_logger("query_api")
@@ -37,7 +38,10 @@ async def get_command(command_id: Annotated[str, Path(min_length=1, max_length=2
                       resources: ResourcesDep, _key: StatusKey) -> Response:
     found = await readmodel.command_outcome(resources.pool, command_id)  # the primary: the latest write
     if found is None:
-        raise HTTPException(404, f"command {command_id} has not been processed (yet)")
+        window = format_duration(resources.settings.outcome_retention)
+        raise HTTPException(404, f"command {command_id} has no outcome: it has not been processed (yet), or it "
+                                 f"was processed longer ago than the outcome window (OUTCOME_RETENTION, {window}) "
+                                 "and its outcome has expired")
     outcome, token = found
     return json_response(outcome.contract(token))
 

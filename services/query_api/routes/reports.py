@@ -10,16 +10,26 @@ from starlette.background import BackgroundTask
 
 from services.query_api.dependencies import ReportsKey, ResourcesDep
 from services.query_api.parameters import Month, UserIdQuery, Year
-from services.query_api.reports import ReportLinkExpired, ReportLinkInvalid, stream_report
+from services.query_api.reports import (
+    MonthDropped,
+    ReportLinkExpired,
+    ReportLinkInvalid,
+    check_month_kept,
+    stream_report,
+)
 from services.query_api.schemas import AUTH_RESPONSES, Problem, ReportLink, json_response
 
 router = APIRouter(tags=["reports"])
 
 
-@router.get("/reports/history", response_model=ReportLink, responses=AUTH_RESPONSES,
+@router.get("/reports/history", response_model=ReportLink, responses={**AUTH_RESPONSES, 410: {"model": Problem}},
             summary="Signed link to the history CSV of all users (or one) for a month")
 async def get_history_report(year: Year, month: Month, request: Request, resources: ResourcesDep,
                              _key: ReportsKey, user_id: UserIdQuery = None) -> Response:
+    try:
+        await resources.reads.read(lambda pool: check_month_kept(pool, year, month), replica_first=True)
+    except MonthDropped as error:
+        raise HTTPException(410, str(error)) from error
     return json_response({"report_link": resources.report_link(request, year, month, user_id)})
 
 
@@ -40,6 +50,14 @@ async def download_report(token: Annotated[str, Query(max_length=2048)], resourc
     # A connection first (a replica, else the primary): a server that is away means 503, not a
     # response cut off after its head.
     pool, conn = await resources.reads.read(_acquire, replica_first=True)
+    try:
+        await check_month_kept(conn, year, month)
+    except MonthDropped as error:
+        await pool.release(conn)
+        raise HTTPException(410, str(error)) from error
+    except BaseException:
+        await pool.release(conn)
+        raise
     released = False
 
     async def release() -> None:

@@ -1,4 +1,4 @@
-"""Human durations for TTLs: `90s`, `15m`, `2h`, `2d`, `1w`, `1d12h`, or plain seconds."""
+"""Human durations (TTLs, retention windows): `90s`, `15m`, `2h`, `2d`, `1w`, `1d12h`, or plain seconds."""
 
 from __future__ import annotations
 
@@ -18,5 +18,17 @@ def parse_duration(text: str) -> int:
     else:
         raise ValueError(f"{text!r} is not a duration: use e.g. 90s, 15m, 2h, 2d, 1w, 1d12h or plain seconds")
     if seconds < 1:
-        raise ValueError("a TTL must be at least 1 second")
+        raise ValueError("a duration must be at least 1 second")
     return seconds
+
+
+def format_duration(seconds: int) -> str:
+    """`seconds` as parse_duration reads it back, largest units first: 604800 -> `1w`, 90 -> `1m30s`."""
+    if seconds <= 0:
+        return "0s"
+    parts = []
+    for unit, size in sorted(UNITS.items(), key=lambda item: -item[1]):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts)

@@ -1,0 +1,127 @@
+"""The partitioning migration (0005) on a database that already holds months of data: every row
+moves into a partition, none is lost, and every month's report is the same before and after."""
+
+from __future__ import annotations
+
+import uuid
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from yoyo import get_backend, read_migrations
+
+from services.query_api.reports import stream_report
+from shared.db import MIGRATIONS_DIR, apply_migrations, yoyo_url
+
+pytestmark = pytest.mark.integration
+PARTITIONING = "0005_partitioned_history_and_inbox"
+MONTHS = [(2025, 6), (2025, 7), (2025, 8), (2025, 9)]
+
+
+def migrate_before_partitioning(url: str) -> None:
+    backend = get_backend(yoyo_url(url))
+    try:
+        with backend.lock():
+            migrations = read_migrations(str(MIGRATIONS_DIR))
+            backend.apply_migrations(backend.to_apply(migrations.filter(lambda m: m.id < PARTITIONING)))
+    finally:
+        backend.connection.close()
+
+
+@pytest.fixture
+async def old_database(infra):
+    name = f"migrate_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(infra.database_url)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    url = urlunsplit(urlsplit(infra.database_url)._replace(path=f"/{name}"))
+    yield url
+    admin = await asyncpg.connect(infra.database_url)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+async def seed(conn: asyncpg.Connection) -> None:
+    """Four months of explicit history, rollout events with overrides, users and outcomes."""
+    await conn.execute("INSERT INTO users SELECT g, '2025-05-01' FROM generate_series(1, 500) AS g")
+    segment = await conn.fetchval("INSERT INTO segments (slug, percent, created_at, updated_at) "
+                                  "VALUES ('ROLL', 20, '2025-06-02', '2025-06-02') RETURNING id")
+    for year, month in MONTHS:
+        await conn.execute(
+            """INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, reason,
+                                               command_id)
+               SELECT g % 500 + 1, 'SEG_' || (g % 7), CASE WHEN g % 3 = 0 THEN 'D' ELSE 'I' END,
+                      make_timestamptz($1::int, $2::int, 1, 0, 0, 0, 'UTC') + (g % 600) * interval '1 hour', 'manual',
+                      'manual', 'c-' || $1::int || $2::int || g
+               FROM generate_series(1, 3000) AS g""", year, month)
+        event = await conn.fetchval(
+            """INSERT INTO rollout_events (segment_id, segment_slug, old_percent, new_percent, reason, executed_at,
+                                           command_id)
+               VALUES ($1, 'ROLL', 10, 20, 'percent_changed',
+                       make_timestamptz($2::int, $3::int, 15, 0, 0, 0, 'UTC'), 'e')
+               RETURNING id""", segment, year, month)
+        await conn.execute("INSERT INTO rollout_event_overrides SELECT $1, g FROM generate_series(1, 40) AS g", event)
+        await conn.execute(
+            """INSERT INTO command_outcomes (command_id, type, status, processed_at, source_topic, source_partition,
+                                             source_offset, actor)
+               SELECT 'o-' || $1::int || $2::int || g, 'create_user', 'applied',
+                      make_timestamptz($1::int, $2::int, 3, 0, 0, 0, 'UTC') + g * interval '1 minute', 'a', 0, g, 'k'
+               FROM generate_series(1, 2000) AS g""", year, month)
+
+
+async def snapshot(conn: asyncpg.Connection) -> dict:
+    """Counts, each table's content digest, and every month's report (all users, and one user)."""
+    state = {}
+    for table, order in (("membership_history", "id"), ("command_outcomes", "command_id"),
+                         ("rollout_events", "id"), ("rollout_event_overrides", "event_id, user_id")):
+        state[table] = await conn.fetchval(f"SELECT count(*) FROM {table}")
+        state[f"{table} digest"] = await conn.fetchval(
+            f"SELECT md5(string_agg(row_to_json(t)::text, '|' ORDER BY {order})) FROM "
+            f"(SELECT * FROM {table}) t" if table != "command_outcomes" else
+            "SELECT md5(string_agg(concat_ws(',', command_id, type, status, processed_at, source_offset, actor), '|' "
+            "ORDER BY command_id)) FROM command_outcomes")
+    for year, month in MONTHS:
+        for user_id in (None, 42):
+            chunks = [chunk async for chunk in stream_report(conn, year, month, user_id, release=_nothing)]
+            state[f"report {year}-{month} user {user_id}"] = b"".join(chunks)
+    return state
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def test_existing_months_move_into_partitions_with_nothing_lost(old_database):
+    migrate_before_partitioning(old_database)
+    conn = await asyncpg.connect(old_database)
+    try:
+        await seed(conn)
+        before = await snapshot(conn)
+        largest_id = await conn.fetchval("SELECT max(id) FROM membership_history")
+    finally:
+        await conn.close()
+    assert before["membership_history"] == 12_000 and before["command_outcomes"] == 8_000
+    assert all(len(report.splitlines()) > 1 for key, report in before.items() if key.startswith("report"))
+
+    assert apply_migrations(old_database) == [PARTITIONING]
+
+    conn = await asyncpg.connect(old_database)
+    try:
+        assert await snapshot(conn) == before
+        homes = await conn.fetch("SELECT tableoid::regclass::text AS part, count(*) FROM membership_history "
+                                 "GROUP BY 1 ORDER BY 1")
+        assert [(row["part"], row["count"]) for row in homes] == [
+            (f"membership_history_p{year}{month:02d}", 3000) for year, month in MONTHS]
+        assert await conn.fetchval("SELECT count(*) FROM command_outcomes_default") == 0
+        assert await conn.fetchval("SELECT count(*) FROM command_outcomes_before_migration") == 8_000
+        # New history rows continue the old numbering.
+        new_id = await conn.fetchval(
+            "INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, reason) "
+            "VALUES (1, 'S', 'I', now(), 'manual', 'manual') RETURNING id")
+        assert new_id > largest_id
+    finally:
+        await conn.close()
