@@ -66,8 +66,9 @@ def _containers(exit_stack: ExitStack) -> Infra:
     return Infra(postgres.get_connection_url(), kafka.get_bootstrap_server(), _exit=exit_stack)
 
 
-async def fresh_database(admin_url: str, name: str) -> str:
-    """Create (or recreate) database `name` on the server, migrated; returns its URL."""
+async def fresh_database(admin_url: str, name: str, migrated_before: str | None = None) -> str:
+    """Create (or recreate) database `name` on the server, migrated (only up to the migrations
+    before `migrated_before`, if given: an upgrade to test); returns its URL."""
     from urllib.parse import urlsplit, urlunsplit
 
     import asyncpg
@@ -81,5 +82,15 @@ async def fresh_database(admin_url: str, name: str) -> str:
     finally:
         await conn.close()
     url = urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
-    apply_migrations(url)
+    apply_migrations(url, migrated_before)
     return url
+
+
+async def drop_database(admin_url: str, name: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await conn.close()

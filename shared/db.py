@@ -69,12 +69,15 @@ def yoyo_url(database_url: str) -> str:
     return database_url
 
 
-def apply_migrations(database_url: str) -> list[str]:
-    """Apply pending migrations; a second call is a no-op. Returns the ids applied."""
+def apply_migrations(database_url: str, before: str | None = None) -> list[str]:
+    """Apply pending migrations (only those whose id sorts before `before`, if given: tests and
+    benchmarks of an upgrade); a second call is a no-op. Returns the ids applied."""
     from yoyo import get_backend, read_migrations
 
     backend = get_backend(yoyo_url(database_url))
     migrations = read_migrations(str(MIGRATIONS_DIR))
+    if before is not None:
+        migrations = migrations.filter(lambda migration: migration.id < before)
     try:
         with backend.lock():
             pending = backend.to_apply(migrations)

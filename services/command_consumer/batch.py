@@ -62,6 +62,16 @@ def _too_old(parsed: ValidCommand, now: datetime, window_seconds: int) -> Outcom
                       record.partition, record.offset, parsed.command.actor, recorded_at(record, now))
 
 
+def _older_than(batch: list[ParsedRecord], window_seconds: int) -> set[int]:
+    """Indexes of the records older than the window (one pass for the oldest timestamp first: a
+    batch almost never holds one)."""
+    cutoff_ms = (_clock().timestamp() - window_seconds) * 1000
+    stamps = [parsed.record.timestamp_ms for parsed in batch]
+    if min((stamp for stamp in stamps if stamp is not None and stamp >= 0), default=cutoff_ms) >= cutoff_ms:
+        return set()
+    return {index for index, stamp in enumerate(stamps) if stamp is not None and 0 <= stamp < cutoff_ms}
+
+
 async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord],
                       window_seconds: int | None = None) -> list[Processed]:
     """Apply one partition's parsed records, in order, in one transaction; return their outcomes.
@@ -77,16 +87,11 @@ async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord],
     applied again: its outcome comes back marked `replayed`. Nothing is visible to anyone until
     the transaction commits, and on any error nothing of the batch is.
     """
-    now = _clock()
-    cutoff_ms = (now.timestamp() - window_seconds) * 1000 if window_seconds is not None else None
-    stale = {index for index, parsed in enumerate(batch)
-             if cutoff_ms is not None and parsed.record.timestamp_ms is not None
-             and 0 <= parsed.record.timestamp_ms < cutoff_ms}
+    stale = _older_than(batch, window_seconds) if window_seconds is not None else set()
+    checked = [p for index, p in enumerate(batch) if index not in stale] if stale else batch
     async with conn.transaction():
-        stored = await repository.fetch_outcomes(
-            conn, list({p.command_id for index, p in enumerate(batch) if index not in stale}))
-        fresh_user_commands = [p for index, p in enumerate(batch) if isinstance(p, ValidCommand)
-                               and index not in stale and p.command_id not in stored
+        stored = await repository.fetch_outcomes(conn, list({p.command_id for p in checked}))
+        fresh_user_commands = [p for p in checked if isinstance(p, ValidCommand) and p.command_id not in stored
                                and isinstance(p.command, (CreateUser, UpdateUserSegments))]
         states: dict[int, UserState] = {}
         segments = {}
@@ -105,7 +110,7 @@ async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord],
         history = []
         catalogue_changed = False
         for index, parsed in enumerate(batch):
-            if index in stale:
+            if stale and index in stale:
                 if isinstance(parsed, ValidCommand):
                     processed.append(Processed(parsed, _too_old(parsed, _clock(), window_seconds), False))
                 else:

@@ -4,45 +4,25 @@ moves into a partition, none is lost, and every month's report is the same befor
 from __future__ import annotations
 
 import uuid
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from yoyo import get_backend, read_migrations
 
+from devstack.infra import drop_database, fresh_database
 from services.query_api.reports import stream_report
-from shared.db import MIGRATIONS_DIR, apply_migrations, yoyo_url
+from shared.db import apply_migrations
 
 pytestmark = pytest.mark.integration
 PARTITIONING = "0005_partitioned_history_and_inbox"
 MONTHS = [(2025, 6), (2025, 7), (2025, 8), (2025, 9)]
 
 
-def migrate_before_partitioning(url: str) -> None:
-    backend = get_backend(yoyo_url(url))
-    try:
-        with backend.lock():
-            migrations = read_migrations(str(MIGRATIONS_DIR))
-            backend.apply_migrations(backend.to_apply(migrations.filter(lambda m: m.id < PARTITIONING)))
-    finally:
-        backend.connection.close()
-
-
 @pytest.fixture
 async def old_database(infra):
+    """A database at the schema before partitioning."""
     name = f"migrate_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(infra.database_url)
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    url = urlunsplit(urlsplit(infra.database_url)._replace(path=f"/{name}"))
-    yield url
-    admin = await asyncpg.connect(infra.database_url)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    yield await fresh_database(infra.database_url, name, migrated_before=PARTITIONING)
+    await drop_database(infra.database_url, name)
 
 
 async def seed(conn: asyncpg.Connection) -> None:
@@ -96,7 +76,6 @@ async def _nothing() -> None:
 
 
 async def test_existing_months_move_into_partitions_with_nothing_lost(old_database):
-    migrate_before_partitioning(old_database)
     conn = await asyncpg.connect(old_database)
     try:
         await seed(conn)
