@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,6 +32,9 @@ class Stack:
         self.log_dir = log_dir or self.data_dir / "logs"
         self.say = say
         self.env = dict(os.environ)
+        # One consumer, restarted in place when it dies: static group membership gets it its
+        # partitions back without a rebalance waiting out the dead process's session.
+        self.env.setdefault("CONSUMER_GROUP_INSTANCE_ID", f"{socket.gethostname()}-command-consumer")
         self.kafka: EmbeddedKafka | None = None
         self.postgres: EmbeddedPostgres | None = None
         self.services: dict[str, subprocess.Popen] = {}

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     consumer_max_batch: int = Field(4000, ge=1)
     consumer_fetch_max_wait_ms: int = Field(10, ge=0)
     consumer_session_timeout_ms: int = Field(10_000, ge=1000)
+    # Static group membership (KIP-345): a consumer restarted with the same id gets its partitions
+    # back at once, without waiting out the session timeout for a rebalance. One id per process,
+    # stable across its restarts (a StatefulSet pod name, a systemd instance); never shared.
+    consumer_group_instance_id: str | None = Field(None, min_length=1, max_length=249)
     consumer_heartbeat_interval_ms: int = Field(1_000, ge=100)
     max_command_bytes: int = Field(1_048_576, ge=1024)
     db_retry_attempts: int = Field(30, ge=1)

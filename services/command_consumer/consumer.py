@@ -61,6 +61,7 @@ class CommandConsumer:
         self.kafka_consumer = AIOKafkaConsumer(
             **kafka_options(settings),
             group_id=settings.consumer_group,
+            group_instance_id=settings.consumer_group_instance_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,
