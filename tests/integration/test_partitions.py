@@ -16,6 +16,7 @@ import structlog
 from services.command_consumer import metrics as consumer_metrics
 from services.command_consumer.batch import apply_batch
 from services.command_consumer.parsing import RecordRef, parse_record
+from services.expiry_worker import partitions as partition_metrics
 from services.expiry_worker.partitions import (
     HISTORY,
     OUTCOMES,
@@ -115,7 +116,13 @@ async def test_history_retention_drops_whole_months_and_their_reports_answer_410
     await pool.execute("INSERT INTO rollout_event_overrides VALUES ($1, 1)", event)
 
     settings = settings.model_copy(update={"history_retention_months": 12})
+    dropped_before = partition_metrics.ROWS_DROPPED.labels(HISTORY.name)._value.get()
     run = await PartitionMaintainer(pool, settings).run_once()
+    # What operators see: rows dropped, partitions left, and the oldest range kept.
+    assert partition_metrics.ROWS_DROPPED.labels(HISTORY.name)._value.get() == dropped_before + 2000
+    left = await partitions(pool, HISTORY)
+    assert partition_metrics.PARTITIONS.labels(HISTORY.name)._value.get() == len(left)
+    assert partition_metrics.OLDEST.labels(HISTORY.name)._value.get() == left[0].lower.timestamp()
     assert sorted(run.dropped[HISTORY.name]) == [history_partition_name(old),
                                                  history_partition_name(add_months(old, 1))]
     assert run.rows_dropped[HISTORY.name] == 2000
