@@ -7,7 +7,11 @@ spans are skipped behind one flag, so the hot paths pay nothing measurable. On:
 
 - the maintained instrumentations where they fit: asyncpg (every query), aiokafka's producer
   (a send span, and W3C trace context injected into the record's headers), the ASGI middleware
-  around the whole API (the hot read included, which runs before FastAPI's stack);
+  around the API's routes. The hot read, which runs before FastAPI's stack, makes its own server
+  span (services/query_api/fast_path.py), and the consumer sends outcomes past the producer's
+  instrumentation with its command spans' context (services/command_consumer/publishing.py);
+- spans made only once the sampler has said yes (SampledFirst, below), so unsampled work costs
+  about a microsecond;
 - not aiokafka's consumer side: it makes a span per record inside getmany, which does not fit a
   consumer that applies a partition's records in one transaction. The consumer makes its own
   spans (services/command_consumer/pipeline.py): one per batch, and one per command in the
@@ -64,7 +68,7 @@ def _exporter():
 
 def enable(provider) -> None:
     """Spans on, recorded by `provider` (the global one; tests pass one with an in-memory exporter)."""
-    global ENABLED, _instrumented
+    global ENABLED, _instrumented, _sampled_first
     if trace.get_tracer_provider() is not provider:
         trace.set_tracer_provider(provider)
     if not _instrumented:
@@ -80,7 +84,6 @@ def enable(provider) -> None:
         unwrap(aiokafka.AIOKafkaConsumer, "getmany")
         unwrap(aiokafka.AIOKafkaConsumer, "getone")
         _instrumented = True
-    global _sampled_first
     _sampled_first = SampledFirst(tracer())
     ENABLED = True
 

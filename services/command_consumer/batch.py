@@ -51,15 +51,11 @@ def recorded_at(record, now: datetime) -> datetime:
     return datetime.fromtimestamp(record.timestamp_ms / 1000, UTC)
 
 
-def _too_old(parsed: ValidCommand, now: datetime, window_seconds: int) -> OutcomeRow:
-    record = parsed.record
-    age = (now - recorded_at(record, now)).total_seconds()
-    message = (f"the command's record is {age:,.0f}s old, older than the outcome window "
-               f"(OUTCOME_RETENTION, {window_seconds:,}s): whether it was applied before can no longer be "
-               "checked, so it is not applied")
-    return OutcomeRow(parsed.command_id, parsed.command.type, str(Status.REJECTED),
-                      {"code": str(ErrorCode.TOO_OLD), "message": message}, None, now, record.topic,
-                      record.partition, record.offset, parsed.command.actor, recorded_at(record, now))
+def _too_old(parsed: ValidCommand, now: datetime, window_seconds: int) -> Decision:
+    age = (now - recorded_at(parsed.record, now)).total_seconds()
+    return Decision(Status.REJECTED, error_code=str(ErrorCode.TOO_OLD), error_message=(
+        f"the command's record is {age:,.0f}s old, older than the outcome window (OUTCOME_RETENTION, "
+        f"{window_seconds:,}s): whether it was applied before can no longer be checked, so it is not applied"))
 
 
 def _older_than(batch: list[ParsedRecord], window_seconds: int) -> set[int]:
@@ -110,11 +106,10 @@ async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord],
         history = []
         catalogue_changed = False
         for index, parsed in enumerate(batch):
-            if stale and index in stale:
-                if isinstance(parsed, ValidCommand):
-                    processed.append(Processed(parsed, _too_old(parsed, _clock(), window_seconds), False))
-                else:
-                    processed.append(Processed(parsed, _outcome(parsed, None, _clock()), False))
+            if stale and index in stale:  # decided without the inbox, and not stored
+                now = _clock()
+                decision = _too_old(parsed, now, window_seconds) if isinstance(parsed, ValidCommand) else None
+                processed.append(Processed(parsed, _outcome(parsed, decision, now), False))
                 continue
             if parsed.command_id in stored:
                 processed.append(Processed(parsed, stored[parsed.command_id], True))
