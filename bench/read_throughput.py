@@ -135,6 +135,7 @@ async def main(args) -> None:
         servers = {
             "this API": (api, {}, ()),
             "keys on": (api, {"API_KEYS_FILE": str(keys_file)}, (f"Authorization: Bearer {key}",)),
+            "console off": (api, {"UI_ENABLED": "false"}, ()),  # "this API" serves the console (development)
             "baseline": ([sys.executable, "-m", "uvicorn", "bench.baseline_api:app", "--workers", str(args.workers),
                           "--log-level", "warning", "--no-access-log"], {}, ()),
         }
@@ -197,6 +198,7 @@ async def main(args) -> None:
 
     ratio("this API", "baseline", "target >= 2x with p99 <= 25 ms", "{:.2f}x")
     ratio("keys on", "this API", "target >= 95%")
+    ratio("this API", "console off", "the web console served beside the hot read; target >= 97%")
     ratio("tracing 1%", "this API", "target >= 97%")
     ratio("tracing 1% callers", "this API", "target >= 97%; callers send unsampled trace context")
     ratio("tracing 100%", "this API", "every request traced")

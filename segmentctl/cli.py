@@ -17,8 +17,9 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-from segmentctl.bulk import explain, publish_all, read_assignments
+from segmentctl.bulk import publish_all, read_assignments
 from shared.api_keys import SCOPES, KeyFileError, new_key
+from shared.assignments import explain
 from shared.client import CommandPublisher, KafkaUnavailable, OutcomeReader
 from shared.commands import command_adapter
 from shared.durations import parse_duration

@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = None
     api_auth: Literal["enabled", "disabled"] = "enabled"
     metrics_require_key: bool = False
+    # Web console at /ui (services/query_api/console): on in development, off in production unless
+    # UI_ENABLED=true. UI_TRACE_URL links a command to its trace, e.g. http://jaeger:16686/trace/{trace_id}.
+    ui_enabled: bool | None = None
+    ui_session_hours: float = Field(8.0, gt=0)
+    ui_trace_url: str | None = Field(None, pattern=r"\{trace_id\}")
 
     # Expiry worker.
     expiry_batch_size: int = Field(10_000, ge=1)
@@ -117,6 +122,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [url.strip() for url in value.split(",") if url.strip()]
         return value
+
+    @field_validator("ui_enabled", "ui_trace_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("outcome_retention", "outcome_partition_interval", "partition_maintenance_interval",
                      mode="before")
@@ -186,6 +196,10 @@ class Settings(BaseSettings):
         """These settings as the environment variables a service process reads (secrets included:
         for handing to a child process, never for showing)."""
         return {name.upper(): _as_env(value) for name, value in self if value is not None}
+
+    @property
+    def console_enabled(self) -> bool:
+        return self.ui_enabled if self.ui_enabled is not None else self.environment == "development"
 
     def require_database_url(self) -> str:
         if not self.database_url:

@@ -42,6 +42,17 @@ def pytest_configure(config):
     OUTSIDE_BEFORE.update(outside_the_checkout())
 
 
+def pytest_terminal_summary(terminalreporter):
+    """Browser tests skipped for want of Chromium are said plainly at the end, never passed."""
+    from tests.browser import BROWSER_MISSING
+
+    skipped = [report for report in terminalreporter.stats.get("skipped", ())
+               if BROWSER_MISSING in str(getattr(report, "longrepr", ""))]
+    if skipped:
+        terminalreporter.write_sep("!", f"{len(skipped)} browser test(s) NOT RUN: {BROWSER_MISSING}", yellow=True,
+                                   bold=True)
+
+
 def outside_the_checkout() -> dict[str, tuple[int, int, int]]:
     """What a server started for the session could loosen: every directory above the checkout
     and above the temporary directory, and the embedded PostgreSQL's binaries."""

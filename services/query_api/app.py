@@ -13,6 +13,7 @@ from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from opentelemetry import trace
 
+from services.query_api import console
 from services.query_api.auth import KeyRing
 from services.query_api.batched_lookup import BatchedLookup
 from services.query_api.dependencies import Resources
@@ -48,6 +49,8 @@ def check_production_settings(settings: Settings) -> None:
     if settings.api_auth == "enabled" and settings.api_keys_file is None:
         raise SystemExit("ENVIRONMENT=production needs API keys: set API_KEYS_FILE (make one with "
                          "`segmentctl keys create`), or API_AUTH=disabled when a gateway in front authenticates.")
+    if settings.console_enabled:
+        log.info("the web console is on at /ui (UI_ENABLED=true)")
     if not settings.api_public_url:
         log.warning("API_PUBLIC_URL is not set: report links are built from each request's Host header, "
                     "which a client controls; set it to the API's public base URL")
@@ -178,6 +181,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi
+    if settings.console_enabled:
+        console.install(app, settings, keys)
     if tracing.ENABLED:
         app.trace_requests()
     for error in TRANSIENT_DB_ERRORS:

@@ -41,6 +41,10 @@ class KeyRing:
                 self._known[key] = found
         return found
 
+    def by_hash(self, digest: str) -> ApiKey | None:
+        """The key in force whose SHA-256 is `digest` (the console's session names its key so)."""
+        return self._keys.get(digest)
+
     def reload(self) -> None:
         """Read the file again; on an error keep the keys in force."""
         try:

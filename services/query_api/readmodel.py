@@ -9,7 +9,7 @@ import orjson
 
 from services.query_api.batched_lookup import Found
 from services.query_api.rollout_cache import RolloutCache
-from shared.membership import user_segments
+from shared.membership import UserSegment, user_segments
 from shared.outcomes import OUTCOME_COLUMNS, OutcomeRow, format_timestamp
 
 # Explicit memberships not yet expired (never relying on the expiry worker having run), plus the
@@ -39,9 +39,16 @@ READ_SERVER_SETTINGS = {"plan_cache_mode": "force_generic_plan"}
 
 
 async def user_segments_json(found: Found, rollout: RolloutCache, user_id: int) -> bytes:
-    """The body of GET /users/{user_id}/segments from the user's unexpired explicit memberships and
-    exclusions (USER_SEGMENTS_SQL's rows) and the rollout's coverage from the in-memory segments,
-    as new as the catalogue that query saw."""
+    """The body of GET /users/{user_id}/segments (see user_segments_list)."""
+    segments = [{"slug": slug, "source": source, "expires_at": format_timestamp(expires_at) if expires_at else None}
+                for slug, source, expires_at in await user_segments_list(found, rollout, user_id)]
+    return orjson.dumps({"user_id": user_id, "segments": segments})
+
+
+async def user_segments_list(found: Found, rollout: RolloutCache, user_id: int) -> list[UserSegment]:
+    """The user's segments from its unexpired explicit memberships and exclusions (USER_SEGMENTS_SQL's
+    rows) and the rollout's coverage from the in-memory segments, as new as the catalogue that
+    query saw."""
     explicit, excluded = {}, set()
     for slug, expires_at, is_exclusion, _ in found.rows:
         if is_exclusion:
@@ -51,9 +58,7 @@ async def user_segments_json(found: Found, rollout: RolloutCache, user_id: int) 
     seen_version = found.shared[0][-1]
     if seen_version > rollout.version:
         await rollout.refresh(at_least=seen_version)
-    segments = [{"slug": slug, "source": source, "expires_at": format_timestamp(expires_at) if expires_at else None}
-                for slug, source, expires_at in user_segments(user_id, explicit, excluded, rollout.segments)]
-    return orjson.dumps({"user_id": user_id, "segments": segments})
+    return user_segments(user_id, explicit, excluded, rollout.segments)
 
 
 async def user(pool: asyncpg.Pool, user_id: int) -> asyncpg.Record | None:

@@ -1,0 +1,46 @@
+"""The web console at /ui, for the people who run experiments and answer support requests: segments,
+a user's segments and history, command outcomes, and bulk import (README: "The web console").
+
+On by default in development; in production only with UI_ENABLED=true. Its assets are served by
+the API itself (no CDN: the service runs without internet), and the hot read never reaches it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from fastapi.staticfiles import StaticFiles
+
+from services.query_api.auth import KeyRing
+from services.query_api.console import pages
+from services.query_api.console.imports import ImportTokens
+from services.query_api.console.session import Sessions
+from shared.settings import Settings
+
+STATIC = Path(__file__).with_name("static")
+
+
+def install(app: FastAPI, settings: Settings, keys: KeyRing) -> None:
+    """Serve the console from `app` (create_app calls this when the console is enabled)."""
+    secret = settings.report_signing_secret.get_secret_value()
+    app.state.console = pages.Console(
+        Sessions(secret, keys, int(settings.ui_session_hours * 3600)),
+        ImportTokens(hmac.new(secret.encode(), b"console-import-v1", hashlib.sha256).digest()),
+        secure_cookies=(settings.api_public_url or "").startswith("https://"))
+    app.include_router(pages.router)
+    app.mount("/ui/static", StaticFiles(directory=STATIC), name="console-static")
+
+    async def explain(request: Request, error: pages.ConsoleError) -> Response:
+        visitor = await pages.visitor_of(request)
+        return pages.render(request, visitor, "error.html", status=error.status, error=error)
+
+    async def sign_in_first(request: Request, needed: pages.SignInNeeded) -> Response:
+        visitor = await pages.visitor_of(request)
+        return pages.see_other(request, visitor, f"/ui/signin?{pages.query(next=needed.then)}")
+
+    app.add_exception_handler(pages.ConsoleError, explain)
+    app.add_exception_handler(pages.SignInNeeded, sign_in_first)
