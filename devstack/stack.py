@@ -143,6 +143,7 @@ class Stack:
             "User segmentation service is running:",
             f"  query API        {api}",
             f"  API docs         {api}/docs",
+            *([f"  web console      {api}/ui"] if self.settings.console_enabled else []),
             f"  API metrics      {api}/metrics",
             f"  consumer metrics {_metrics_url(self.settings.consumer_metrics_port)}",
             f"  expiry metrics   {_metrics_url(self.settings.expiry_metrics_port)}",

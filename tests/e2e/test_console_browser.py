@@ -164,6 +164,12 @@ async def test_the_console_from_sign_in_to_import(console_stack, chromium, tmp_p
             link = page.get_by_role("link", name="Open the trace")
             assert await link.get_attribute("href") == TRACE_URL.replace("{trace_id}", TRACE_ID)
             await shot(page, "07-command-rejected")
+
+            # The segments again, with the import's members counted.
+            await nav.get_by_role("link", name="Segments").click()
+            row = page.get_by_role("row", name=re.compile("AVITO_DISCOUNT_30"))
+            await expect(row.get_by_role("cell").nth(2)).to_have_text("991")  # user 1000 and the 990 imported
+            await shot(page, "08-segments-after-import")
             await context.close()
         finally:
             await browser.close()
