@@ -1,5 +1,6 @@
-"""Command consumer: sustained throughput against the one-transaction-per-command baseline, and
-end-to-end latency at a steady rate. Same broker, same database server, same run.
+"""Command consumer: sustained throughput against its own SQL-only limit (bench/sql_limit.py) and
+the one-transaction-per-command baseline, tracing's cost, and end-to-end latency at a steady rate
+with the consumer as its own process. Same broker, same database server, same run.
 
     python -m bench.consumer_throughput [--commands 200000] [--baseline-commands 20000]
 """
@@ -13,6 +14,7 @@ import random
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import orjson
@@ -22,8 +24,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from bench import common
 from bench.common import Progress, bench_environment, percentile, spread
 from bench.simple_consumer import run_simple_consumer
+from bench.sql_limit import RecordingPool, Transaction, replay
 from devstack.otlp_sink import OtlpSink
 from devstack.processes import stop_process
+from services.command_consumer import metrics
 from services.command_consumer.consumer import CommandConsumer
 from shared.kafka import kafka_options
 from shared.service import tune_gc
@@ -76,15 +80,19 @@ async def preload(settings, commands: list[dict], traced_share: float | None = N
         await producer.stop()
 
 
-async def measure_until_stored(pool, total: int, label: str, run, cpu_seconds=None) -> float | tuple[float, float]:
+async def measure_until_stored(pool, total: int, label: str, run, cpu_seconds=None,
+                               counted=None) -> float | tuple[float, float]:
     """Commands/s from the first outcome stored to the last one; with `cpu_seconds` (the CPU time
-    the consumer has used so far), also the consumer's CPU microseconds a command over that span."""
+    the consumer has used so far), also the consumer's CPU microseconds a command over that span.
+    `counted` gives the commands done so far without asking the database (an in-process
+    consumer's own counter); else outcomes are counted in the database every 0.1 s, a scan that
+    grows with the table and takes database time from the consumer it measures."""
     task = asyncio.create_task(run())
     progress = Progress(label, total)
     first = None
     try:
         while True:
-            done = await pool.fetchval("SELECT count(*) FROM command_outcomes")
+            done = counted() if counted else await pool.fetchval("SELECT count(*) FROM command_outcomes")
             if done and first is None:
                 first = (time.monotonic(), done, cpu_seconds() if cpu_seconds else 0.0)
             progress.update(done)
@@ -100,6 +108,16 @@ async def measure_until_stored(pool, total: int, label: str, run, cpu_seconds=No
         if not task.done():
             task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def consumed_counter():
+    """Commands this process's consumers have finished (outcomes durable and published) since now."""
+    def total() -> float:
+        return sum(sample.value for metric in (metrics.COMMANDS, metrics.REPLAYED) for family in metric.collect()
+                   for sample in family.samples if sample.name.endswith("_total"))
+
+    start = total()
+    return lambda: int(total() - start)
 
 
 async def consume_all(settings, pool) -> None:
@@ -137,30 +155,50 @@ async def consumer_process(settings, extra_env: dict[str, str], watch: ConsumerP
         await asyncio.to_thread(stop_process, process)
 
 
-async def latency_at_steady_rate(settings, pool, rate: int, seconds: float) -> list[float]:
-    consumer = CommandConsumer(settings, pool)
-    consuming = asyncio.create_task(consumer.run())
+@dataclass
+class Latencies:
+    """Produce → outcome received, per command, and where that time went."""
+
+    total: list[float] = field(default_factory=list)
+    to_decision: list[float] = field(default_factory=list)  # sent → the consumer's processed_at
+    to_outcome: list[float] = field(default_factory=list)  # processed_at → the outcome record's timestamp
+    to_reader: list[float] = field(default_factory=list)  # the outcome record's timestamp → received here
+
+
+async def latency_at_steady_rate(settings, rate: int, seconds: float) -> Latencies:
+    """`rate` commands a second for `seconds` into `python -m services.command_consumer` (its own
+    process, as deployed); each outcome is read from the results topic as it is published."""
+    consuming = asyncio.create_task(consumer_process(settings, {}))
     results = AIOKafkaConsumer(settings.results_topic, **kafka_options(settings),
                                auto_offset_reset="earliest", fetch_max_wait_ms=5)
     producer = AIOKafkaProducer(**kafka_options(settings), acks="all", linger_ms=0)
     await results.start()
     await producer.start()
     sent_at: dict[str, float] = {}
-    latencies: list[float] = []
+    measured = Latencies()
     try:
         # Warm up: wait until the consumer has joined and applies a command.
         warm_up = {"type": "create_user", "user_id": 1, "command_id": "warm"}
         await producer.send_and_wait(settings.assignments_commands_topic, orjson.dumps(warm_up), key=b"1")
-        async for record in results:
-            if record.key == b"warm":
-                break
+        warm = asyncio.ensure_future(anext(aiter(record async for record in results if record.key == b"warm")))
+        await asyncio.wait({warm, consuming}, return_when=asyncio.FIRST_COMPLETED)
+        warm.cancel()
+        if consuming.done():
+            consuming.result()  # the consumer exited: say why
 
         async def read_results(expected: int):
             async for record in results:
+                received = time.time()
                 command_id = record.key.decode()
                 if command_id in sent_at:
-                    latencies.append(time.time() - sent_at[command_id])
-                    if len(latencies) >= expected:
+                    sent = sent_at[command_id]
+                    processed = datetime.fromisoformat(orjson.loads(record.value)["processed_at"]).timestamp()
+                    published = record.timestamp / 1000
+                    measured.total.append(received - sent)
+                    measured.to_decision.append(processed - sent)
+                    measured.to_outcome.append(published - processed)
+                    measured.to_reader.append(received - published)
+                    if len(measured.total) >= expected:
                         return
 
         commands = generate(int(rate * seconds), users=100_000, segments=50, seed=2)
@@ -176,9 +214,9 @@ async def latency_at_steady_rate(settings, pool, rate: int, seconds: float) -> l
                                 key=str(command["user_id"]).encode())
             progress.update(i + 1)
         await asyncio.wait_for(reader, 60)
-        return latencies
+        return measured
     finally:
-        consumer.stop()
+        consuming.cancel()
         await asyncio.gather(consuming, return_exceptions=True)
         await results.stop()
         await producer.stop()
@@ -206,43 +244,87 @@ async def main(args) -> None:
         if "tracing" in parts:
             lines.update(await tracing_rounds(args, new, commands[: args.tracing_commands]))
         if "latency" in parts:
-            p50s, p99s = [], []
-            for round_number in range(1, args.rounds + 1):
-                settings, pool = await new(f"latency{round_number}")
-                await seed_segments(pool, args.segments)
-                latencies = await latency_at_steady_rate(settings, pool, args.rate, args.latency_seconds)
-                p50s.append(percentile(latencies, 0.5) * 1000)
-                p99s.append(percentile(latencies, 0.99) * 1000)
-            lines[f"latency at {args.rate}/s"] = (
-                f"p50 {spread(p50s, '{:.1f}')} ms, p99 {spread(p99s, '{:.1f}')} ms, {len(latencies):,} commands a "
-                "round (produce → outcome durable and published; target p99 <= 100 ms)")
+            lines.update(await latency_rounds(args, new))
     common.report(f"consumer throughput ({datetime.now(UTC):%Y-%m-%d}, {args.partitions} partitions, "
                   f"{args.users:,} users, {args.segments} segments)", lines)
 
 
-async def throughput(args, new, commands: list[dict]) -> dict[str, str]:
-    """Rounds of the batched consumer paired with the simple loop, alternating which goes first."""
-    baseline_commands = commands[: args.baseline_commands]
-    batched, simple = [], []
+async def latency_rounds(args, new) -> dict[str, str]:
+    stages = {"total": ([], []), "to_decision": ([], []), "to_outcome": ([], []), "to_reader": ([], [])}
     for round_number in range(1, args.rounds + 1):
-        for part in ("batched", "simple") if round_number % 2 else ("simple", "batched"):
+        settings, pool = await new(f"latency{round_number}")
+        await seed_segments(pool, args.segments)
+        measured = await latency_at_steady_rate(settings, args.rate, args.latency_seconds)
+        for stage, (p50s, p99s) in stages.items():
+            values = getattr(measured, stage)
+            p50s.append(percentile(values, 0.5) * 1000)
+            p99s.append(percentile(values, 0.99) * 1000)
+        print(f"    p50 {stages['total'][0][-1]:.1f} ms, p99 {stages['total'][1][-1]:.1f} ms", file=sys.stderr)
+
+    def line(stage: str) -> str:
+        p50s, p99s = stages[stage]
+        return f"p50 {spread(p50s, '{:.1f}')} ms, p99 {spread(p99s, '{:.1f}')} ms"
+
+    return {f"latency at {args.rate}/s": f"{line('total')}   (produce → outcome durable and published, consumer "
+                                         "as its own process; target p50 <= 20 ms, p99 <= 50 ms)",
+            "  sent → decided": f"{line('to_decision')}   (fetch, the partition's batch before, parse, SQL)",
+            "  decided → outcome sent": f"{line('to_outcome')}   (the rest of the transaction, COMMIT's flush)",
+            "  outcome sent → received": f"{line('to_reader')}   (acks=all, the reader's fetch)"}
+
+
+async def record_transactions(new, commands: list[dict], segments: int) -> list[Transaction]:
+    """The transactions the consumer sends for these commands, written down in a run of its own
+    (not timed), for the limit's replay (bench/sql_limit.py)."""
+    settings, pool = await new("record")
+    await seed_segments(pool, segments)
+    await preload(settings, commands)
+    recording = RecordingPool(pool)
+    await measure_until_stored(pool, len(commands), "recording the consumer's SQL",
+                               functools.partial(consume_all, settings, recording))
+    return recording.transactions
+
+
+async def throughput(args, new, commands: list[dict]) -> dict[str, str]:
+    """Rounds of the batched consumer, its SQL-only limit and the simple loop, rotating which goes
+    first."""
+    baseline_commands = commands[: args.baseline_commands]
+    transactions = await record_transactions(new, commands, args.segments)
+    statements = sum(len(t.statements) + len(t.after) for t in transactions)
+    rates: dict[str, list[float]] = {"batched": [], "limit": [], "simple": []}
+    order = list(rates)
+    for round_number in range(1, args.rounds + 1):
+        shift = (round_number - 1) % len(order)
+        for part in order[shift:] + order[:shift]:
             settings, pool = await new(f"{part}{round_number}")
             await seed_segments(pool, args.segments)
+            label = f"round {round_number}/{args.rounds}"
             if part == "batched":
                 await preload(settings, commands)
-                batched.append(await measure_until_stored(
-                    pool, len(commands), f"round {round_number}/{args.rounds}: batched consumer",
-                    functools.partial(consume_all, settings, pool)))
+                rates[part].append(await measure_until_stored(
+                    pool, len(commands), f"{label}: batched consumer", functools.partial(consume_all, settings, pool),
+                    counted=consumed_counter()))
+            elif part == "limit":
+                print(f"  {label}: the limit, {len(transactions):,} recorded transactions from "
+                      f"{args.partitions} connections…", file=sys.stderr, flush=True)
+                seconds = await replay(pool, transactions, concurrency=args.partitions)
+                rates[part].append(len(commands) / seconds)
             else:
                 await preload(settings, baseline_commands)
-                simple.append(await measure_until_stored(
-                    pool, len(baseline_commands), f"round {round_number}/{args.rounds}: simple loop",
+                rates[part].append(await measure_until_stored(
+                    pool, len(baseline_commands), f"{label}: simple loop",
                     functools.partial(run_simple_consumer, settings, pool, len(baseline_commands))))
-    ratios = [fast / slow for fast, slow in zip(batched, simple, strict=True)]
+            print(f"    {part}: {rates[part][-1]:,.0f} commands/s", file=sys.stderr, flush=True)
+    batched, limit, simple = rates["batched"], rates["limit"], rates["simple"]
     return {"batched consumer": f"{spread(batched)} commands/s  ({len(commands):,} commands a round)",
+            "SQL-only limit": f"{spread(limit)} commands/s  (the consumer's own {len(transactions):,} transactions, "
+                              f"{statements:,} statements, replayed from {args.partitions} connections: no Kafka, "
+                              "no Python between statements)",
+            "batched / limit": f"{spread([b / lim for b, lim in zip(batched, limit, strict=True)], '{:.1%}')}   "
+                               "(target >= 50%)",
             "simple loop": f"{spread(simple)} commands/s  ({len(baseline_commands):,} commands a round, one "
                            "transaction each)",
-            "ratio": f"{spread(ratios, '{:.1f}')}x   (target >= 15,000/s and >= 10x)"}
+            "batched / simple": f"{spread([b / s for b, s in zip(batched, simple, strict=True)], '{:.1f}')}x   "
+                                "(target >= 10x)"}
 
 
 async def tracing_rounds(args, new, commands: list[dict]) -> dict[str, str]:

@@ -125,6 +125,10 @@ def producer_options(settings: Settings) -> dict:
         **kafka_options(settings),
         "acks": "all",
         "linger_ms": 2,
+        # Record batches of up to 256 KiB (the client's default is 16 KiB): the consumer publishes a
+        # whole partition batch's outcomes at once, and each batch is one queue slot and one future.
+        # Under the 1 MiB a broker takes in one batch by default.
+        "max_batch_size": 262_144,
         # Room for anything the consumer can fetch (3x MAX_COMMAND_BYTES), so an oversized
         # command can still be dead-lettered with its original bytes.
         "max_request_size": settings.max_command_bytes * 3 + 65_536,

@@ -21,8 +21,11 @@ log = structlog.get_logger("command_consumer")
 async def main() -> int:
     settings = bootstrap("command_consumer")
     tune_gc()
+    # The consumer never changes session state: connections go back to the pool without a reset
+    # round trip (one a batch).
     pool = await create_pool(settings.require_database_url(), min_size=1,
-                             max_size=max(settings.db_pool_max_size, settings.topic_partitions + 2))
+                             max_size=max(settings.db_pool_max_size, settings.topic_partitions + 2),
+                             reset_sessions=False)
     serve_metrics(settings.consumer_metrics_port, settings.metrics_host)
     consumer = CommandConsumer(settings, pool)
     on_shutdown_signal(consumer.stop)

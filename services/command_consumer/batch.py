@@ -19,6 +19,8 @@ from shared.commands import CreateUser, UpdateUserSegments
 from shared.membership import UserState
 from shared.outcomes import ErrorCode, OutcomeRow, Status
 
+USER_COMMANDS = frozenset({CreateUser, UpdateUserSegments})
+
 
 @dataclass(slots=True)
 class Processed:
@@ -87,17 +89,18 @@ async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord],
     checked = [p for index, p in enumerate(batch) if index not in stale] if stale else batch
     async with conn.transaction():
         stored = await repository.fetch_outcomes(conn, list({p.command_id for p in checked}))
+        # Exact type checks: the command models' metaclass is an ABCMeta, whose isinstance is slow.
         fresh_user_commands = [p for p in checked if isinstance(p, ValidCommand) and p.command_id not in stored
-                               and isinstance(p.command, (CreateUser, UpdateUserSegments))]
+                               and type(p.command) in USER_COMMANDS]
         states: dict[int, UserState] = {}
         segments = {}
         if fresh_user_commands:
             user_ids = sorted({p.command.user_id for p in fresh_user_commands})
-            slugs = sorted({slug for p in fresh_user_commands if isinstance(p.command, UpdateUserSegments)
+            slugs = sorted({slug for p in fresh_user_commands if type(p.command) is UpdateUserSegments
                             for slug in (*p.command.add, *p.command.remove)})
             segments = await repository.lock_live_segments(conn, slugs)
             pairs = sorted({(p.command.user_id, segments[slug].id) for p in fresh_user_commands
-                            if isinstance(p.command, UpdateUserSegments)
+                            if type(p.command) is UpdateUserSegments
                             for slug in (*p.command.add, *p.command.remove) if slug in segments})
             states = await repository.load_user_states(conn, user_ids, pairs)
 

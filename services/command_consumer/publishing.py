@@ -10,6 +10,8 @@ from typing import NamedTuple
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
 from opentelemetry import propagate, trace
 
 from services.command_consumer.batch import Processed
@@ -74,10 +76,16 @@ def without_value(message: Message) -> Message:
 
 
 class OutcomePublisher:
+    """Outcomes go out as record batches built here, one per results partition (by the key's
+    murmur2, as the producer's default partitioner places them), each sent with one call and
+    acknowledged with one future: a batch of thousands of outcomes costs a few produce calls, not
+    one `send` each with its own future. Dead letters, rare, go one by one."""
+
     def __init__(self, producer: AIOKafkaProducer, results_topic: str, dlq_topic: str) -> None:
         self._producer = producer
         self._results_topic = results_topic
         self._dlq_topic = dlq_topic
+        self._partitioner = DefaultPartitioner()
 
     async def publish(self, processed: list[Processed], consistency_token: str | None = None,
                       spans: list[trace.Span | None] | None = None) -> None:
@@ -88,13 +96,23 @@ class OutcomePublisher:
         command span does not say)."""
         send = functools.partial(getattr(type(self._producer).send, "__wrapped__", type(self._producer).send),
                                  self._producer)
+        partitions = sorted(await self._producer.partitions_for(self._results_topic))
+        open_batches: dict[int, BatchBuilder] = {}
         deliveries = []
         for index, item in enumerate(processed):
             span = spans[index] if spans is not None else None
             trace_context = span_headers(span) if span is not None else None
             message = outcome_message(item, consistency_token, trace_context)
-            deliveries.append(await send(self._results_topic, message.value, key=message.key,
-                                         headers=message.headers))
+            partition = self._partitioner(message.key, partitions, partitions)
+            builder = open_batches.get(partition)
+            if builder is None or builder.append(key=message.key, value=message.value, timestamp=None,
+                                                 headers=message.headers) is None:
+                if builder is not None:  # full: send it, start the next
+                    deliveries.append(await self._producer.send_batch(builder, self._results_topic,
+                                                                      partition=partition))
+                # A new batch always takes its first record, however large (up to max_request_size).
+                builder = open_batches[partition] = self._producer.create_batch()
+                builder.append(key=message.key, value=message.value, timestamp=None, headers=message.headers)
             if isinstance(item.parsed, InvalidRecord):
                 message = dlq_message(item.parsed, trace_context)
                 try:
@@ -104,4 +122,6 @@ class OutcomePublisher:
                     message = without_value(message)
                     deliveries.append(await send(self._dlq_topic, message.value, key=message.key,
                                                  headers=message.headers))
+        for partition, builder in open_batches.items():
+            deliveries.append(await self._producer.send_batch(builder, self._results_topic, partition=partition))
         await asyncio.gather(*deliveries)

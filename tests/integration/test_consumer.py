@@ -281,3 +281,41 @@ async def test_stopping_finishes_the_batch_in_hand_and_commits_it(settings, pool
             await wait_for_outcomes(pool, ["after"])
     results = await read_topic(settings, settings.results_topic, 4)
     assert sorted(record.key.decode() for record in results) == ["a", "add", "after", "in-hand"]  # none again
+
+
+async def test_outcomes_land_on_their_keys_partition_in_batches_larger_than_one_record_batch(settings, pool):
+    """Outcomes are built into record batches here (publishing.py): each lands on the partition the
+    producer's default partitioner gives its key (murmur2 of the command id, as Java clients
+    place it), in the order its commands were applied, also when a batch's outcomes fill several
+    record batches of a partition and one outcome is larger than a record batch on its own."""
+    # 1,000 segments added and 1,000 left unchanged, each slug 128 characters, are listed in the
+    # outcome's result: an outcome larger than a record batch (256 KiB).
+    huge = {field: [f"{field}_{n:03d}_".ljust(128, "X") for n in range(1000)] for field in ("add", "remove")}
+    await pool.execute("INSERT INTO segments (slug, created_at, updated_at) SELECT unnest($1::text[]), now(), now()",
+                       huge["add"] + huge["remove"])
+    commands = [{"type": "create_user", "user_id": n, "command_id": f"c-{n:05d}"} for n in range(1, 3001)]
+    async with Publisher(settings) as publish:
+        await publish.users(commands)  # preloaded: the consumer takes them in large batches
+        await publish.user({"type": "update_user_segments", "user_id": 1, **huge, "command_id": "huge"})
+    async with running_consumer(settings, pool):
+        await wait_for_outcomes(pool, [c["command_id"] for c in commands] + ["huge"], timeout=60)
+    results = await read_topic(settings, settings.results_topic, len(commands) + 1, timeout=60)
+    assert len(results) == len(commands) + 1
+    for record in results:
+        assert record.partition == _partition_of(record.key, settings.topic_partitions), record.key
+    largest = next(r for r in results if r.key == b"huge")
+    assert len(largest.value) > 262_144
+    body = orjson.loads(largest.value)
+    assert body["status"] == "applied" and len(body["result"]["added"]) == 1000
+    # Per source partition, outcomes come out in the order the commands were applied.
+    applied_order = {c["command_id"]: i for i, c in enumerate(commands)}
+    for partition in range(settings.topic_partitions):
+        on_partition = [r.key.decode() for r in sorted(results, key=lambda r: r.offset)
+                        if r.partition == partition and r.key != b"huge"]
+        by_user_partition: dict[int, list[int]] = {}
+        for command_id in on_partition:
+            user_id = int(command_id[2:])
+            source = _partition_of(str(user_id).encode(), settings.topic_partitions)
+            by_user_partition.setdefault(source, []).append(applied_order[command_id])
+        for order in by_user_partition.values():
+            assert order == sorted(order)
