@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from shared.api_keys import SCOPES, new_key
-from tests.browser import BROWSER_MISSING, FLAGS, artifacts_dir, chromium_path
+from tests.browser import BROWSER_MISSING, CHECKOUT, FLAGS, artifacts_dir, chromium_path
 from tests.e2e.conftest import started_stack
 from tests.support import Publisher
 
@@ -58,7 +61,7 @@ async def every_control_has_a_label(page) -> None:
     assert unlabelled == [], unlabelled
 
 
-async def test_the_console_from_sign_in_to_import(console_stack, chromium, tmp_path):
+async def test_the_console_from_sign_in_to_import(chromium, console_stack, tmp_path):
     from playwright.async_api import async_playwright, expect
 
     expect.set_options(timeout=30_000)  # outcomes arrive within a second; a loaded CI machine may be slower
@@ -173,3 +176,16 @@ async def test_the_console_from_sign_in_to_import(console_stack, chromium, tmp_p
             await context.close()
         finally:
             await browser.close()
+
+
+def test_without_chromium_the_browser_test_is_skipped_and_the_run_says_so(tmp_path):
+    """A machine without Chromium: the browser test is skipped (before any server starts), and the
+    end of the run says so in words, never passing it silently."""
+    env = {**os.environ, "CHROMIUM_PATH": str(tmp_path / "no-chromium-here")}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs",
+         "tests/e2e/test_console_browser.py::test_the_console_from_sign_in_to_import"],
+        cwd=CHECKOUT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "1 skipped" in run.stdout and "passed" not in run.stdout
+    assert f"1 browser test(s) NOT RUN: {BROWSER_MISSING}" in run.stdout
