@@ -137,12 +137,16 @@ async def test_bad_input_gets_a_page_that_says_what_is_wrong(settings):
         assert bad_slug.status_code == 422 and "must begin with a letter or a digit" in bad_slug.text
         bad_percent = await client.post("/ui/segments", data={"slug": "B", "percent": "ten", "csrf_token": token})
         assert bad_percent.status_code == 422 and "&#39;ten&#39; is not a number" in bad_percent.text
+        for endless in ("Infinity", "NaN", "1e999999999"):
+            response = await client.post("/ui/segments", data={"slug": "B", "percent": endless, "csrf_token": token})
+            assert response.status_code == 422, (endless, response.text)
         bad_ttl = await client.post("/ui/users/5/segments", data={"add": "B", "ttl": "soon", "csrf_token": token})
         assert bad_ttl.status_code == 422 and "ttl:" in bad_ttl.text
         nothing = await client.post("/ui/users/5/segments", data={"csrf_token": token})
         assert nothing.status_code == 422 and "Nothing to change" in nothing.text
-        user = await client.get("/ui/users", params={"user_id": "abc"})
-        assert user.status_code == 422 and "is not a user id" in user.text
+        for not_an_id in ("abc", "9" * 5000, "١٢٣", "0", str(2**63)):
+            user = await client.get("/ui/users", params={"user_id": not_an_id})
+            assert user.status_code == 422 and "is not a user id" in user.text, not_an_id
         month = await client.get("/ui/users/5", params={"month": "2026-13"})
         assert month.status_code == 422 and "is not a month" in month.text
         assert (await client.get("/ui/segments/NOPE")).status_code == 404
@@ -208,3 +212,18 @@ async def test_a_key_with_every_scope_sees_history_and_a_download_link(settings,
         await sign_in(client, key)  # no reports scope: no history, said plainly
         page = await client.get("/ui/users/9")
         assert "does not have the <code>reports</code> scope" in page.text and " download>" not in page.text
+
+
+async def test_a_key_that_may_write_but_not_see_outcomes_is_told_its_command_was_published(settings, keys):
+    async with console(settings, api_keys_file=keys.path) as client:
+        token = await sign_in(client, keys.keys["writer"])  # write only: no status, no read
+        made = await client.post("/ui/segments", data={"slug": "W", "percent": "5", "csrf_token": token})
+        assert made.status_code == 202 and "was published" in made.text and "status</code> scope" in made.text
+        command_id = re.search(r"The command <code>([^<]+)</code>", made.text)[1]
+        assert (await client.get(f"/ui/commands/{command_id}")).status_code == 403
+        csv = b"user_id,segment_slug\n1,W\n2,W\nx,W\n"
+        checked = await client.post("/ui/import", data={"csrf_token": token},
+                                    files={"file": ("w.csv", csv, "text/csv")})
+        content = re.search(r'name="content" value="([^"]+)"', checked.text)[1]
+        imported = await client.post("/ui/import/publish", data={"csrf_token": token, "content": content})
+        assert imported.status_code == 202 and "2 rows were published (1 invalid, not published)" in imported.text

@@ -179,6 +179,14 @@ def command_page(command_id: str) -> str:
     return f"/ui/commands/{quote(command_id, safe='')}"
 
 
+def published(request: Request, visitor: Visitor, command_id: str) -> Response:
+    """After an action: its command's page, where the outcome appears; a key without the `status`
+    scope cannot see outcomes, so it is told the command was published and no more."""
+    if visitor.can("status"):
+        return see_other(request, visitor, command_page(command_id))
+    return render(request, visitor, "published.html", status=202, command_id=command_id)
+
+
 # --- signing in -------------------------------------------------------------------------------
 
 @router.get("")
@@ -234,8 +242,13 @@ def _percent(text: str) -> int | float:
     try:
         value = Decimal(text)
     except InvalidOperation:
+        value = None
+    if value is None or not value.is_finite():
         raise ConsoleError(422, "The command is not valid", "Nothing was published.",
-                           [f"percent: {text!r} is not a number"]) from None
+                           [f"percent: {text!r} is not a number"])
+    if not 0 <= value <= 100:  # before any conversion: 1e999999999 is a number too
+        raise ConsoleError(422, "The command is not valid", "Nothing was published.",
+                           [f"percent: {text} is not from 0 to 100"])
     return int(value) if value == value.to_integral_value() else float(value)
 
 
@@ -246,7 +259,7 @@ async def create_segment(request: Request, visitor: Writer) -> Response:
                                "percent": _percent(field(form, "percent") or "0")}
     if field(form, "description"):
         command["description"] = field(form, "description")
-    return see_other(request, visitor, command_page(await publish(request, visitor, command)))
+    return published(request, visitor, await publish(request, visitor, command))
 
 
 async def _live_segment(request: Request, slug: str) -> dict[str, Any]:
@@ -268,7 +281,7 @@ async def update_segment(request: Request, slug: SlugPath, visitor: Writer) -> R
     command: dict[str, Any] = {"type": "update_segment", "slug": slug, "description": field(form, "description")}
     if field(form, "percent"):
         command["percent"] = _percent(field(form, "percent"))
-    return see_other(request, visitor, command_page(await publish(request, visitor, command)))
+    return published(request, visitor, await publish(request, visitor, command))
 
 
 @router.get("/segments/{slug}/delete")
@@ -280,7 +293,7 @@ async def delete_segment_page(request: Request, slug: SlugPath, visitor: Writer)
 async def delete_segment(request: Request, slug: SlugPath, visitor: Writer) -> Response:
     await checked_form(request, visitor)
     command = {"type": "delete_segment", "slug": slug}
-    return see_other(request, visitor, command_page(await publish(request, visitor, command)))
+    return published(request, visitor, await publish(request, visitor, command))
 
 
 # --- users ------------------------------------------------------------------------------------
@@ -292,7 +305,7 @@ UserIdPath = Annotated[int, PathParameter(ge=1, le=MAX_USER_ID)]
 async def find_user(request: Request, visitor: Reader, user_id: str = "") -> Response:
     if not user_id:
         return render(request, visitor, "find_user.html")
-    if not user_id.strip().isdigit() or not 1 <= int(user_id) <= MAX_USER_ID:
+    if not re.fullmatch(r"[0-9]{1,19}", user_id.strip()) or not 1 <= int(user_id) <= MAX_USER_ID:
         return render(request, visitor, "find_user.html", status=422, user_id=user_id,
                       problem=f"{user_id!r} is not a user id: a whole number from 1 to {MAX_USER_ID}.")
     return see_other(request, visitor, f"/ui/users/{int(user_id)}")
@@ -350,7 +363,7 @@ async def change_user_segments(request: Request, user_id: UserIdPath, visitor: W
         except ValueError as error:
             raise ConsoleError(422, "The command is not valid", "Nothing was published.",
                                [f"ttl: {error}"]) from None
-    return see_other(request, visitor, command_page(await publish(request, visitor, command)))
+    return published(request, visitor, await publish(request, visitor, command))
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -444,6 +457,9 @@ async def publish_import(request: Request, visitor: Writer) -> Response:
     log.info("import published", rows=len(parsed.rows), invalid=len(parsed.errors), digest=parsed.digest,
              actor=visitor.name, via="console")
     job = ImportJob(parsed.digest, [row.line for row in parsed.rows], len(parsed.errors))
+    if not visitor.can("status"):
+        return render(request, visitor, "published.html", status=202, rows=len(parsed.rows),
+                      invalid=len(parsed.errors))
     return see_other(request, visitor, f"/ui/import/{console_of(request).imports.dumps(job)}")
 
 
