@@ -8,6 +8,8 @@ permanent meanwhile is left alone. History rows are written in the same transact
 from __future__ import annotations
 
 import asyncio
+import bisect
+import math
 import random
 import time
 from collections.abc import Callable
@@ -35,15 +37,16 @@ BATCH_DURATION = Histogram("segmentation_expiry_batch_seconds", "Duration of one
 # rollout. Rows of rollout segments come back for the coverage check, which needs the hash.
 EXPIRE_SQL = """
 WITH due AS (
-    SELECT user_id, segment_id FROM memberships
+    SELECT ctid FROM memberships
     WHERE expires_at <= now()
     ORDER BY expires_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 ), gone AS (
-    DELETE FROM memberships m USING due, segments s
-    WHERE m.user_id = due.user_id AND m.segment_id = due.segment_id AND s.id = m.segment_id
-      AND m.expires_at <= now()
+    -- The locked rows by their physical address (a TID scan, not a key look-up each); the
+    -- expiry is checked again under the lock.
+    DELETE FROM memberships m USING segments s
+    WHERE m.ctid = ANY(ARRAY(SELECT ctid FROM due)) AND s.id = m.segment_id AND m.expires_at <= now()
     RETURNING m.user_id, m.segment_id, s.slug, s.percent, m.expires_at
 ), recorded AS (
     INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, reason)
@@ -58,6 +61,26 @@ SELECT count(*) AS removed,
        array_agg(expires_at) FILTER (WHERE percent > 0) AS rollout_expiries
 FROM gone
 """
+
+
+def observe_all(histogram: Histogram, values: list[float]) -> None:
+    """`histogram.observe(v)` for every value, counted per bucket first: a backlog batch has
+    thousands of values, and observe() takes a lock and walks the buckets for each. Uses the
+    client's bucket counters directly (prometheus_client keeps them in `_buckets`, `_sum`)."""
+    buckets, total = getattr(histogram, "_buckets", None), getattr(histogram, "_sum", None)
+    bounds = getattr(histogram, "_upper_bounds", None)
+    if buckets is None or total is None or bounds is None:  # another client version: one by one
+        for value in values:
+            histogram.observe(value)
+        return
+    ordered = sorted(values)
+    below = 0
+    for index, bound in enumerate(bounds):
+        upto = bisect.bisect_right(ordered, bound)
+        if upto > below:
+            buckets[index].inc(upto - below)
+            below = upto
+    total.inc(math.fsum(ordered))
 
 
 @dataclass(frozen=True)
@@ -82,8 +105,7 @@ async def expire_batch(conn: asyncpg.Connection, batch_size: int) -> BatchResult
         if history:
             await conn.copy_records_to_table("membership_history", records=history, columns=HISTORY_COLUMNS)
     lags = [max(0.0, lag) for lag in batch["lags"] or ()]
-    for lag in lags:
-        LAG.observe(lag)
+    observe_all(LAG, lags)
     EXPIRED.inc(batch["removed"])
     BATCH_DURATION.observe(time.monotonic() - started)
     return BatchResult(batch["removed"], batch["removed"] >= batch_size, lags)
