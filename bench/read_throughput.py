@@ -94,12 +94,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 def wrk(port: int, users: int, duration: int, connections: int, headers: tuple[str, ...] = (),
-        server_pid: int | None = None) -> dict:
+        server_pid: int | None = None, warmup: int = 3) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(LUA.replace("{users}", str(users)))
     # Warm up (connections, prepared statements, caches), then measure.
     extra = [option for header in headers for option in ("-H", header)]
-    subprocess.run(["wrk", "-t2", f"-c{connections}", "-d3s", *extra, "-s", script.name, f"http://127.0.0.1:{port}"],
+    subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{warmup}s", *extra, "-s", script.name, f"http://127.0.0.1:{port}"],
                    capture_output=True, check=True)
     cpu_before = cpu_seconds(server_pid) if server_pid else 0.0
     output = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", *extra, "-s",
@@ -169,7 +169,8 @@ async def main(args) -> None:
                 try:
                     print(f"  round {round_number}/{args.rounds}: {name} for {args.duration}s…", file=sys.stderr,
                           flush=True)
-                    result = wrk(port, args.users, args.duration, args.connections, headers, process.pid)
+                    result = wrk(port, args.users, args.duration, args.connections, headers, process.pid,
+                                 args.warmup)
                     rounds[name].append(result)
                     print(f"    {result['rps']:,.0f} req/s, p50 {result['p50']:.2f} ms, p99 {result['p99']:.2f} ms, "
                           f"server CPU {result['cpu_us']:.0f} µs a request", file=sys.stderr, flush=True)
@@ -276,6 +277,7 @@ async def applied(http: httpx.AsyncClient, command: dict) -> None:
 
 def cli() -> None:
     common.cli(__doc__, main, users=200_000, duration=10, rounds=3, workers=2, connections=32,
+               warmup=(3, "seconds of load before each measured round (not measured)"),
                ryw_commands=(300, "commands of the read-your-writes check (0: skip it)"),
                variants=("", "only these variants besides 'this API', comma-separated (e.g. 'tracing 1%%,baseline'); "
                              "all when empty"))
