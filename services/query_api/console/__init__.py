@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from pathlib import Path
+from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -40,7 +41,7 @@ def install(app: FastAPI, settings: Settings, keys: KeyRing) -> None:
 
     async def sign_in_first(request: Request, needed: pages.SignInNeeded) -> Response:
         visitor = await pages.visitor_of(request)
-        return pages.see_other(request, visitor, f"/ui/signin?{pages.query(next=needed.then)}")
+        return pages.see_other(request, visitor, f"/ui/signin?{urlencode({'next': needed.then})}")
 
     app.add_exception_handler(pages.ConsoleError, explain)
     app.add_exception_handler(pages.SignInNeeded, sign_in_first)

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 import orjson
 import structlog
@@ -35,7 +35,7 @@ from services.query_api.console.queries import import_progress, record_trace_id,
 from services.query_api.console.session import COOKIE, COOKIE_PATH, Sessions, Visitor
 from services.query_api.dependencies import Resources
 from services.query_api.reports import MonthDropped
-from shared.assignments import explain, parse_assignments
+from shared.assignments import ParsedFile, explain, parse_assignments
 from shared.client import KafkaUnavailable
 from shared.commands import MAX_USER_ID
 from shared.durations import parse_duration
@@ -116,7 +116,6 @@ def _requiring(scope: str):
 
 
 Reader = Annotated[Visitor, _requiring("read")]
-ReportReader = Annotated[Visitor, _requiring("reports")]
 Writer = Annotated[Visitor, _requiring("write")]
 StatusReader = Annotated[Visitor, _requiring("status")]
 
@@ -416,7 +415,7 @@ async def import_page(request: Request, visitor: Writer) -> Response:
     return render(request, visitor, "import.html")
 
 
-def _parsed(request: Request, visitor: Visitor, data: bytes):
+def _parsed(visitor: Visitor, data: bytes) -> ParsedFile:
     try:
         return parse_assignments(data, visitor.name)
     except ValueError as error:
@@ -430,7 +429,7 @@ async def check_import(request: Request, visitor: Writer) -> Response:
     if not isinstance(upload, UploadFile) or not upload.filename:
         raise ConsoleError(422, "No file", "Choose a CSV file to import.")
     data = await upload.read()
-    parsed = _parsed(request, visitor, data)
+    parsed = _parsed(visitor, data)
     return render(request, visitor, "import_check.html", parsed=parsed, filename=upload.filename,
                   content=base64.b64encode(data).decode())
 
@@ -443,7 +442,7 @@ async def publish_import(request: Request, visitor: Writer) -> Response:
     except (binascii.Error, ValueError):
         raise ConsoleError(422, "This file cannot be imported", "The file's content was altered on its way; "
                                                                 "upload it again.") from None
-    parsed = _parsed(request, visitor, data)
+    parsed = _parsed(visitor, data)
     if not parsed.rows:
         raise ConsoleError(422, "Nothing to import", "The file has no valid row.")
     publisher = resources_of(request).publisher
@@ -472,7 +471,7 @@ def _job(request: Request, token: str) -> ImportJob:
 
 async def _progress_context(request: Request, token: str) -> dict[str, Any]:
     job = _job(request, token)
-    progress = await import_progress(resources_of(request).pool, job.command_ids, PROBLEMS_SHOWN)
+    progress = await import_progress(resources_of(request).pool, job, PROBLEMS_SHOWN)
     return {"job": job, "progress": progress, "token": token, "poll": f"/ui/import/{token}/progress"}
 
 
@@ -486,10 +485,3 @@ async def import_progress_fragment(request: Request, token: str, visitor: Status
     context = await _progress_context(request, token)
     headers = {POLL_DONE: "1"} if context["progress"].done else None
     return render(request, visitor, "_import_progress.html", headers=headers, **context)
-
-
-def query(**parameters: Any) -> str:
-    return urlencode(parameters)
-
-
-templates.env.globals["query"] = query

@@ -14,6 +14,7 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from services.query_api.console.imports import ImportJob
 from services.query_api.reports import check_month_kept, stream_report
 from shared.kafka import kafka_options, start_client
 from shared.settings import Settings
@@ -80,7 +81,7 @@ async def _nothing() -> None:
 class ImportProgress:
     total: int  # rows published
     counts: Counter  # outcome status -> rows
-    problems: list[asyncpg.Record]  # the first rows not applied (command_id, status, error), once all are in
+    problems: list[asyncpg.Record]  # the first rows not applied (line, command_id, status, error), once all are in
 
     @property
     def processed(self) -> int:
@@ -96,23 +97,24 @@ SELECT status, count(DISTINCT command_id) AS n FROM command_outcomes WHERE comma
 """
 
 
+# The rows not applied, lowest line first (the line of each command id comes with it).
 IMPORT_PROBLEMS_SQL = """
-SELECT DISTINCT ON (command_id) command_id, status, error FROM command_outcomes
-WHERE command_id = ANY($1::text[]) AND status <> 'applied' ORDER BY command_id LIMIT $2
+SELECT i.line, i.command_id, o.status, o.error
+FROM unnest($1::text[], $2::int[]) AS i(command_id, line)
+CROSS JOIN LATERAL (SELECT status, error FROM command_outcomes
+                    WHERE command_id = i.command_id AND status <> 'applied' LIMIT 1) AS o
+ORDER BY i.line LIMIT $3
 """
 
 
-async def import_progress(pool: asyncpg.Pool, command_ids: list[str], problems_shown: int) -> ImportProgress:
+async def import_progress(pool: asyncpg.Pool, job: ImportJob, problems_shown: int) -> ImportProgress:
+    command_ids = job.command_ids
     rows = await pool.fetch(IMPORT_OUTCOMES_SQL, command_ids)
     counts = Counter({row["status"]: row["n"] for row in rows})
     done = sum(counts.values()) >= len(command_ids)
-    problems = await pool.fetch(IMPORT_PROBLEMS_SQL, command_ids, problems_shown) if done and (
+    problems = await pool.fetch(IMPORT_PROBLEMS_SQL, command_ids, job.lines, problems_shown) if done and (
         counts["rejected"] or counts["invalid"]) else []
-    return ImportProgress(len(command_ids), counts, sorted(problems, key=lambda row: _line(row["command_id"])))
-
-
-def _line(command_id: str) -> int:
-    return int(command_id.rsplit("-", 1)[1])
+    return ImportProgress(len(command_ids), counts, problems)
 
 
 async def record_trace_id(settings: Settings, topic: str, partition: int, offset: int,

@@ -67,11 +67,11 @@ class Sessions:
             return self._visitor(None, None)
         digest, nonce = session
         if not self.keys.enabled:
-            return self._visitor(None, nonce, cookie=None)
+            return self._visitor(None, nonce)
         key = self.keys.by_hash(digest) if digest else None
         if digest and key is None:  # the key was revoked: the session ends
             return self._visitor(None, None)
-        return self._visitor(key, nonce, cookie=None, digest=digest)
+        return self._visitor(key, nonce)
 
     def signed_in(self, key: str) -> Visitor | None:
         """A new session for `key`, or None if it is not a key in force."""
@@ -84,16 +84,18 @@ class Sessions:
     def csrf_valid(self, visitor: Visitor, token: str | None) -> bool:
         return bool(token) and hmac.compare_digest(visitor.csrf_token, token)
 
-    def _visitor(self, key: ApiKey | None, nonce: str | None, cookie: str | None = "", digest: str | None = None,
-                 ) -> Visitor:
+    def _visitor(self, key: ApiKey | None, nonce: str | None, digest: str | None = None) -> Visitor:
+        """The visitor of an existing session (`nonce`), or of a new one (None), whose cookie names
+        the key by `digest`."""
         if not self.keys.enabled:  # access control off: every visitor may do everything
             key = ApiKey(OPEN_ACTOR, frozenset(SCOPES))
             digest = None
-        if nonce is None:  # a new session
+        cookie = None
+        if nonce is None:
             nonce = secrets.token_urlsafe(16)
             cookie = self._serializer.dumps({"k": digest, "n": nonce})
         token = hmac.new(self._csrf_key, nonce.encode(), hashlib.sha256).hexdigest()
-        return Visitor(key, nonce, token, self.keys.enabled, cookie or None)
+        return Visitor(key, nonce, token, self.keys.enabled, cookie)
 
     def _load(self, cookie: str | None) -> tuple[str | None, str] | None:
         if not cookie:
