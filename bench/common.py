@@ -116,10 +116,10 @@ def cli(doc: str, main: Callable[[argparse.Namespace], Awaitable[None]], **optio
     asyncio.run(main(args))
 
 
-def spread(values: list[float], form: str = "{:,.0f}") -> str:
+def spread(values: list[float], form: str = "{:,.0f}", of: str = "rounds") -> str:
     """The median of a benchmark's rounds and their range: one quiet round is not a figure."""
     low, middle, high = min(values), statistics.median(values), max(values)
-    return f"{form.format(middle)} (range {form.format(low)} to {form.format(high)}, {len(values)} rounds)"
+    return f"{form.format(middle)} (range {form.format(low)} to {form.format(high)}, {len(values)} {of})"
 
 
 def report(title: str, lines: dict[str, str]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,15 +25,19 @@ SERVICES = ("command_consumer", "query_api", "expiry_worker")
 class Stack:
     """Owns every process it starts; `close()` stops them all, servers last."""
 
+    # What the services get unless the environment says otherwise. One consumer, restarted in
+    # place when it dies: partition leases hand its partitions to the restarted process as soon as
+    # the dead one's database session is gone, with no group rebalance waiting out its Kafka session.
+    SERVICE_DEFAULTS = {"CONSUMER_PARTITION_OWNERSHIP": "lease"}
+
     def __init__(self, settings: Settings, *, log_dir: Path | None = None, say=print) -> None:
         self.settings = settings
         self.data_dir = settings.data_dir.resolve()
         self.log_dir = log_dir or self.data_dir / "logs"
         self.say = say
         self.env = dict(os.environ)
-        # One consumer, restarted in place when it dies: static group membership gets it its
-        # partitions back without a rebalance waiting out the dead process's session.
-        self.env.setdefault("CONSUMER_GROUP_INSTANCE_ID", f"{socket.gethostname()}-command-consumer")
+        for name, value in self.SERVICE_DEFAULTS.items():
+            self.env.setdefault(name, value)
         self.kafka: EmbeddedKafka | None = None
         self.postgres: EmbeddedPostgres | None = None
         self.services: dict[str, subprocess.Popen] = {}

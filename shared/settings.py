@@ -62,6 +62,12 @@ class Settings(BaseSettings):
     # stable across its restarts (a StatefulSet pod name, a systemd instance); never shared.
     consumer_group_instance_id: str | None = Field(None, min_length=1, max_length=249)
     consumer_heartbeat_interval_ms: int = Field(1_000, ge=100)
+    # How the consumer owns command partitions (README: "Partition ownership"): "group", the Kafka
+    # consumer group's assignment (processes share the partitions); or "lease", a PostgreSQL
+    # advisory lock per partition (one process takes them all, others stand by; a restarted or
+    # standby process takes over as soon as the holder's database session ends).
+    consumer_partition_ownership: Literal["group", "lease"] = "group"
+    consumer_lease_check_seconds: float = Field(0.5, gt=0, le=60)
     max_command_bytes: int = Field(1_048_576, ge=1024)
     db_retry_attempts: int = Field(30, ge=1)
     db_retry_max_backoff_seconds: float = Field(5.0, gt=0)

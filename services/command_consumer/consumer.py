@@ -22,6 +22,7 @@ import asyncpg
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
+from services.command_consumer.leases import PartitionLeases
 from services.command_consumer.pipeline import BatchPipeline
 from services.command_consumer.publishing import OutcomePublisher
 from shared.kafka import create_producer, kafka_options, start_client
@@ -44,8 +45,9 @@ class _CommitOnRevoke(ConsumerRebalanceListener):
 
 
 class CommandConsumer:
-    """Consumes both command topics as one member of the consumer group and applies every record
-    exactly once in effect, in per-partition order, until `stop()`.
+    """Consumes both command topics and applies every record exactly once in effect, in
+    per-partition order, until `stop()`: as one member of the consumer group, or owning the
+    partitions it can lease (CONSUMER_PARTITION_OWNERSHIP=lease, services/command_consumer/leases.py).
 
     `run()` returns after a graceful stop (the batches in hand are finished and committed), and
     raises PoisonGuardTripped or DatabaseUnavailable when a batch could not be applied; the batches
@@ -74,6 +76,13 @@ class CommandConsumer:
         self.producer = create_producer(settings)
         self._pipeline = BatchPipeline(settings, pool, self.kafka_consumer,
                                        OutcomePublisher(self.producer, settings.results_topic, settings.dlq_topic))
+        self.leases: PartitionLeases | None = None
+        self._known_partitions: set[TopicPartition] = set()
+        if settings.consumer_partition_ownership == "lease":
+            self.leases = PartitionLeases(settings.require_database_url(), settings.consumer_group,
+                                          self._command_partitions,
+                                          check_seconds=settings.consumer_lease_check_seconds,
+                                          max_backoff=settings.db_retry_max_backoff_seconds)
 
     async def run(self) -> None:
         try:
@@ -83,17 +92,29 @@ class CommandConsumer:
             await self.kafka_consumer.stop()
             await self.producer.stop()
             raise
-        self.kafka_consumer.subscribe(list(self.settings.command_topics), listener=_CommitOnRevoke(self))
-        log.info("consuming", topics=list(self.settings.command_topics), group=self.settings.consumer_group)
+        leasing = None
+        if self.leases is None:
+            self.kafka_consumer.subscribe(list(self.settings.command_topics), listener=_CommitOnRevoke(self))
+        else:
+            leasing = asyncio.create_task(self.leases.run())
+        log.info("consuming", topics=list(self.settings.command_topics), group=self.settings.consumer_group,
+                 ownership=self.settings.consumer_partition_ownership)
         graceful = False
         try:
             while not self.stopping.is_set():
                 self._reap()
+                if leasing is not None and leasing.done():
+                    leasing.result()  # raises what ended it: leases are never given up silently
+                if self.leases is not None and self.leases.changed.is_set():
+                    await self._follow_leases()
                 idle = [tp for tp in self.kafka_consumer.assignment() if tp not in self._in_hand]
                 if idle:
                     fetched = await self._fetch_first(idle)
                 elif self._in_hand:
                     await self._wait_freed(timeout=0.2)
+                    continue
+                elif self.leases is not None:  # no lease held: wait for one
+                    await self._wait_leases_changed(timeout=0.2)
                     continue
                 else:  # not assigned yet: getmany waits for the group
                     fetched = await self.kafka_consumer.getmany(timeout_ms=200,
@@ -119,6 +140,9 @@ class CommandConsumer:
                 await asyncio.gather(*self._in_hand.values(), return_exceptions=True)
                 await self.kafka_consumer.stop()
                 await self.producer.stop()
+                if leasing is not None:  # last: the leases pass to the next process once all is committed
+                    leasing.cancel()
+                    await asyncio.gather(leasing, return_exceptions=True)
                 log.info("stopped")
 
     def stop(self) -> None:
@@ -128,6 +152,27 @@ class CommandConsumer:
         """Wait for every batch in hand to be applied, published and committed (or to fail)."""
         if self._in_hand:
             await asyncio.wait(list(self._in_hand.values()))
+
+    def _command_partitions(self) -> set[TopicPartition]:
+        """Every partition of the command topics seen in the client's metadata. Remembered: the
+        client refreshes only the topics it is assigned, and a topic's partitions never go away."""
+        for topic in self.settings.command_topics:
+            self._known_partitions.update(
+                TopicPartition(topic, partition) for partition in self.kafka_consumer.partitions_for_topic(topic) or ())
+        return self._known_partitions
+
+    async def _follow_leases(self) -> None:
+        """Consume exactly the leased partitions. The batches in hand finish (and commit) first,
+        as before a group rebalance: assigning anew starts every partition at its committed offset."""
+        self.leases.changed.clear()
+        await self.finish_in_hand()
+        self._reap()
+        self.kafka_consumer.assign(sorted(self.leases.held))
+        log.info("partitions assigned", partitions=[f"{tp.topic}:{tp.partition}" for tp in sorted(self.leases.held)])
+
+    async def _wait_leases_changed(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.leases.changed.wait(), timeout)
 
     def _reap(self) -> None:
         """Forget finished batches; a batch that failed stops the consumer with its error."""

@@ -20,3 +20,6 @@ LAG = Gauge("segmentation_consumer_lag", "Records behind the partition's high wa
 TOO_OLD = Counter("segmentation_commands_too_old_total",
                   "Commands rejected too_old: their record was older than OUTCOME_RETENTION, past what the inbox "
                   "can check, so they were not applied")
+PARTITIONS_LEASED = Gauge("segmentation_consumer_partitions_leased",
+                          "Command partitions this process holds the lease of (CONSUMER_PARTITION_OWNERSHIP=lease); "
+                          "0 in a standby")

@@ -32,7 +32,8 @@ def started_stack(settings, tmp_path, **env: str):
                                            "consumer_metrics_port": free_port(),
                                            "expiry_metrics_port": free_port()})
     stack = Stack(settings, say=lambda *_: None)
-    stack.env.update({name: value for name, value in settings.to_env().items() if name != "DATA_DIR"}, **env)
+    stack.env.update({name: value for name, value in settings.to_env().items()  # as make run, but these servers
+                      if name != "DATA_DIR" and name not in Stack.SERVICE_DEFAULTS}, **env)
     try:
         stack.start_servers()  # external servers given: nothing embedded is started
         assert stack.postgres is None and stack.kafka is None

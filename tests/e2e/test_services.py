@@ -58,6 +58,9 @@ async def test_commands_on_kafka_become_reads_over_http(stack):
             assert await poll(expired, timeout=10)
             consumer_metrics = (await http.get(f"http://127.0.0.1:{settings.consumer_metrics_port}/metrics")).text
             assert 'segmentation_commands_total{status="applied",type="update_user_segments"} 1.0' in consumer_metrics
+            # As under `make run`, the one consumer owns every command partition by lease.
+            leased = len(settings.command_topics) * settings.topic_partitions
+            assert f"segmentation_consumer_partitions_leased {leased}.0" in consumer_metrics
 
             async def removed_by_worker():
                 text = (await http.get(f"http://127.0.0.1:{settings.expiry_metrics_port}/metrics")).text

@@ -1,12 +1,14 @@
 """The consumer's pure pieces, without Kafka: the poison guard, the outcome and DLQ records, the
-outcome row and its contract JSON."""
+outcome row and its contract JSON, the partition lease keys."""
 
 from datetime import UTC, datetime
 
 import orjson
 import pytest
+from aiokafka import TopicPartition
 
 from services.command_consumer.batch import Processed
+from services.command_consumer.leases import lease_key
 from services.command_consumer.parsing import InvalidRecord, RecordRef, ValidCommand
 from services.command_consumer.poison_guard import PoisonGuard, PoisonGuardTripped
 from services.command_consumer.publishing import dlq_message, outcome_message, without_value
@@ -14,6 +16,7 @@ from shared.commands import CreateUser
 from shared.outcomes import ErrorCode, Outcome, OutcomeRow
 
 AT = datetime(2026, 11, 28, 10, 0, 0, 123456, tzinfo=UTC)
+LEASE_KEY_0 = -4230496917917308163
 
 
 def record(offset: int, value: bytes = b"{}", headers=()) -> RecordRef:
@@ -87,3 +90,16 @@ def test_a_dead_letter_keeps_the_original_bytes_and_says_why_and_where_from():
 def test_a_long_reason_is_cut_to_fit_a_header():
     long = InvalidRecord(record(1), "x", None, ErrorCode.INVALID_FIELD, "é" * 5000)
     assert len(dict(dlq_message(long).headers)["x-error-message"]) == 4000
+
+
+def test_partition_lease_keys_are_distinct_and_stable():
+    """A lease key is the same in every process and version (a standby of the next release must
+    wait for this one's locks), and distinct for every partition of every group."""
+    groups = ("segments-command-consumer", "another-deployment")
+    topics = ("segments.commands", "assignments.commands")
+    keys = {lease_key(group, TopicPartition(topic, partition))
+            for group in groups for topic in topics for partition in range(256)}
+    assert len(keys) == len(groups) * len(topics) * 256
+    assert all(-2**63 <= key < 2**63 for key in keys)  # PostgreSQL's bigint
+    # Computed once when leases were introduced; changing the derivation breaks rolling upgrades.
+    assert lease_key("segments-command-consumer", TopicPartition("assignments.commands", 0)) == LEASE_KEY_0
