@@ -105,7 +105,14 @@ async def steady_lag(pool, per_second: int, seconds: int) -> list[float]:
 @contextlib.asynccontextmanager
 async def consumer_traffic(settings, pool, rate: int):
     """The command consumer as its own process, applying `rate` commands/s to users the backlog
-    does not contain; yields a function returning how many outcomes it has stored so far."""
+    does not contain; yields a function returning how many outcomes it has stored so far.
+    `rate` 0: nothing runs beside the benchmark."""
+    if rate <= 0:
+        async def none() -> int:
+            return 0
+
+        yield none
+        return
     env = {**os.environ, **settings.to_env(), "LOG_LEVEL": "WARNING"}
     consumer = subprocess.Popen(  # noqa: ASYNC220 - started once, before the measurement
         [sys.executable, "-m", "services.command_consumer"], env=env,
@@ -181,7 +188,7 @@ def cli() -> None:
     defaults = Settings(_env_file=None)
     common.cli(__doc__, main, rows=200_000, batch_size=defaults.expiry_batch_size,
                concurrency=defaults.expiry_concurrency,
-               command_rate=(1000, "commands/s to other users meanwhile"),
+               command_rate=(1000, "commands/s to other users meanwhile, in both kinds of round (0: none)"),
                steady_rate=(500, "expiries per second in the lag phase"), steady_seconds=15,
                rounds=(3, "rounds pairing the worker with the limit"))
 
