@@ -110,6 +110,7 @@ def cli(doc: str, main: Callable[[argparse.Namespace], Awaitable[None]], **optio
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, option in options.items():
         default, help_text = option if isinstance(option, tuple) else (option, None)
+        help_text = help_text.replace("%", "%%") if help_text else None  # argparse formats help with %
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default, help=help_text)
     args = parser.parse_args()
     print(f"machine: {machine()}", flush=True)
