@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     # Command consumer.
     consumer_max_batch: int = Field(4000, ge=1)
     consumer_fetch_max_wait_ms: int = Field(10, ge=0)
+    # Partitions of one topic fetched together share one transaction while their records add up
+    # to at most this (services/command_consumer/consumer.py, _dispatch); 0: a batch per partition.
+    consumer_combine_records: int = Field(500, ge=0)
+    # How long a shared batch waits for a row lock before it splits into a batch per partition.
+    consumer_shared_lock_timeout_ms: int = Field(200, ge=1)
     consumer_session_timeout_ms: int = Field(10_000, ge=1000)
     # Static group membership (KIP-345): a consumer restarted with the same id gets its partitions
     # back at once, without waiting out the session timeout for a rebalance. One id per process,

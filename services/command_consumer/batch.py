@@ -6,6 +6,8 @@ the consumer can publish it again (exactly-once effect, at-least-once outcome).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -16,6 +18,7 @@ from services.command_consumer.parsing import InvalidRecord, ParsedRecord, Valid
 from services.command_consumer.segments import SEGMENT_HANDLERS
 from services.command_consumer.users import USER_HANDLERS, Decision
 from shared.commands import CreateUser, UpdateUserSegments
+from shared.db import TRANSIENT_DB_ERRORS
 from shared.membership import UserState
 from shared.outcomes import ErrorCode, OutcomeRow, Status
 
@@ -70,9 +73,29 @@ def _older_than(batch: list[ParsedRecord], window_seconds: int) -> set[int]:
     return {index for index, stamp in enumerate(stamps) if stamp is not None and 0 <= stamp < cutoff_ms}
 
 
+@contextlib.asynccontextmanager
+async def _transaction(conn: asyncpg.Connection, lock_timeout_ms: int | None) -> AsyncIterator[None]:
+    """A transaction; with `lock_timeout_ms`, one whose row-lock waits end in LockNotAvailableError
+    after that long (set in the same round trip as BEGIN)."""
+    if lock_timeout_ms is None:
+        async with conn.transaction():
+            yield
+        return
+    await conn.execute(f"BEGIN; SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
+    try:
+        yield
+    except BaseException:
+        if not conn.is_closed():
+            with contextlib.suppress(*TRANSIENT_DB_ERRORS):
+                await conn.execute("ROLLBACK")
+        raise
+    await conn.execute("COMMIT")
+
+
 async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord],
-                      window_seconds: int | None = None) -> list[Processed]:
-    """Apply one partition's parsed records, in order, in one transaction; return their outcomes.
+                      window_seconds: int | None = None, lock_timeout_ms: int | None = None) -> list[Processed]:
+    """Apply parsed records (a partition's, or a few partitions' each in its order), in order, in
+    one transaction; return their outcomes. `lock_timeout_ms`: see _transaction.
 
     A record older than `window_seconds` (the inbox window, OUTCOME_RETENTION) is not looked up
     nor applied: its inbox partition may be gone, so it is rejected `too_old`, and not stored
@@ -87,7 +110,7 @@ async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord],
     """
     stale = _older_than(batch, window_seconds) if window_seconds is not None else set()
     checked = [p for index, p in enumerate(batch) if index not in stale] if stale else batch
-    async with conn.transaction():
+    async with _transaction(conn, lock_timeout_ms):
         stored = await repository.fetch_outcomes(conn, list({p.command_id for p in checked}))
         # Exact type checks: the command models' metaclass is an ABCMeta, whose isinstance is slow.
         fresh_user_commands = [p for p in checked if isinstance(p, ValidCommand) and p.command_id not in stored

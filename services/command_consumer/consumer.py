@@ -2,9 +2,10 @@
 as soon as it is free.
 
 Three pieces, as in aiokafka's local-state consumer example: the rebalance listener
-(`_CommitOnRevoke`), the per-partition batches in hand (`_in_hand`, each run by `BatchPipeline`),
-and the fetch loop (`CommandConsumer.run`). Python work (parsing, deciding, publishing) of one
-partition overlaps the database work of the others, and a slow partition holds back only itself.
+(`_CommitOnRevoke`), the batches in hand (`_in_hand`, each run by `BatchPipeline`), and the fetch
+loop (`CommandConsumer.run`). Python work (parsing, deciding, publishing) of one batch overlaps
+the database work of the others, and a slow partition holds back only itself and the partitions
+sharing its batch. Offsets are committed by `OffsetCommitter`, off the batches' path.
 
 aiokafka directly rather than a FastStream subscriber: the consumer needs whole per-partition
 batches in one transaction, parallel partitions, manual commits strictly after the outcomes are
@@ -23,7 +24,10 @@ import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from services.command_consumer.leases import PartitionLeases
-from services.command_consumer.pipeline import BatchPipeline
+from services.command_consumer.metrics import SHARED_BATCH_SPLITS
+from services.command_consumer.offsets import OffsetCommitter
+from services.command_consumer.parsing import ParsedRecord
+from services.command_consumer.pipeline import BatchPipeline, SharedBatchBlocked
 from services.command_consumer.publishing import OutcomePublisher
 from shared.kafka import create_producer, kafka_options, start_client
 from shared.settings import Settings
@@ -36,7 +40,7 @@ class _CommitOnRevoke(ConsumerRebalanceListener):
         self._consumer = consumer
 
     async def on_partitions_revoked(self, revoked) -> None:
-        # Finish the batches in hand (each commits) before the partitions move.
+        # Finish the batches in hand, and commit their offsets, before the partitions move.
         await self._consumer.finish_in_hand()
         log.info("partitions revoked", partitions=[f"{tp.topic}:{tp.partition}" for tp in revoked])
 
@@ -74,8 +78,11 @@ class CommandConsumer:
             max_poll_interval_ms=900_000,
         )
         self.producer = create_producer(settings)
+        self._committer = OffsetCommitter(self.kafka_consumer)
+        self._committing: asyncio.Task | None = None
         self._pipeline = BatchPipeline(settings, pool, self.kafka_consumer,
-                                       OutcomePublisher(self.producer, settings.results_topic, settings.dlq_topic))
+                                       OutcomePublisher(self.producer, settings.results_topic, settings.dlq_topic),
+                                       self._committer)
         self.leases: PartitionLeases | None = None
         self._known_partitions: set[TopicPartition] = set()
         if settings.consumer_partition_ownership == "lease":
@@ -92,6 +99,7 @@ class CommandConsumer:
             await self.kafka_consumer.stop()
             await self.producer.stop()
             raise
+        self._committing = asyncio.create_task(self._committer.run())
         leasing = None
         if self.leases is None:
             self.kafka_consumer.subscribe(list(self.settings.command_topics), listener=_CommitOnRevoke(self))
@@ -103,8 +111,9 @@ class CommandConsumer:
         try:
             while not self.stopping.is_set():
                 self._reap()
-                if leasing is not None and leasing.done():
-                    leasing.result()  # raises what ended it: leases are never given up silently
+                for helper in (leasing, self._committing):
+                    if helper is not None and helper.done():
+                        helper.result()  # raises what ended it: neither stops silently
                 if self.leases is not None and self.leases.changed.is_set():
                     await self._follow_leases()
                 idle = [tp for tp in self.kafka_consumer.assignment() if tp not in self._in_hand]
@@ -133,11 +142,15 @@ class CommandConsumer:
                 if graceful:  # finish the batches in hand; one that failed meanwhile still says so
                     await self.finish_in_hand()
                     self._reap()
+                    if self._committing.done():
+                        self._committing.result()  # the last commits failed: say so
             finally:
                 # Failing or cancelled: abandon what is in hand (rolled back, offsets not committed).
-                for task in self._in_hand.values():
+                in_hand = set(self._in_hand.values())
+                for task in in_hand:
                     task.cancel()
-                await asyncio.gather(*self._in_hand.values(), return_exceptions=True)
+                self._committing.cancel()
+                await asyncio.gather(*in_hand, self._committing, return_exceptions=True)
                 await self.kafka_consumer.stop()
                 await self.producer.stop()
                 if leasing is not None:  # last: the leases pass to the next process once all is committed
@@ -149,9 +162,14 @@ class CommandConsumer:
         self.stopping.set()
 
     async def finish_in_hand(self) -> None:
-        """Wait for every batch in hand to be applied, published and committed (or to fail)."""
+        """Wait for every batch in hand to be applied and published (or to fail), and for their
+        offsets to be committed."""
         if self._in_hand:
-            await asyncio.wait(list(self._in_hand.values()))
+            await asyncio.wait(set(self._in_hand.values()))
+        if self._committing is not None and not self._committing.done():
+            flushed = asyncio.ensure_future(self._committer.flush())
+            await asyncio.wait({flushed, self._committing}, return_when=asyncio.FIRST_COMPLETED)
+            flushed.cancel()  # a no-op when it has returned; the committer's error is raised by the loop
 
     def _command_partitions(self) -> set[TopicPartition]:
         """Every partition of the command topics seen in the client's metadata. Remembered: the
@@ -211,19 +229,52 @@ class CommandConsumer:
             return {}
 
     def _dispatch(self, fetched: dict[TopicPartition, list[Any]]) -> None:
-        # Segment batches first, and user batches wait for the segment batches in hand: a segment
-        # and a user command fetched together apply in that order (there is no order across
-        # topics, but this is the one producers expect).
-        segments_topic = self.settings.segments_commands_topic
-        for tp in sorted(fetched, key=lambda tp: tp.topic != segments_topic):
-            barrier = [] if tp.topic == segments_topic else [
-                task for held, task in self._in_hand.items() if held.topic == segments_topic]
-            self._in_hand[tp] = asyncio.create_task(self._handle(tp, fetched[tp], barrier))
+        """Start batches for the fetched records: segment batches first, and user batches wait for
+        the segment batches in hand (a segment and a user command fetched together apply in that
+        order; there is no order across topics, but this is the one producers expect).
 
-    async def _handle(self, tp: TopicPartition, records: list[Any], barrier: Collection[asyncio.Task]) -> None:
+        User partitions fetched together share a batch while their records add up to at most
+        CONSUMER_COMBINE_RECORDS: under light load a fetch brings a few records of many
+        partitions, and one transaction, one publish and one commit for all of them cost far less
+        than one each. A partition with more records than that has a batch of its own, so under
+        load the partitions' transactions run in parallel as before; and a shared batch that meets
+        a row lock splits (SharedBatchBlocked), so a lock holds back only its own partition.
+        Segment commands are few: each segment partition keeps a batch of its own."""
+        segments_topic = self.settings.segments_commands_topic
+        for tp in sorted(tp for tp in fetched if tp.topic == segments_topic):
+            self._start({tp: fetched[tp]})
+        barrier = {task for held, task in self._in_hand.items() if held.topic == segments_topic}
+        limit = self.settings.consumer_combine_records
+        shared: dict[TopicPartition, list[Any]] = {}
+        for tp in sorted(tp for tp in fetched if tp.topic != segments_topic):
+            records = fetched[tp]
+            if len(records) > limit:
+                self._start({tp: records}, barrier)
+                continue
+            if shared and sum(map(len, shared.values())) + len(records) > limit:
+                self._start(shared, barrier)
+                shared = {}
+            shared[tp] = records
+        if shared:
+            self._start(shared, barrier)
+
+    def _start(self, batches: dict[TopicPartition, list[Any]], barrier: Collection[asyncio.Task] = (),
+               parsed: list[ParsedRecord] | None = None) -> None:
+        task = asyncio.create_task(self._handle(batches, barrier, parsed))
+        for tp in batches:
+            self._in_hand[tp] = task
+
+    async def _handle(self, batches: dict[TopicPartition, list[Any]], barrier: Collection[asyncio.Task],
+                      parsed: list[ParsedRecord] | None) -> None:
         try:
             if barrier:
                 await asyncio.wait(barrier)
-            await self._pipeline.run(tp, records)
+            await self._pipeline.run(batches, parsed)
+        except SharedBatchBlocked as blocked:
+            SHARED_BATCH_SPLITS.inc()
+            log.info("a shared batch met a row lock: its partitions go on alone",
+                     partitions=[f"{tp.topic}:{tp.partition}" for tp in batches])
+            for tp, records in batches.items():
+                self._start({tp: records}, (), blocked.parsed[tp])
         finally:
             self._freed.set()

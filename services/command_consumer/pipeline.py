@@ -1,6 +1,8 @@
-"""One partition's batch from start to end: parse → guard → apply in one transaction (retried)
-→ publish outcomes and dead letters → commit the offset. Nothing is committed before the batch's
-effects and outcomes are durable in PostgreSQL and acknowledged by Kafka."""
+"""One batch from start to end: parse → guard → apply in one transaction (retried) → publish
+outcomes and dead letters → hand the offsets to the committer. A batch holds the records of one
+partition, or of several partitions of one topic fetched together while the load is light (see
+CommandConsumer._dispatch). No offset is handed over before the batch's effects and outcomes are
+durable in PostgreSQL and acknowledged by Kafka."""
 
 from __future__ import annotations
 
@@ -11,11 +13,11 @@ from typing import Any
 import asyncpg
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from services.command_consumer import telemetry
 from services.command_consumer.batch import Processed, apply_batch
+from services.command_consumer.offsets import OffsetCommitter
 from services.command_consumer.parsing import ParsedRecord, RecordRef, parse_record
 from services.command_consumer.poison_guard import PoisonGuard
 from services.command_consumer.publishing import OutcomePublisher
@@ -27,53 +29,77 @@ from shared.settings import Settings
 log = structlog.get_logger("command_consumer")
 
 
+class SharedBatchBlocked(Exception):
+    """A batch of several partitions waited longer than CONSUMER_SHARED_LOCK_TIMEOUT_MS for a row
+    lock (a long transaction elsewhere holds a user's rows) and was rolled back: each partition
+    goes on in a batch of its own, so the lock holds back only its own partition. `parsed`: the
+    batch's parsed records by partition (parsed and counted by the poison guard once)."""
+
+    def __init__(self, parsed: dict[TopicPartition, list[ParsedRecord]]) -> None:
+        super().__init__(f"a batch of {len(parsed)} partitions waited for a row lock")
+        self.parsed = parsed
+
+
 class BatchPipeline:
     def __init__(self, settings: Settings, pool: asyncpg.Pool, kafka_consumer: AIOKafkaConsumer,
-                 publisher: OutcomePublisher) -> None:
+                 publisher: OutcomePublisher, committer: OffsetCommitter) -> None:
         self._settings = settings
         self._pool = pool
         self._kafka_consumer = kafka_consumer
         self._publisher = publisher
+        self._committer = committer
         self._guard = PoisonGuard(settings.poison_guard_window, settings.poison_guard_max_invalid_share)
 
-    async def run(self, tp: TopicPartition, records: list[Any]) -> None:
-        batch = [parse_record(RecordRef(r.topic, r.partition, r.offset, r.key, r.value, tuple(r.headers or ()),
-                                        r.timestamp), self._settings)
-                 for r in records]
-        self._guard.check(batch)
+    async def run(self, batches: dict[TopicPartition, list[Any]], parsed: list[ParsedRecord] | None = None) -> None:
+        """Apply the records of these partitions (each in its order) as one batch; `parsed`: the
+        records already parsed and guarded (a shared batch's part, see SharedBatchBlocked)."""
+        if parsed is None:
+            parsed = [parse_record(RecordRef(r.topic, r.partition, r.offset, r.key, r.value, tuple(r.headers or ()),
+                                             r.timestamp), self._settings)
+                      for records in batches.values() for r in records]
+            self._guard.check(parsed)
+        batch = parsed
         started = time.monotonic()
-        traced = BatchTrace(tp, batch) if tracing.ENABLED else None
+        traced = BatchTrace(list(batches), batch) if tracing.ENABLED else None
         # A batch that is not sampled records no database spans: skip their instrumentation too.
         quiet = traced is not None and not traced.recording
         with traced or contextlib.nullcontext():
             with suppress_instrumentation() if quiet else contextlib.nullcontext():
-                processed, token = await self._apply(tp, batch)
+                try:
+                    processed, token = await self._apply(batches, batch)
+                except asyncpg.LockNotAvailableError:
+                    if len(batches) == 1:
+                        raise
+                    by_partition: dict[TopicPartition, list[ParsedRecord]] = {tp: [] for tp in batches}
+                    for item in batch:
+                        by_partition[TopicPartition(item.record.topic, item.record.partition)].append(item)
+                    raise SharedBatchBlocked(by_partition) from None
             applied_in, durable_at = time.monotonic() - started, time.time()
             spans = traced.command_spans(processed) if traced else None
             await self._publisher.publish(processed, token, spans)
         if traced:
             traced.finish(spans)
-        next_offset = batch[-1].record.offset + 1
-        try:
-            await self._kafka_consumer.commit({tp: next_offset})
-        except (CommitFailedError, IllegalStateError) as error:
-            # The partition moved on: its new owner redelivers and the inbox makes that harmless.
-            log.warning("offset commit refused after rebalance", topic=tp.topic, partition=tp.partition,
-                        error=str(error))
+        offsets = {tp: records[-1].offset + 1 for tp, records in batches.items()}
+        self._committer.hand_over(offsets)
         telemetry.batch_applied(processed, applied_in, durable_at)
-        telemetry.lag(tp, self._kafka_consumer.highwater(tp), next_offset)
+        for tp, next_offset in offsets.items():
+            telemetry.lag(tp, self._kafka_consumer.highwater(tp), next_offset)
 
-    async def _apply(self, tp: TopicPartition, batch: list[ParsedRecord]) -> tuple[list[Processed], str]:
+    async def _apply(self, batches: dict[TopicPartition, list[Any]],
+                     batch: list[ParsedRecord]) -> tuple[list[Processed], str]:
         """The batch applied and committed, and the consistency token of its outcomes: the WAL
         position right after the commit, so at or after it (one query a batch, nothing stored)."""
+        # A shared batch gives up on a row lock soon (SharedBatchBlocked); a partition's own waits.
+        lock_timeout_ms = self._settings.consumer_shared_lock_timeout_ms if len(batches) > 1 else None
+
         async def attempt():
             async with self._pool.acquire() as conn:
-                processed = await apply_batch(conn, batch, self._settings.outcome_retention)
+                processed = await apply_batch(conn, batch, self._settings.outcome_retention, lock_timeout_ms)
                 return processed, await conn.fetchval("SELECT pg_current_wal_lsn()::text")
 
-        first_offset = batch[0].record.offset
+        stalled = {f"{tp.topic}:{tp.partition}": records[0].offset for tp, records in batches.items()}
         return await with_retry(
             attempt, attempts=self._settings.db_retry_attempts,
             max_backoff=self._settings.db_retry_max_backoff_seconds,
-            where=f"partition {tp.topic}:{tp.partition} stalled at offset {first_offset}",
-            on_retry=lambda number, error: telemetry.retry(tp, first_offset, number, error))
+            where=", ".join(f"partition {where} stalled at offset {offset}" for where, offset in stalled.items()),
+            on_retry=lambda number, error: telemetry.retry(stalled, number, error))

@@ -29,17 +29,23 @@ from shared.tracing import HEADER_PAIRS, declined_by, start_span_if_sampled
 
 
 class BatchTrace:
-    def __init__(self, tp: TopicPartition, batch: list[ParsedRecord]) -> None:
+    def __init__(self, partitions: list[TopicPartition], batch: list[ParsedRecord]) -> None:
+        """`partitions`: those of one topic the batch holds records of (one, unless several were
+        fetched together while the load was light)."""
         self._batch = batch
         self._traceparents = [parsed.record.header("traceparent") for parsed in batch]
         self._contexts: dict[int, context.Context] = {}
         self.started_ns = time.time_ns()
+        topic = partitions[0].topic
+        attributes = {"messaging.system": "kafka", "messaging.operation.type": "process",
+                      "messaging.destination.name": topic, "messaging.batch.message_count": len(batch)}
+        if len(partitions) == 1:
+            attributes["messaging.destination.partition.id"] = str(partitions[0].partition)
+        else:
+            attributes["segmentation.kafka.partitions"] = [tp.partition for tp in partitions]
         self.span = start_span_if_sampled(
-            f"process {tp.topic}", self._context(0) if len(batch) == 1 and self._traceparents[0] else None,
-            kind=SpanKind.CONSUMER, start_time=self.started_ns,
-            attributes={"messaging.system": "kafka", "messaging.operation.type": "process",
-                        "messaging.destination.name": tp.topic, "messaging.destination.partition.id": str(tp.partition),
-                        "messaging.batch.message_count": len(batch)})
+            f"process {topic}", self._context(0) if len(batch) == 1 and self._traceparents[0] else None,
+            kind=SpanKind.CONSUMER, start_time=self.started_ns, attributes=attributes)
         if self.span is not None:
             for index, traceparent in enumerate(self._traceparents):
                 if traceparent is not None:

@@ -18,7 +18,7 @@ log = structlog.get_logger("command_consumer")
 
 
 def batch_applied(processed: list[Processed], seconds: float, durable_at: float) -> None:
-    """A partition's batch is durable: its size, duration, per-command latency and outcomes."""
+    """A batch is durable: its size, duration, per-command latency and outcomes."""
     metrics.BATCH_DURATION.observe(seconds)
     metrics.BATCH_SIZE.observe(len(processed))
     counts: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -46,10 +46,11 @@ def lag(tp: TopicPartition, highwater: int | None, next_offset: int) -> None:
         metrics.LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwater - next_offset))
 
 
-def retry(tp: TopicPartition, first_offset: int, attempt: int, error: BaseException) -> None:
+def retry(stalled: dict[str, int], attempt: int, error: BaseException) -> None:
+    """A batch transaction failed; `stalled`: the first offset of each partition ("topic:partition")
+    of the batch, where each stays until it succeeds."""
     metrics.DB_RETRIES.inc()
-    log.warning("batch transaction failed, will retry", topic=tp.topic, partition=tp.partition,
-                first_offset=first_offset, attempt=attempt, error=repr(error))
+    log.warning("batch transaction failed, will retry", stalled_at=stalled, attempt=attempt, error=repr(error))
 
 
 def _log_outcome(item: Processed) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import orjson
 import pytest
@@ -239,6 +240,41 @@ async def test_a_partition_stalled_on_a_lock_does_not_hold_back_the_others(setti
     assert outcomes["held-remove"]["result"]["removed"] == ["A"]
     assert [row[2] for row in await history(pool, 1)] == ["I", "D"]
     assert [row[2] for row in await history(pool, free_user)] == ["I", "D", "I", "D"]
+
+
+async def test_partitions_fetched_together_share_a_batch_that_splits_when_it_meets_a_lock(settings, pool):
+    """Under light load the partitions of one fetch share a transaction; when that transaction
+    waits on a row lock, it gives up after CONSUMER_SHARED_LOCK_TIMEOUT_MS and each partition goes
+    on alone, so the lock holds back only its own partition."""
+    settings = settings.model_copy(update={"consumer_shared_lock_timeout_ms": 100})
+    async with Publisher(settings) as publish:
+        async with running_consumer(settings, pool):
+            await publish.segment({"type": "create_segment", "slug": "A", "command_id": "a"})
+            await publish.user({"type": "update_user_segments", "user_id": 1, "add": ["A"], "command_id": "held-add"})
+            await wait_for_outcomes(pool, ["a", "held-add"])
+        held = _partition_of(b"1", settings.topic_partitions)
+        free_users = {}
+        for user in range(2, 200):  # one user on each other partition
+            free_users.setdefault(_partition_of(str(user).encode(), settings.topic_partitions), user)
+        free_users.pop(held, None)
+        assert len(free_users) == settings.topic_partitions - 1
+        # All of it waits in the topic, so the consumer's first fetch brings every partition at once.
+        await publish.user({"type": "update_user_segments", "user_id": 1, "remove": ["A"], "command_id": "held-remove"})
+        for user in free_users.values():
+            await publish.user({"type": "update_user_segments", "user_id": user, "add": ["A"],
+                                "command_id": f"free-{user}"})
+        splits = REGISTRY.get_sample_value("segmentation_consumer_shared_batch_splits_total") or 0.0
+        async with contextlib.AsyncExitStack() as lock:
+            await lock.enter_async_context(memberships_locked(settings, 1))  # before the consumer starts
+            async with running_consumer(settings, pool):
+                await wait_for_outcomes(pool, [f"free-{user}" for user in free_users.values()], timeout=20)
+                assert await pool.fetchval(
+                    "SELECT count(*) FROM command_outcomes WHERE command_id = 'held-remove'") == 0
+                assert REGISTRY.get_sample_value("segmentation_consumer_shared_batch_splits_total") == splits + 1
+                await lock.aclose()
+                outcomes = await wait_for_outcomes(pool, ["held-remove"])  # the lock is gone
+    assert outcomes["held-remove"]["result"]["removed"] == ["A"]
+    assert [row[2] for row in await history(pool, 1)] == ["I", "D"]
 
 
 async def test_segment_commands_fetched_with_user_commands_apply_first(settings, pool):
