@@ -279,7 +279,7 @@ def cli() -> None:
     common.cli(__doc__, main, users=200_000, duration=10, rounds=3, workers=2, connections=32,
                warmup=(3, "seconds of load before each measured round (not measured)"),
                ryw_commands=(300, "commands of the read-your-writes check (0: skip it)"),
-               variants=("", "only these variants besides 'this API', comma-separated (e.g. 'tracing 1%%,baseline'); "
+               variants=("", "only these variants besides 'this API', comma-separated (e.g. 'tracing 1%,baseline'); "
                              "all when empty"))
 
 
