@@ -164,8 +164,9 @@ class CommandConsumer:
     async def finish_in_hand(self) -> None:
         """Wait for every batch in hand to be applied and published (or to fail), and for their
         offsets to be committed."""
-        if self._in_hand:
-            await asyncio.wait(set(self._in_hand.values()))
+        # Until none is left: a shared batch that splits hands its partitions to new batches.
+        while pending := {task for task in self._in_hand.values() if not task.done()}:
+            await asyncio.wait(pending)
         if self._committing is not None and not self._committing.done():
             flushed = asyncio.ensure_future(self._committer.flush())
             await asyncio.wait({flushed, self._committing}, return_when=asyncio.FIRST_COMPLETED)

@@ -277,6 +277,37 @@ async def test_partitions_fetched_together_share_a_batch_that_splits_when_it_mee
     assert [row[2] for row in await history(pool, 1)] == ["I", "D"]
 
 
+async def test_a_stop_while_a_shared_batch_waits_on_a_lock_finishes_the_batches_it_splits_into(settings, pool):
+    """Stopping waits for the batches in hand, including those a shared batch splits into while
+    the stop waits: every command fetched is applied and committed, none abandoned."""
+    settings = settings.model_copy(update={"consumer_shared_lock_timeout_ms": 1500})
+    async with Publisher(settings) as publish:
+        async with running_consumer(settings, pool):
+            await publish.segment({"type": "create_segment", "slug": "A", "command_id": "a"})
+            await publish.user({"type": "update_user_segments", "user_id": 1, "add": ["A"], "command_id": "held-add"})
+            await wait_for_outcomes(pool, ["a", "held-add"])
+        free = next(user for user in range(2, 200) if _partition_of(str(user).encode(), settings.topic_partitions)
+                    != _partition_of(b"1", settings.topic_partitions))
+        await publish.user({"type": "update_user_segments", "user_id": 1, "remove": ["A"], "command_id": "held-remove"})
+        await publish.user({"type": "update_user_segments", "user_id": free, "add": ["A"], "command_id": "free"})
+    async with contextlib.AsyncExitStack() as lock:
+        await lock.enter_async_context(memberships_locked(settings, 1))
+        consumer = CommandConsumer(settings, pool)
+        running = asyncio.create_task(consumer.run())
+        try:
+            async with asyncio.timeout(30):  # the shared batch is waiting for the lock
+                while not await pool.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted"):  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            consumer.stop()  # before the lock timeout splits the batch
+            await wait_for_outcomes(pool, ["free"], timeout=20)  # split, and the free partition applied
+            await lock.aclose()
+            await asyncio.wait_for(running, 30)
+        finally:
+            if not running.done():
+                running.cancel()
+    assert (await wait_for_outcomes(pool, ["held-remove"], timeout=1))["held-remove"]["status"] == "applied"
+
+
 async def test_segment_commands_fetched_with_user_commands_apply_first(settings, pool):
     async with Publisher(settings) as publish:  # all of it waits in the topics before the consumer starts
         creates = [{"type": "create_segment", "slug": f"S{i}", "command_id": f"s{i}"} for i in range(150)]
