@@ -91,7 +91,10 @@ class PartitionLeases:
                                 partitions=len(self.held))
                 finally:
                     self._hold(frozenset())
-                    connection.terminate()  # no goodbye needed: the server drops the session and its locks
+                    try:  # a goodbye, so the server does not log a lost client; the locks go either way
+                        await asyncio.wait_for(connection.close(), 2)
+                    except Exception:
+                        connection.terminate()
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, self._max_backoff)
 
