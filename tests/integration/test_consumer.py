@@ -242,16 +242,22 @@ async def test_a_partition_stalled_on_a_lock_does_not_hold_back_the_others(setti
     assert [row[2] for row in await history(pool, free_user)] == ["I", "D", "I", "D"]
 
 
+async def user_1_in_segment_a(settings, pool, publish: Publisher) -> None:
+    """Segment A, and user 1 in it, applied by a consumer stopped again (the next one starts with
+    whatever is published meanwhile waiting in the topic)."""
+    async with running_consumer(settings, pool):
+        await publish.segment({"type": "create_segment", "slug": "A", "command_id": "a"})
+        await publish.user({"type": "update_user_segments", "user_id": 1, "add": ["A"], "command_id": "held-add"})
+        await wait_for_outcomes(pool, ["a", "held-add"])
+
+
 async def test_partitions_fetched_together_share_a_batch_that_splits_when_it_meets_a_lock(settings, pool):
     """Under light load the partitions of one fetch share a transaction; when that transaction
     waits on a row lock, it gives up after CONSUMER_SHARED_LOCK_TIMEOUT_MS and each partition goes
     on alone, so the lock holds back only its own partition."""
     settings = settings.model_copy(update={"consumer_shared_lock_timeout_ms": 100})
     async with Publisher(settings) as publish:
-        async with running_consumer(settings, pool):
-            await publish.segment({"type": "create_segment", "slug": "A", "command_id": "a"})
-            await publish.user({"type": "update_user_segments", "user_id": 1, "add": ["A"], "command_id": "held-add"})
-            await wait_for_outcomes(pool, ["a", "held-add"])
+        await user_1_in_segment_a(settings, pool, publish)
         held = _partition_of(b"1", settings.topic_partitions)
         free_users = {}
         for user in range(2, 200):  # one user on each other partition
@@ -282,10 +288,7 @@ async def test_a_stop_while_a_shared_batch_waits_on_a_lock_finishes_the_batches_
     the stop waits: every command fetched is applied and committed, none abandoned."""
     settings = settings.model_copy(update={"consumer_shared_lock_timeout_ms": 1500})
     async with Publisher(settings) as publish:
-        async with running_consumer(settings, pool):
-            await publish.segment({"type": "create_segment", "slug": "A", "command_id": "a"})
-            await publish.user({"type": "update_user_segments", "user_id": 1, "add": ["A"], "command_id": "held-add"})
-            await wait_for_outcomes(pool, ["a", "held-add"])
+        await user_1_in_segment_a(settings, pool, publish)
         free = next(user for user in range(2, 200) if _partition_of(str(user).encode(), settings.topic_partitions)
                     != _partition_of(b"1", settings.topic_partitions))
         await publish.user({"type": "update_user_segments", "user_id": 1, "remove": ["A"], "command_id": "held-remove"})
