@@ -5,6 +5,7 @@ inside spans carry the ids. (Tracing off, configured by the environment: tests/e
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 import httpx
@@ -115,3 +116,16 @@ async def test_log_lines_inside_a_span_carry_its_ids(spans):
     assert line["trace_id"] == format(span.get_span_context().trace_id, "032x")
     assert line["span_id"] == format(span.get_span_context().span_id, "016x")
     assert "trace_id" not in tracing.add_trace_ids(None, "info", {"event": "outside"})
+
+
+async def test_partition_lease_checks_make_no_spans(settings, pool, spans):
+    """A leasing consumer checks its session twice a second: with tracing on, that must not be a
+    trace each time in the operators' tracing backend."""
+    settings = settings.model_copy(update={"consumer_partition_ownership": "lease",
+                                           "consumer_lease_check_seconds": 0.05})
+    async with running_consumer(settings, pool) as consumer:
+        async with asyncio.timeout(30):
+            while consumer.leases.checks < 10:  # noqa: ASYNC110 - counting another task's rounds
+                await asyncio.sleep(0.05)
+    assert len(consumer.leases.held) == 0  # released on stop
+    assert [span.name for span in spans.get_finished_spans()] == []
