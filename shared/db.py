@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from pathlib import Path
 
 import asyncpg
@@ -26,6 +27,24 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.DeadlockDetectedError,
     asyncpg.TooManyConnectionsError,
 )
+
+
+class Backoff:
+    """Waits between attempts on an unavailable database: from 0.1 s, doubling up to `cap`
+    seconds, each drawn between half and one and a half times that (jitter, so that many clients
+    do not come back at once). `reset()` after a success."""
+
+    def __init__(self, cap: float) -> None:
+        self._cap = cap
+        self._delay = 0.1
+
+    def reset(self) -> None:
+        self._delay = 0.1
+
+    def next(self) -> float:
+        wait = self._delay * (0.5 + random.random())
+        self._delay = min(self._delay * 2, self._cap)
+        return wait
 
 
 async def _init_connection(connection: asyncpg.Connection) -> None:

@@ -247,15 +247,17 @@ class CommandConsumer:
         barrier = {task for held, task in self._in_hand.items() if held.topic == segments_topic}
         limit = self.settings.consumer_combine_records
         shared: dict[TopicPartition, list[Any]] = {}
+        size = 0  # records in `shared`
         for tp in sorted(tp for tp in fetched if tp.topic != segments_topic):
             records = fetched[tp]
             if len(records) > limit:
                 self._start({tp: records}, barrier)
                 continue
-            if shared and sum(map(len, shared.values())) + len(records) > limit:
+            if shared and size + len(records) > limit:
                 self._start(shared, barrier)
-                shared = {}
+                shared, size = {}, 0
             shared[tp] = records
+            size += len(records)
         if shared:
             self._start(shared, barrier)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import random
 from collections.abc import Callable, Iterable
 
 import asyncpg
@@ -33,7 +32,7 @@ from aiokafka import TopicPartition
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from services.command_consumer.metrics import PARTITIONS_LEASED
-from shared.db import TRANSIENT_DB_ERRORS
+from shared.db import TRANSIENT_DB_ERRORS, Backoff
 
 log = structlog.get_logger("command_consumer")
 
@@ -74,15 +73,14 @@ class PartitionLeases:
         self._waiting_logged = False
 
     async def run(self) -> None:
-        delay = 0.1
+        backoff = Backoff(self._max_backoff)
         while True:
             try:
                 connection = await asyncpg.connect(self._database_url, server_settings=KEEPALIVES)
             except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as error:
-                log.warning("partition leases: cannot connect to the database", error=str(error),
-                            retry_in_seconds=round(delay, 2))
+                log.warning("partition leases: cannot connect to the database", error=str(error))
             else:
-                delay = 0.1
+                backoff.reset()
                 try:
                     while True:
                         await self._take(connection)
@@ -96,8 +94,7 @@ class PartitionLeases:
                         await asyncio.wait_for(connection.close(), 2)
                     except Exception:
                         connection.terminate()
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, self._max_backoff)
+            await asyncio.sleep(backoff.next())
 
     async def _take(self, connection: asyncpg.Connection) -> None:
         wanted = {lease_key(self._group, tp): tp for tp in self._partitions() if tp not in self.held}

@@ -11,7 +11,7 @@ COMMAND_LATENCY = Histogram(
 )
 BATCH_SIZE = Histogram("segmentation_consumer_batch_size", "Records applied in one batch transaction",
                        buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000))
-BATCH_DURATION = Histogram("segmentation_consumer_batch_seconds", "Duration of one partition transaction")
+BATCH_DURATION = Histogram("segmentation_consumer_batch_seconds", "Duration of one batch transaction")
 DLQ_RECORDS = Counter("segmentation_dlq_records_total", "Records sent to the DLQ, by reason", ["code"])
 REPLAYED = Counter("segmentation_commands_replayed_total",
                    "Commands seen again (redelivery or repeated command id) whose stored outcome was re-published")

@@ -4,13 +4,12 @@ skips a command (README: Delivery)."""
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import asyncpg
 
-from shared.db import TRANSIENT_DB_ERRORS
+from shared.db import TRANSIENT_DB_ERRORS, Backoff
 
 T = TypeVar("T")
 
@@ -27,14 +26,13 @@ async def with_retry(attempt: Callable[[], Awaitable[T]], *, attempts: int, max_
                      on_retry: Callable[[int, BaseException], None]) -> T:
     """Run `attempt` until it succeeds, at most `attempts` times, with jittered exponential backoff
     capped at `max_backoff` seconds; `on_retry(number, error)` is told of each failure."""
-    delay = 0.1
+    backoff = Backoff(max_backoff)
     for number in range(1, attempts + 1):
         try:
             return await attempt()
         except RETRIED_ERRORS as error:
             on_retry(number, error)
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, max_backoff)
+            await asyncio.sleep(backoff.next())
     raise DatabaseUnavailable(
         f"{where}: the database failed {attempts} attempts; nothing of it was committed"
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.expiry_worker.partitions import PartitionMaintainer
 from shared import tracing
-from shared.db import TRANSIENT_DB_ERRORS
+from shared.db import TRANSIENT_DB_ERRORS, Backoff
 from shared.membership import HISTORY_COLUMNS, HistoryRow, Segment, leaves_at_expiry
 
 log = structlog.get_logger("expiry_worker")
@@ -142,7 +141,7 @@ class ExpiryWorker:
         log.info("stopped")
 
     async def _loop(self) -> None:
-        backoff = 0.1
+        backoff = Backoff(5.0)
         while not self.stopping.is_set():
             try:
                 async with self.pool.acquire() as conn:
@@ -155,11 +154,10 @@ class ExpiryWorker:
                     if result.full:
                         continue  # more are due: loop at once
                     wait = await seconds_until_next_expiry(conn)
-                backoff = 0.1
+                backoff.reset()
             except TRANSIENT_DB_ERRORS as error:
-                log.warning("database unavailable, retrying", error=repr(error), retry_in=backoff)
-                wait = backoff * (0.5 + random.random())
-                backoff = min(backoff * 2, 5.0)
+                wait = backoff.next()
+                log.warning("database unavailable, retrying", error=repr(error), retry_in=round(wait, 3))
             sleep = self.max_sleep_seconds if wait is None else min(max(wait, 0.005), self.max_sleep_seconds)
             try:
                 await asyncio.wait_for(self.stopping.wait(), sleep)
