@@ -10,8 +10,11 @@ import platform
 import statistics
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.infra import fresh_database, start_infra
 from services.expiry_worker.partitions import PartitionMaintainer
@@ -45,6 +48,50 @@ def autogroup() -> str:
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+async def paced(rate: float, count: int | None = None) -> AsyncIterator[int]:
+    """0, 1, 2, … (`count` of them, or until the caller stops), each when its turn comes at a
+    steady `rate` a second from the first: a late turn is not waited for, so the rate holds."""
+    started = time.monotonic()
+    index = 0
+    while count is None or index < count:
+        delay = started + index / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        yield index
+        index += 1
+
+
+async def cancel_and_stop(task: asyncio.Task, *clients) -> None:
+    """Cancel a task and wait until it is gone, then stop the (Kafka) clients, in order."""
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    for client in clients:
+        await client.stop()
+
+
+def scrape_histogram(metrics_url: str, name: str) -> dict[float, float]:
+    """A histogram's cumulative bucket counts (upper bound → count) from a /metrics page."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    return {float(sample.labels["le"]): sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == f"{name}_bucket"}
+
+
+def histogram_quantile(fraction: float, before: dict[float, float], after: dict[float, float]) -> float:
+    """The quantile of what was observed between two scrapes, interpolated within its bucket as
+    Prometheus's histogram_quantile() does: exact to the width of that bucket."""
+    bounds = sorted(after)
+    counts = [after[bound] - before.get(bound, 0.0) for bound in bounds]
+    rank = fraction * counts[-1]
+    for index, (bound, count) in enumerate(zip(bounds, counts, strict=True)):
+        if count >= rank:
+            lower, below = (bounds[index - 1], counts[index - 1]) if index else (0.0, 0.0)
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * ((rank - below) / (count - below) if count > below else 1.0)
+    raise ValueError("no observations between the two scrapes")
 
 
 @contextlib.asynccontextmanager

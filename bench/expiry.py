@@ -21,7 +21,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 
 from bench import common
-from bench.common import Progress, bench_environment, percentile, spread
+from bench.common import Progress, bench_environment, paced, percentile, spread
 from devstack.processes import stop_process
 from services.expiry_worker.worker import ExpiryWorker
 from shared.kafka import kafka_options
@@ -52,18 +52,17 @@ async def other_users_traffic(settings, rate: int, stop: asyncio.Event) -> int:
     """update_user_segments for users the backlog does not contain, at a steady rate."""
     producer = AIOKafkaProducer(**kafka_options(settings), linger_ms=5)
     await producer.start()
-    sent, started, rng = 0, time.monotonic(), random.Random(3)
+    sent, rng = 0, random.Random(3)
     try:
-        while not stop.is_set():
+        async for _ in paced(rate):
+            if stop.is_set():
+                break
             user_id = 10_000_000 + rng.randint(1, 100_000)
             command = {"type": "update_user_segments", "user_id": user_id,
                        "add": [f"SEGMENT_{rng.randint(0, 49)}"]}
             await producer.send(settings.assignments_commands_topic, orjson.dumps(command),
                                 key=str(user_id).encode())
             sent += 1
-            delay = started + sent / rate - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
     finally:
         await producer.stop()
     return sent

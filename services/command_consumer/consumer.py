@@ -5,7 +5,8 @@ Three pieces, as in aiokafka's local-state consumer example: the rebalance liste
 (`_CommitOnRevoke`), the batches in hand (`_in_hand`, each run by `BatchPipeline`), and the fetch
 loop (`CommandConsumer.run`). Python work (parsing, deciding, publishing) of one batch overlaps
 the database work of the others, and a slow partition holds back only itself and the partitions
-sharing its batch. Offsets are committed by `OffsetCommitter`, off the batches' path.
+sharing its batch. A batch's outcomes are published while its partitions' next batch is applied
+(BatchPipeline), and offsets are committed by `OffsetCommitter`: both off the batches' path.
 
 aiokafka directly rather than a FastStream subscriber: the consumer needs whole per-partition
 batches in one transaction, parallel partitions, manual commits strictly after the outcomes are
@@ -146,7 +147,7 @@ class CommandConsumer:
                         self._committing.result()  # the last commits failed: say so
             finally:
                 # Failing or cancelled: abandon what is in hand (rolled back, offsets not committed).
-                in_hand = set(self._in_hand.values())
+                in_hand = {*self._in_hand.values(), *self._pipeline.publishing()}
                 for task in in_hand:
                     task.cancel()
                 self._committing.cancel()
@@ -164,8 +165,10 @@ class CommandConsumer:
     async def finish_in_hand(self) -> None:
         """Wait for every batch in hand to be applied and published (or to fail), and for their
         offsets to be committed."""
-        # Until none is left: a shared batch that splits hands its partitions to new batches.
-        while pending := {task for task in self._in_hand.values() if not task.done()}:
+        # Until none is left: a shared batch that splits hands its partitions to new batches, and
+        # a batch applied starts its publish.
+        while pending := {task for task in (*self._in_hand.values(), *self._pipeline.publishing())
+                          if not task.done()}:
             await asyncio.wait(pending)
         if self._committing is not None and not self._committing.done():
             flushed = asyncio.ensure_future(self._committer.flush())
@@ -194,10 +197,13 @@ class CommandConsumer:
             await asyncio.wait_for(self.leases.changed.wait(), timeout)
 
     def _reap(self) -> None:
-        """Forget finished batches; a batch that failed stops the consumer with its error."""
+        """Forget finished batches; a batch or a publish that failed stops the consumer with its error."""
         for tp, task in list(self._in_hand.items()):
             if task.done():
                 del self._in_hand[tp]
+                task.result()
+        for task in self._pipeline.publishing():
+            if task.done():
                 task.result()
 
     async def _wait_freed(self, timeout: float) -> None:

@@ -2,10 +2,19 @@
 outcomes and dead letters → hand the offsets to the committer. A batch holds the records of one
 partition, or of several partitions of one topic fetched together while the load is light (see
 CommandConsumer._dispatch). No offset is handed over before the batch's effects and outcomes are
-durable in PostgreSQL and acknowledged by Kafka."""
+durable in PostgreSQL and acknowledged by Kafka.
+
+A batch's partitions are free for their next batch once its transaction has committed: its
+outcomes are published meanwhile (`BatchPipeline.publishing`), so a partition's cycle is the
+longer of a transaction and a publish, not their sum. At most one publish per partition is
+outstanding, and they hand offsets over in order: a batch publishes only after the previous
+batch of each of its partitions has been acknowledged (and not at all if that one failed). A
+crash before an acknowledgement loses nothing: the offsets were not committed, and the inbox
+answers the redelivered commands with their stored outcomes."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from typing import Any
@@ -49,6 +58,11 @@ class BatchPipeline:
         self._publisher = publisher
         self._committer = committer
         self._guard = PoisonGuard(settings.poison_guard_window, settings.poison_guard_max_invalid_share)
+        self._publishing: dict[TopicPartition, asyncio.Task] = {}  # each partition's last publish, until it succeeds
+
+    def publishing(self) -> set[asyncio.Task]:
+        """The publishes not yet done, and those that failed (kept, so that the consumer sees why)."""
+        return set(self._publishing.values())
 
     async def run(self, batches: dict[TopicPartition, list[Any]], parsed: list[ParsedRecord] | None = None) -> None:
         """Apply the records of these partitions (each in its order) as one batch; `parsed`: the
@@ -76,14 +90,43 @@ class BatchPipeline:
                     raise SharedBatchBlocked(by_partition) from None
             applied_in, durable_at = time.monotonic() - started, time.time()
             spans = traced.command_spans(processed) if traced else None
+            await self._after_previous_publishes(batches)
+        publishing = asyncio.create_task(self._publish(batches, processed, token, traced, spans, applied_in,
+                                                       durable_at))
+        for tp in batches:
+            self._publishing[tp] = publishing
+        publishing.add_done_callback(self._forget)
+
+    async def _after_previous_publishes(self, batches: dict[TopicPartition, Any]) -> None:
+        """Wait until the previous batch of each of these partitions is published; raise if one
+        was not (its offsets must not be passed by this batch's)."""
+        previous = {self._publishing[tp] for tp in batches if tp in self._publishing}
+        if not previous:
+            return
+        await asyncio.wait(previous)
+        for task in previous:
+            if task.cancelled():
+                raise RuntimeError("the previous batch's outcomes were abandoned before they were acknowledged")
+            task.result()
+
+    async def _publish(self, batches: dict[TopicPartition, list[Any]], processed: list[Processed], token: str,
+                       traced: BatchTrace | None, spans: list | None, applied_in: float, durable_at: float) -> None:
+        with traced or contextlib.nullcontext():
             await self._publisher.publish(processed, token, spans)
+        published_at = time.time()
         if traced:
             traced.finish(spans)
         offsets = {tp: records[-1].offset + 1 for tp, records in batches.items()}
         self._committer.hand_over(offsets)
-        telemetry.batch_applied(processed, applied_in, durable_at)
+        telemetry.batch_applied(processed, applied_in, durable_at, published_at)
         for tp, next_offset in offsets.items():
             telemetry.lag(tp, self._kafka_consumer.highwater(tp), next_offset)
+
+    def _forget(self, task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        for tp in [tp for tp, last in self._publishing.items() if last is task]:
+            del self._publishing[tp]
 
     async def _apply(self, batches: dict[TopicPartition, list[Any]],
                      batch: list[ParsedRecord]) -> tuple[list[Processed], str]:

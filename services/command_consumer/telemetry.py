@@ -12,17 +12,20 @@ from aiokafka import TopicPartition
 from services.command_consumer import metrics
 from services.command_consumer.batch import Processed
 from services.command_consumer.parsing import InvalidRecord
+from shared.metrics import observe_all
 from shared.outcomes import ErrorCode
 
 log = structlog.get_logger("command_consumer")
 
 
-def batch_applied(processed: list[Processed], seconds: float, durable_at: float) -> None:
-    """A batch is durable: its size, duration, per-command latency and outcomes."""
+def batch_applied(processed: list[Processed], seconds: float, durable_at: float, published_at: float) -> None:
+    """A batch is durable and its outcomes acknowledged: its size, duration, per-command latency
+    (to durable, and to published) and outcomes."""
     metrics.BATCH_DURATION.observe(seconds)
     metrics.BATCH_SIZE.observe(len(processed))
     counts: collections.Counter[tuple[str, str]] = collections.Counter()
     debug = log.is_enabled_for(logging.DEBUG)
+    produced_at = []  # seconds, of the records applied here for the first time
     for item in processed:
         outcome, record = item.outcome, item.parsed.record
         if item.replayed:
@@ -30,7 +33,7 @@ def batch_applied(processed: list[Processed], seconds: float, durable_at: float)
         else:
             counts[(outcome.type or "unknown", outcome.status)] += 1
             if record.timestamp_ms is not None:
-                metrics.COMMAND_LATENCY.observe(max(0.0, durable_at - record.timestamp_ms / 1000))
+                produced_at.append(record.timestamp_ms / 1000)
             if isinstance(item.parsed, InvalidRecord):
                 metrics.DLQ_RECORDS.labels(item.parsed.code).inc()
             elif outcome.error and outcome.error["code"] == ErrorCode.TOO_OLD:
@@ -39,6 +42,8 @@ def batch_applied(processed: list[Processed], seconds: float, durable_at: float)
             _log_outcome(item)
     for (command_type, status), count in counts.items():
         metrics.COMMANDS.labels(command_type, status).inc(count)
+    observe_all(metrics.COMMAND_LATENCY, [max(0.0, durable_at - at) for at in produced_at])
+    observe_all(metrics.PUBLISHED_LATENCY, [max(0.0, published_at - at) for at in produced_at])
 
 
 def lag(tp: TopicPartition, highwater: int | None, next_offset: int) -> None:

@@ -8,8 +8,6 @@ permanent meanwhile is left alone. History rows are written in the same transact
 from __future__ import annotations
 
 import asyncio
-import bisect
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from services.expiry_worker.partitions import PartitionMaintainer
 from shared import tracing
 from shared.db import TRANSIENT_DB_ERRORS, Backoff
 from shared.membership import HISTORY_COLUMNS, HistoryRow, Segment, leaves_at_expiry
+from shared.metrics import observe_all
 
 log = structlog.get_logger("expiry_worker")
 
@@ -60,26 +59,6 @@ SELECT count(*) AS removed,
        array_agg(expires_at) FILTER (WHERE percent > 0) AS rollout_expiries
 FROM gone
 """
-
-
-def observe_all(histogram: Histogram, values: list[float]) -> None:
-    """`histogram.observe(v)` for every value, counted per bucket first: a backlog batch has
-    thousands of values, and observe() takes a lock and walks the buckets for each. Uses the
-    client's bucket counters directly (prometheus_client keeps them in `_buckets`, `_sum`)."""
-    buckets, total = getattr(histogram, "_buckets", None), getattr(histogram, "_sum", None)
-    bounds = getattr(histogram, "_upper_bounds", None)
-    if buckets is None or total is None or bounds is None:  # another client version: one by one
-        for value in values:
-            histogram.observe(value)
-        return
-    ordered = sorted(values)
-    below = 0
-    for index, bound in enumerate(bounds):
-        upto = bisect.bisect_right(ordered, bound)
-        if upto > below:
-            buckets[index].inc(upto - below)
-            below = upto
-    total.inc(math.fsum(ordered))
 
 
 @dataclass(frozen=True)

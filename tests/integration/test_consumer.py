@@ -7,6 +7,8 @@ import contextlib
 
 import orjson
 import pytest
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaTimeoutError
 from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import REGISTRY
 
@@ -99,6 +101,8 @@ async def test_invalid_records_go_to_the_dlq_and_the_partition_keeps_flowing(set
     dlq_before = {code: sample("segmentation_dlq_records_total", code=code) for _, code in INVALID_RECORDS}
     applied_before = sample("segmentation_commands_total", type="update_user_segments", status="applied")
     batches_before = sample("segmentation_consumer_batch_size_count")
+    latencies = ("segmentation_command_latency_seconds", "segmentation_command_published_seconds")
+    latency_before = {name: (sample(f"{name}_count"), sample(f"{name}_sum")) for name in latencies}
     async with Publisher(settings) as publish, running_consumer(settings, pool):
         await publish.segment({"type": "create_segment", "slug": "A", "command_id": "a"})
         await wait_for_outcomes(pool, ["a"])
@@ -138,7 +142,12 @@ async def test_invalid_records_go_to_the_dlq_and_the_partition_keeps_flowing(set
     assert lag == 0 and REGISTRY.get_sample_value(
         "segmentation_consumer_lag", {"topic": settings.assignments_commands_topic,
                                       "partition": str(positions[0].partition)}) is not None
-    assert sample("segmentation_command_latency_seconds_count") > 0
+    # Every record, the invalid ones included, timed to durable and to acknowledged (which is later).
+    observed = {name: (sample(f"{name}_count") - count, sample(f"{name}_sum") - total)
+                for name, (count, total) in latency_before.items()}
+    durable, published = observed.values()
+    assert durable[0] == published[0] == len(INVALID_RECORDS) + 2
+    assert published[1] >= durable[1] > 0
 
 
 async def test_a_repeated_command_id_changes_nothing_and_repeats_the_outcome(settings, pool):
@@ -389,3 +398,82 @@ async def test_outcomes_land_on_their_keys_partition_in_batches_larger_than_one_
             by_user_partition.setdefault(source, []).append(applied_order[command_id])
         for order in by_user_partition.values():
             assert order == sorted(order)
+
+
+def _holding_acknowledgements(consumer: CommandConsumer, until: asyncio.Event, refuse_first: bool = False) -> None:
+    """The consumer's outcome batches wait for `until` before they count as acknowledged; with
+    `refuse_first`, the first one is never sent and then fails, as a produce that timed out."""
+    send_batch = consumer.producer.send_batch
+    calls = 0
+
+    async def held(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        delivery = None if refuse_first and calls == 1 else await send_batch(*args, **kwargs)
+
+        async def acknowledged():
+            await until.wait()
+            if delivery is None:
+                raise KafkaTimeoutError("the outcome batch was not acknowledged")
+            return await delivery
+
+        return asyncio.ensure_future(acknowledged())
+
+    consumer.producer.send_batch = held
+
+
+async def test_a_partition_applies_its_next_batch_while_the_outcomes_before_await_acknowledgement(settings, pool):
+    """A batch's partition is free once its transaction commits: its next batch is applied while
+    the outcomes before are still on their way to Kafka, one publish outstanding per partition and
+    no more, and no offset is committed before the outcomes it covers are acknowledged."""
+    released = asyncio.Event()
+    tp = TopicPartition(settings.assignments_commands_topic, _partition_of(b"1", settings.topic_partitions))
+    async with Publisher(settings) as publish:
+        consumer = CommandConsumer(settings, pool)
+        _holding_acknowledgements(consumer, released)
+        running = asyncio.create_task(consumer.run())
+        try:
+            for n in (1, 2):  # one batch each: the second is published once the first is applied
+                await publish.user({"type": "create_user", "user_id": 1, "command_id": f"c{n}"})
+                await wait_for_outcomes(pool, [f"c{n}"], timeout=20)
+            await publish.user({"type": "create_user", "user_id": 1, "command_id": "c3"})
+            await asyncio.sleep(1)  # c2's batch waits for c1's outcomes: the partition is still in hand
+            assert await pool.fetchval("SELECT count(*) FROM command_outcomes WHERE command_id = 'c3'") == 0
+            assert await consumer.kafka_consumer.committed(tp) is None
+            released.set()
+            await wait_for_outcomes(pool, ["c3"], timeout=20)
+            async with asyncio.timeout(20):
+                while await consumer.kafka_consumer.committed(tp) != 3:  # noqa: ASYNC110 - the committer's pace
+                    await asyncio.sleep(0.05)
+        finally:
+            consumer.stop()
+            await asyncio.wait_for(running, 30)
+    results = await read_topic(settings, settings.results_topic, 3)
+    assert sorted(record.key.decode() for record in results) == ["c1", "c2", "c3"]
+
+
+async def test_an_unacknowledged_publish_stops_the_consumer_and_no_later_batch_commits_past_it(settings, pool):
+    """The batch applied after one whose outcomes were not acknowledged must not commit its
+    offsets (they would cover the lost outcomes): the consumer stops with the error, and the next
+    one redelivers both commands and publishes both outcomes from the inbox."""
+    released = asyncio.Event()
+    async with Publisher(settings) as publish:
+        consumer = CommandConsumer(settings, pool)
+        _holding_acknowledgements(consumer, released, refuse_first=True)
+        running = asyncio.create_task(consumer.run())
+        try:
+            for n in (1, 2):
+                await publish.user({"type": "create_user", "user_id": 1, "command_id": f"c{n}"})
+                await wait_for_outcomes(pool, [f"c{n}"], timeout=20)
+            released.set()
+            with pytest.raises(KafkaTimeoutError):
+                await asyncio.wait_for(running, 30)
+        finally:
+            consumer.stop()
+            await asyncio.gather(running, return_exceptions=True)
+        async with running_consumer(settings, pool):
+            results = await read_topic(settings, settings.results_topic, 2)
+    assert sorted(record.key.decode() for record in results) == ["c1", "c2"]
+    assert {header(record, "status") for record in results} == {"applied"}
+    created = {record.key.decode(): orjson.loads(record.value)["result"]["created"] for record in results}
+    assert created == {"c1": True, "c2": False}  # the stored outcomes: neither command applied twice

@@ -1,5 +1,5 @@
-"""The expiry worker counts a batch's lags into its histogram per bucket; the result must be what
-observing each value gives."""
+"""A batch of values counted into a histogram per bucket (the expiry worker's lags, the consumer's
+latencies) must give what observing each value gives."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 
 from prometheus_client import CollectorRegistry, Histogram
 
-from services.expiry_worker.worker import observe_all
+from shared.metrics import observe_all
 
 
 def samples(histogram: Histogram) -> dict:
