@@ -79,13 +79,21 @@ class OutcomePublisher:
     """Outcomes go out as record batches built here, one per results partition (by the key's
     murmur2, as the producer's default partitioner places them), each sent with one call and
     acknowledged with one future: a batch of thousands of outcomes costs a few produce calls, not
-    one `send` each with its own future. Dead letters, rare, go one by one."""
+    one `send` each with its own future. Dead letters, rare, go one by one.
+
+    One batch's outcomes are handed to the producer at a time (`_handing`); their
+    acknowledgements are awaited outside it, so publishes still overlap on the wire. The
+    producer queues one record batch per partition and makes every other caller wait for it to
+    be sent, and its wait subtracts the time since the call began at each turn: under load,
+    with many batches' publishes handing over at once, a caller ran out of its 10 s after a
+    couple of seconds (KafkaTimeoutError) although every turn was short."""
 
     def __init__(self, producer: AIOKafkaProducer, results_topic: str, dlq_topic: str) -> None:
         self._producer = producer
         self._results_topic = results_topic
         self._dlq_topic = dlq_topic
         self._partitioner = DefaultPartitioner()
+        self._handing = asyncio.Lock()
 
     async def publish(self, processed: list[Processed], consistency_token: str | None = None,
                       spans: list[trace.Span | None] | None = None) -> None:
@@ -97,6 +105,13 @@ class OutcomePublisher:
         send = functools.partial(getattr(type(self._producer).send, "__wrapped__", type(self._producer).send),
                                  self._producer)
         partitions = sorted(await self._producer.partitions_for(self._results_topic))
+        async with self._handing:
+            deliveries = await self._hand_over(processed, consistency_token, spans, partitions, send)
+        await asyncio.gather(*deliveries)
+
+    async def _hand_over(self, processed: list[Processed], consistency_token: str | None,
+                         spans: list[trace.Span | None] | None, partitions: list[int], send) -> list:
+        """Every record of a batch handed to the producer; their deliveries."""
         open_batches: dict[int, BatchBuilder] = {}
         deliveries = []
         for index, item in enumerate(processed):
@@ -124,4 +139,4 @@ class OutcomePublisher:
                                                  headers=message.headers))
         for partition, builder in open_batches.items():
             deliveries.append(await self._producer.send_batch(builder, self._results_topic, partition=partition))
-        await asyncio.gather(*deliveries)
+        return deliveries
