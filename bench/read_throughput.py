@@ -161,21 +161,17 @@ async def main(args) -> None:
         order = list(servers)
         for round_number in range(1, args.rounds + 1):
             shift = (round_number - 1) % len(order)
-            for name in order[shift:] + order[:shift]:
-                command, extra_env, headers = servers[name]
-                port = free_port()
-                process = serve([*command, "--port", str(port)], {**env, **extra_env, "API_PORT": str(port)}, port,
-                                path="/readyz")
-                try:
-                    print(f"  round {round_number}/{args.rounds}: {name} for {args.duration}s…", file=sys.stderr,
-                          flush=True)
-                    result = wrk(port, args.users, args.duration, args.connections, headers, process.pid,
-                                 args.warmup)
+            turn = order[shift:] + order[:shift]
+            batches = [turn] if args.at_once else [[name] for name in turn]
+            for names in batches:
+                print(f"  round {round_number}/{args.rounds}: {' and '.join(names)} for {args.duration}s…",
+                      file=sys.stderr, flush=True)
+                results = await measure_together({name: servers[name] for name in names}, env, args)
+                for name, result in results.items():
                     rounds[name].append(result)
-                    print(f"    {result['rps']:,.0f} req/s, p50 {result['p50']:.2f} ms, p99 {result['p99']:.2f} ms, "
-                          f"server CPU {result['cpu_us']:.0f} µs a request", file=sys.stderr, flush=True)
-                finally:
-                    stop_process(process)
+                    print(f"    {name}: {result['rps']:,.0f} req/s, p50 {result['p50']:.2f} ms, "
+                          f"p99 {result['p99']:.2f} ms, server CPU {result['cpu_us']:.0f} µs a request",
+                          file=sys.stderr, flush=True)
         results = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
                    for name, runs in rounds.items()}
         missed, checked = (await read_your_writes(settings, env, args.ryw_commands, args.workers)
@@ -211,7 +207,7 @@ async def main(args) -> None:
     common.report(
         f"reads: GET /users/{{id}}/segments, {args.users:,} users x 5 memberships, 100 segments (10 rollout), "
         f"{args.connections} connections, {args.workers} workers each, wrk on the same machine, "
-        f"median of {args.rounds} alternating {args.duration}s rounds", lines)
+        f"median of {args.rounds} {'simultaneous' if args.at_once else 'alternating'} {args.duration}s rounds", lines)
 
 
 async def start_replica(infra, settings, cleanup: contextlib.AsyncExitStack) -> str:
@@ -267,6 +263,29 @@ async def read_your_writes(settings, env: dict, commands: int, workers: int) -> 
     return missed, checked
 
 
+async def measure_together(servers: dict[str, tuple], env: dict, args) -> dict[str, dict]:
+    """Each server started, then loaded by a wrk of its own, all at the same time, sharing the
+    connections: alone, a server has the machine to itself; together (--at-once 1), the servers
+    share its moment, each getting the CPU time a process gets, so the ratio of their reads/s is
+    the inverse of their cost a request, undisturbed by what the machine does from one round to
+    the next."""
+    processes = {}
+    try:
+        for name, (command, extra_env, _headers) in servers.items():
+            port = free_port()
+            processes[name] = port, serve([*command, "--port", str(port)], {**env, **extra_env, "API_PORT": str(port)},
+                                          port, path="/readyz")
+        connections = max(1, args.connections // len(servers))
+        results = await asyncio.gather(*(
+            asyncio.to_thread(wrk, port, args.users, args.duration, connections, servers[name][2], process.pid,
+                              args.warmup)
+            for name, (port, process) in processes.items()))
+        return dict(zip(processes, results, strict=True))
+    finally:
+        for _port, process in processes.values():
+            stop_process(process)
+
+
 async def applied(http: httpx.AsyncClient, command: dict) -> None:
     assert (await http.post("/commands", json=command)).status_code == 202
     async with asyncio.timeout(30):
@@ -280,7 +299,9 @@ def cli() -> None:
                warmup=(3, "seconds of load before each measured round (not measured)"),
                ryw_commands=(300, "commands of the read-your-writes check (0: skip it)"),
                variants=("", "only these variants besides 'this API', comma-separated (e.g. 'tracing 1%,baseline'); "
-                             "all when empty"))
+                             "all when empty"),
+               at_once=(0, "1: load every server of a round at the same time, each with its share of the connections "
+                           "(for a ratio of costs a request, see measure_together); 0: one after the other"))
 
 
 if __name__ == "__main__":
