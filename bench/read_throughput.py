@@ -146,6 +146,9 @@ async def main(args) -> None:
                                       ("tracing 100%", "1.0", ())):
             servers[label] = (api, {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint, "OTEL_TRACES_SAMPLER_ARG": ratio,
                                     "OTEL_TRACES_SAMPLER": "parentbased_traceidratio"}, headers)
+        # The same without asyncpg's instrumentation: what its wrappers cost the hot read.
+        servers["tracing 1% no asyncpg"] = (api, {**servers["tracing 1%"][1],
+                                                  "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "asyncpg"}, ())
         replica_url = await start_replica(infra, settings, cleanup) if infra.postgres else None
         if replica_url:
             token = await pool.fetchval("SELECT pg_current_wal_lsn()::text")  # replayed before the rounds
@@ -198,6 +201,7 @@ async def main(args) -> None:
     ratio("this API", "console off", "the web console served beside the hot read; target >= 97%")
     ratio("tracing 1%", "this API", "target >= 97%")
     ratio("tracing 1% callers", "this API", "target >= 97%; callers send unsampled trace context")
+    ratio("tracing 1% no asyncpg", "this API", "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=asyncpg")
     ratio("tracing 100%", "this API", "every request traced")
     ratio("replica", "this API", "target >= 90%; one machine: the replica shares the cores, so no gain can show")
     ratio("replica+token", "replica", "target >= 100%")

@@ -29,7 +29,7 @@ from opentelemetry import context, trace
 from opentelemetry.propagators.textmap import Getter
 
 ENABLED = False  # whether spans are made; read on the hot paths, so a plain module global
-_instrumented = False
+_instrumented: set[str] = set()  # the instrumentations installed
 _sampled_first = None  # the SampledFirst of the enabled provider
 
 
@@ -66,38 +66,50 @@ def _exporter():
     return OTLPSpanExporter()  # OTEL_EXPORTER_OTLP_* (http/protobuf)
 
 
+def skipped(name: str, environ=os.environ) -> bool:
+    """Whether OTEL_PYTHON_DISABLED_INSTRUMENTATIONS (comma-separated, as for opentelemetry-instrument)
+    names this instrumentation: asyncpg, aiokafka, or asgi / fastapi (the API's request spans)."""
+    listed = {item.strip().lower() for item in environ.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", "").split(",")}
+    return name in listed or (name in ("asgi", "fastapi") and bool(listed & {"asgi", "fastapi"}))
+
+
 def enable(provider) -> None:
-    """Spans on, recorded by `provider` (the global one; tests pass one with an in-memory exporter)."""
-    global ENABLED, _instrumented, _sampled_first
+    """Spans on, recorded by `provider` (the global one; tests pass one with an in-memory exporter),
+    with the instrumentations OTEL_PYTHON_DISABLED_INSTRUMENTATIONS does not name."""
+    global ENABLED, _sampled_first
     if trace.get_tracer_provider() is not provider:
         trace.set_tracer_provider(provider)
-    if not _instrumented:
-        from opentelemetry.instrumentation.aiokafka import AIOKafkaInstrumentor
+    if "asyncpg" not in _instrumented and not skipped("asyncpg"):
         from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
-        from opentelemetry.instrumentation.utils import unwrap
 
         AsyncPGInstrumentor().instrument()
-        AIOKafkaInstrumentor().instrument()
+        _instrumented.add("asyncpg")
+    if "aiokafka" not in _instrumented and not skipped("aiokafka"):
         import aiokafka
+        from opentelemetry.instrumentation.aiokafka import AIOKafkaInstrumentor
+        from opentelemetry.instrumentation.utils import unwrap
 
+        AIOKafkaInstrumentor().instrument()
         # A span per record inside getmany does not fit the batch consumer: it makes its own.
         unwrap(aiokafka.AIOKafkaConsumer, "getmany")
         unwrap(aiokafka.AIOKafkaConsumer, "getone")
-        _instrumented = True
+        _instrumented.add("aiokafka")
     _sampled_first = SampledFirst(tracer())
     ENABLED = True
 
 
 def disable() -> None:
     """Spans off again and the instrumentations removed (tests)."""
-    global ENABLED, _instrumented
-    if _instrumented:
-        from opentelemetry.instrumentation.aiokafka import AIOKafkaInstrumentor
+    global ENABLED
+    if "asyncpg" in _instrumented:
         from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 
         AsyncPGInstrumentor().uninstrument()
+    if "aiokafka" in _instrumented:
+        from opentelemetry.instrumentation.aiokafka import AIOKafkaInstrumentor
+
         AIOKafkaInstrumentor().uninstrument()  # unwrapping what is no longer wrapped is a no-op
-        _instrumented = False
+    _instrumented.clear()
     ENABLED = False
 
 

@@ -183,7 +183,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.openapi = openapi
     if settings.console_enabled:
         console.install(app, settings, keys)
-    if tracing.ENABLED:
+    if tracing.ENABLED and not tracing.skipped("asgi"):
         app.trace_requests()
     for error in TRANSIENT_DB_ERRORS:
         app.add_exception_handler(error, database_unavailable)
