@@ -179,6 +179,12 @@ class Latencies:
     published: tuple[dict[float, float], dict[float, float]] = ({}, {})
     broker: list[float] = field(default_factory=list)  # the broker alone, in the same round: broker_delivery
 
+    def quantile(self, stage: str, fraction: float) -> float:
+        """Seconds: a stage's quantile, `published` read from the consumer's histogram."""
+        if stage == "published":
+            return histogram_quantile(fraction, *self.published)
+        return percentile(getattr(self, stage), fraction)
+
 
 async def latency_at_steady_rate(settings, rate: int, seconds: float) -> Latencies:
     """`rate` commands a second for `seconds` into `python -m services.command_consumer` (its own
@@ -306,13 +312,8 @@ async def latency_rounds(args, new) -> dict[str, str]:
         floor_settings, _ = await new(f"broker{round_number}")
         measured.broker = await broker_delivery(floor_settings, args.rate, args.latency_seconds)
         for stage, (p50s, p99s) in stages.items():
-            if stage == "published":
-                p50s.append(histogram_quantile(0.5, *measured.published) * 1000)
-                p99s.append(histogram_quantile(0.99, *measured.published) * 1000)
-                continue
-            values = getattr(measured, stage)
-            p50s.append(percentile(values, 0.5) * 1000)
-            p99s.append(percentile(values, 0.99) * 1000)
+            p50s.append(measured.quantile(stage, 0.5) * 1000)
+            p99s.append(measured.quantile(stage, 0.99) * 1000)
         print(f"    acknowledged p50 {stages['published'][0][-1]:.1f} ms, p99 {stages['published'][1][-1]:.1f} ms; "
               f"received p50 {stages['total'][0][-1]:.1f} ms, p99 {stages['total'][1][-1]:.1f} ms", file=sys.stderr)
 

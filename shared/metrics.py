@@ -10,8 +10,8 @@ from prometheus_client import Histogram
 
 def observe_all(histogram: Histogram, values: list[float]) -> None:
     """`histogram.observe(v)` for every value, counted per bucket first: a batch has thousands of
-    values, and observe() takes a lock and walks the buckets for each. Uses the
-    client's bucket counters directly (prometheus_client keeps them in `_buckets`, `_sum`)."""
+    values, and observe() takes a lock and walks the buckets for each. Uses the client's bucket
+    counters directly (prometheus_client keeps them in `_buckets`, `_sum`)."""
     buckets, total = getattr(histogram, "_buckets", None), getattr(histogram, "_sum", None)
     bounds = getattr(histogram, "_upper_bounds", None)
     if buckets is None or total is None or bounds is None:  # another client version: one by one

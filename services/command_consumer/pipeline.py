@@ -72,20 +72,19 @@ class BatchPipeline:
                                              r.timestamp), self._settings)
                       for records in batches.values() for r in records]
             self._guard.check(parsed)
-        batch = parsed
         started = time.monotonic()
-        traced = BatchTrace(list(batches), batch) if tracing.ENABLED else None
+        traced = BatchTrace(list(batches), parsed) if tracing.ENABLED else None
         # A batch that is not sampled records no database spans: skip their instrumentation too.
         quiet = traced is not None and not traced.recording
         with traced or contextlib.nullcontext():
             with suppress_instrumentation() if quiet else contextlib.nullcontext():
                 try:
-                    processed, token = await self._apply(batches, batch)
+                    processed, token = await self._apply(batches, parsed)
                 except asyncpg.LockNotAvailableError:
                     if len(batches) == 1:
                         raise
                     by_partition: dict[TopicPartition, list[ParsedRecord]] = {tp: [] for tp in batches}
-                    for item in batch:
+                    for item in parsed:
                         by_partition[TopicPartition(item.record.topic, item.record.partition)].append(item)
                     raise SharedBatchBlocked(by_partition) from None
             applied_in, durable_at = time.monotonic() - started, time.time()
