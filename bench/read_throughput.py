@@ -136,6 +136,9 @@ async def main(args) -> None:
             "this API": (api, {}, ()),
             "keys on": (api, {"API_KEYS_FILE": str(keys_file)}, (f"Authorization: Bearer {key}",)),
             "console off": (api, {"UI_ENABLED": "false"}, ()),  # "this API" serves the console (development)
+            # The same server again: how far apart two identical servers measure (an A/A control),
+            # the resolution every other ratio here is read against.
+            "this API again": (api, {}, ()),
             "baseline": ([sys.executable, "-m", "uvicorn", "bench.baseline_api:app", "--workers", str(args.workers),
                           "--log-level", "warning", "--no-access-log"], {}, ()),
         }
@@ -197,6 +200,7 @@ async def main(args) -> None:
                 lines[f"{name} / {against}, requests a CPU second"] = spread(cpu, form)
 
     ratio("this API", "baseline", "target >= 2x with p99 <= 25 ms", "{:.2f}x")
+    ratio("this API again", "this API", "the same server twice: the benchmark's own spread")
     ratio("keys on", "this API", "target >= 95%")
     ratio("this API", "console off", "the web console served beside the hot read; target >= 97%")
     ratio("tracing 1%", "this API", "target >= 97%")
