@@ -63,13 +63,14 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
 
 async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 10,
                       reset_sessions: bool = True, server_settings: dict[str, str] | None = None,
-                      exit_on_failure: bool = True) -> asyncpg.Pool:
+                      exit_on_failure: bool = True, connection_class: type = asyncpg.Connection) -> asyncpg.Pool:
     """A pool of `min_size` open connections; a server that cannot be reached ends the process
     with a message naming it, unless `exit_on_failure` is off (the error is raised)."""
     try:
         return await asyncpg.create_pool(
             database_url, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=60,
             reset=None if reset_sessions else _keep_session, server_settings=server_settings,
+            connection_class=connection_class,
         )
     except (OSError, asyncpg.PostgresError) as error:
         if not exit_on_failure:

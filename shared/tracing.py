@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import os
+from random import getrandbits as _random_bits
 
 from opentelemetry import context, trace
 from opentelemetry.propagators.textmap import Getter
@@ -117,10 +118,17 @@ def tracer():
     return trace.get_tracer("segmentation")
 
 
-def start_span_if_sampled(name: str, parent: context.Context | None = None, **options) -> trace.Span | None:
+def unwrapped(function):
+    """`function` as its library defines it, past an instrumentation's wrapper if it has one
+    (wrapt, which every OpenTelemetry instrumentation uses, keeps the original as __wrapped__)."""
+    return getattr(function, "__wrapped__", function)
+
+
+def start_span_if_sampled(name: str, parent: context.Context | None = None, kind=trace.SpanKind.INTERNAL,
+                          attributes=None, links=(), start_time: int | None = None) -> trace.Span | None:
     """A started span if the configured sampler samples it, else None, having made nothing
     (see SampledFirst). `parent` None: a new trace. Tracing must be on."""
-    return _sampled_first.start_span(name, parent, **options)
+    return _sampled_first.start_span(name, parent, kind, attributes, links, start_time)
 
 
 def declined_by(traceparent: bytes) -> bool:
@@ -141,7 +149,7 @@ class SampledFirst:
     """
 
     def __init__(self, sdk_tracer) -> None:
-        from opentelemetry.sdk.trace import Tracer
+        from opentelemetry.sdk.trace import RandomIdGenerator, Tracer
 
         self._tracer = sdk_tracer
         self._decided = None
@@ -155,6 +163,11 @@ class SampledFirst:
             self._decided.id_generator = self._trace_id
         self._follows_remote_flag = _follows_remote_flag(getattr(sdk_tracer, "sampler", None))
         self._root_bound = _root_ratio_bound(getattr(sdk_tracer, "sampler", None))
+        # A new trace's id drawn half first, when the ids are the SDK's random ones and a ratio
+        # decides new traces: the ratio reads only the low 64 bits, and 99 times in 100 (at 1 %)
+        # the answer is no before the rest is drawn.
+        self._draws_roots = (self._decided is not None and self._root_bound is not None
+                             and type(self._ids) is RandomIdGenerator)
 
     def declined_by(self, traceparent: bytes) -> bool:
         """Whether a child of this W3C `traceparent` is certain not to be sampled, read from its
@@ -166,8 +179,14 @@ class SampledFirst:
         return (self._follows_remote_flag and len(traceparent) >= 55 and traceparent[52:53] == b"-"
                 and not int(traceparent[53:55], 16) & 1)
 
-    def start_span(self, name: str, parent: context.Context | None = None, *, kind=trace.SpanKind.INTERNAL,
+    def start_span(self, name: str, parent: context.Context | None = None, kind=trace.SpanKind.INTERNAL,
                    attributes=None, links=(), start_time: int | None = None) -> trace.Span | None:
+        if parent is None and self._draws_roots:  # the hot read's usual case: keep it short
+            low = _random_bits(64)
+            if low >= self._root_bound:
+                return None  # the ratio sampler's own rule, before anything is built
+            trace_id = _random_bits(64) << 64 | low or 1  # never the invalid id 0
+            return self._started(name, _NEW_TRACE, trace_id, kind, attributes, links, start_time)
         if self._decided is None:  # not the SDK's tracer: let it decide as it always does
             span = self._tracer.start_span(name, parent or _NEW_TRACE, kind, attributes, links, start_time)
             return span if span.is_recording() else None
@@ -179,6 +198,10 @@ class SampledFirst:
             trace_id = self._ids.generate_trace_id()
             if self._root_bound is not None and trace_id & _RATIO_MASK >= self._root_bound:
                 return None  # the ratio sampler's own rule, without building its answer
+        return self._started(name, parent, trace_id, kind, attributes, links, start_time)
+
+    def _started(self, name, parent, trace_id, kind, attributes, links, start_time) -> trace.Span | None:
+        """The span the SDK makes for `trace_id` if the sampler samples it, else None."""
         result = self._sampler.should_sample(parent, trace_id, name, kind, attributes, links)
         if not result.decision.is_recording():
             return None

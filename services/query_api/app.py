@@ -19,7 +19,7 @@ from services.query_api.batched_lookup import BatchedLookup
 from services.query_api.dependencies import Resources
 from services.query_api.fast_path import answer_user_segments
 from services.query_api.http_metrics import BodySizeLimitMiddleware, MetricsMiddleware
-from services.query_api.readmodel import READ_SERVER_SETTINGS, USER_SEGMENTS_SQL
+from services.query_api.readmodel import USER_SEGMENTS_SQL, create_lookup_pool
 from services.query_api.replicas import ReadRouter
 from services.query_api.reports import ReportSigner
 from services.query_api.rollout_cache import RolloutCache
@@ -142,9 +142,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                      max_size=settings.db_pool_max_size, reset_sessions=False)
             opened.push_async_callback(pool.close)
             # GET /users/{id}/segments has connections of its own: a long report cannot starve it.
-            read_pool = await create_pool(settings.require_database_url(), min_size=settings.read_pool_size,
-                                          max_size=settings.read_pool_size,
-                                          reset_sessions=False, server_settings=READ_SERVER_SETTINGS)
+            read_pool = await create_lookup_pool(settings.require_database_url(), settings.read_pool_size)
             opened.push_async_callback(read_pool.close)
             rollout = RolloutCache(pool, settings.rollout_cache_refresh_seconds)
             await rollout.start()

@@ -11,6 +11,8 @@ import asyncpg
 from opentelemetry import context
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
 
+from shared import tracing
+
 
 class Found(NamedTuple):
     rows: list[tuple]  # the key's rows, without the key column
@@ -25,6 +27,17 @@ def _context_of_shared_queries() -> contextvars.Context:
 
 
 _SHARED_QUERIES = _context_of_shared_queries()
+
+
+class LookupConnection(asyncpg.Connection):
+    """The connections of a BatchedLookup's pool (create_pool(..., connection_class=...)): their
+    `fetch` is asyncpg's own even when tracing has wrapped asyncpg's. A lookup's query answers
+    many requests and belongs to no request's trace, so it runs with instrumentation suppressed
+    (_SHARED_QUERIES); the wrapper would still run on every query to find that out (a bound
+    wrapper, a coroutine more, a context look-up), about 1 % of a read's instructions when each
+    query answers one read (python -m bench.read_instructions)."""
+
+    fetch = tracing.unwrapped(asyncpg.Connection.fetch)  # asyncpg's own, whether instrumented already or later
 
 
 class BatchedLookup:

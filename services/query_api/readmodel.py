@@ -7,8 +7,9 @@ from typing import Any
 import asyncpg
 import orjson
 
-from services.query_api.batched_lookup import Found
+from services.query_api.batched_lookup import Found, LookupConnection
 from services.query_api.rollout_cache import RolloutCache
+from shared.db import create_pool
 from shared.membership import UserSegment, user_segments
 from shared.outcomes import OUTCOME_COLUMNS, OutcomeRow, format_timestamp
 
@@ -36,6 +37,15 @@ SELECT NULL, NULL, NULL, NULL, version FROM segment_catalogue
 # The lookup's connections plan the query once: with the batch as a parameter PostgreSQL would
 # otherwise keep making a custom plan for every execution (each batch's length changes its cost).
 READ_SERVER_SETTINGS = {"plan_cache_mode": "force_generic_plan"}
+
+
+async def create_lookup_pool(database_url: str, size: int, *, exit_on_failure: bool = True) -> asyncpg.Pool:
+    """The connections of GET /users/{id}/segments's BatchedLookup on one server: `size` of them,
+    always open, planning the query once, with no session reset (the lookup changes no session
+    state) and no tracing wrapper (LookupConnection)."""
+    return await create_pool(database_url, min_size=size, max_size=size, reset_sessions=False,
+                             server_settings=READ_SERVER_SETTINGS, exit_on_failure=exit_on_failure,
+                             connection_class=LookupConnection)
 
 
 async def user_segments_json(found: Found, rollout: RolloutCache, user_id: int) -> bytes:

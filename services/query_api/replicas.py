@@ -29,7 +29,7 @@ import structlog
 from prometheus_client import Gauge
 
 from services.query_api.batched_lookup import BatchedLookup, Found
-from services.query_api.readmodel import READ_SERVER_SETTINGS, USER_SEGMENTS_SQL
+from services.query_api.readmodel import USER_SEGMENTS_SQL, create_lookup_pool
 from shared.db import TRANSIENT_DB_ERRORS, create_pool, redact
 
 log = structlog.get_logger("query_api")
@@ -174,9 +174,7 @@ class ReadRouter:
         try:
             pool = await create_pool(replica.url, min_size=1, max_size=self._pool_size, reset_sessions=False,
                                      exit_on_failure=False)
-            read_pool = await create_pool(replica.url, min_size=self._read_pool_size,
-                                          max_size=self._read_pool_size, reset_sessions=False,
-                                          server_settings=READ_SERVER_SETTINGS, exit_on_failure=False)
+            read_pool = await create_lookup_pool(replica.url, self._read_pool_size, exit_on_failure=False)
         except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as error:
             self._mark_unreachable(replica, error)
             return False

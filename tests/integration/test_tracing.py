@@ -16,8 +16,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from services.query_api.app import create_app
-from services.query_api.readmodel import USER_SEGMENTS_SQL
+from services.query_api.readmodel import USER_SEGMENTS_SQL, create_lookup_pool
 from shared import tracing
+from shared.db import create_pool
 from tests.support import Publisher, header, read_topic, running_consumer, wait_for_outcomes
 
 pytestmark = pytest.mark.integration
@@ -108,6 +109,26 @@ async def test_the_hot_read_is_a_server_span_of_its_callers_trace_and_its_shared
                   for span in spans.get_finished_spans() if span.kind is SpanKind.CLIENT]
     assert statements  # the database is instrumented (the app's start-up queries, say),
     assert USER_SEGMENTS_SQL not in statements  # but not the shared query
+
+
+async def test_the_lookup_pool_queries_past_asyncpg_instrumentation(settings, spans):
+    """The hot read's lookup connections run asyncpg's own fetch: not even the instrumentation's
+    wrapper runs (it would make a span here, inside a traced request, as it does for a plain pool)."""
+    lookup = await create_lookup_pool(settings.database_url, 1)
+    plain = await create_pool(settings.database_url, min_size=1, max_size=1)
+    try:
+        with tracing.tracer().start_as_current_span("request"):
+            assert await lookup.fetchval("SELECT 'lookup'") == "lookup"
+            assert await lookup.fetch("SELECT 'lookup fetch'") == [("lookup fetch",)]
+            assert await plain.fetch("SELECT 'plain'") == [("plain",)]
+    finally:
+        await lookup.close()
+        await plain.close()
+    statements = [span.attributes.get("db.statement") or span.attributes.get("db.query.text")
+                  for span in spans.get_finished_spans() if span.kind is SpanKind.CLIENT]
+    assert "SELECT 'plain'" in statements  # the instrumentation is on
+    assert "SELECT 'lookup fetch'" not in statements  # and the lookup's fetch is past it
+    assert "SELECT 'lookup'" in statements  # (only fetch: the lookup uses nothing else)
 
 
 async def test_log_lines_inside_a_span_carry_its_ids(spans):

@@ -4,14 +4,16 @@ exactly those the SDK would have made (trace id by the ratio rule, parent, attri
 from __future__ import annotations
 
 import pytest
+import wrapt
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, ParentBasedTraceIdRatio, TraceIdRatioBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
-from shared.tracing import SampledFirst
+from shared.tracing import SampledFirst, unwrapped
 
 RATIO_MASK = (1 << 64) - 1
 
@@ -63,3 +65,40 @@ def test_a_parent_based_sampler_follows_the_remote_parent_and_nothing_is_made_fo
 def test_a_tracer_not_of_the_sdk_is_left_to_decide_as_it_does():
     early = SampledFirst(trace.NoOpTracer())
     assert early.start_span("read", remote_parent(sampled=True)) is None  # nothing it makes records
+
+
+class CountingIds(IdGenerator):
+    """Trace ids 1, 2, 3, …: not the SDK's random ones."""
+
+    def __init__(self) -> None:
+        self.issued = 0
+
+    def generate_span_id(self) -> int:
+        return 0xABC
+
+    def generate_trace_id(self) -> int:
+        self.issued += 1
+        return self.issued
+
+
+def test_ids_not_the_sdks_random_ones_are_drawn_by_their_generator():
+    """A new trace's id is drawn in two halves only from the SDK's random generator; any other
+    generator (AWS X-Ray's, say) gives the id, and the ratio decides on it."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBasedTraceIdRatio(0.25), id_generator=CountingIds())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    early = SampledFirst(provider.get_tracer("test"))
+    kept = [early.start_span("read") for _ in range(3)]
+    for span in kept:
+        span.end()  # ids 1, 2, 3: each far under a quarter of 2**64, so all sampled
+    assert [span.context.trace_id for span in exporter.get_finished_spans()] == [1, 2, 3]
+
+
+def test_unwrapped_is_what_an_instrumentation_wrapped():
+    def original():
+        return "original"
+
+    wrapper = wrapt.FunctionWrapper(original, lambda wrapped, instance, args, kwargs: "wrapped")
+    assert wrapper() == "wrapped"
+    assert unwrapped(wrapper) is original
+    assert unwrapped(original) is original
