@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import os
 import random
 import subprocess
@@ -186,30 +187,43 @@ class Latencies:
         return percentile(getattr(self, stage), fraction)
 
 
-async def latency_at_steady_rate(settings, rate: int, seconds: float) -> Latencies:
+async def latency_at_steady_rate(settings, rate: int, seconds: float, read_back: bool = True) -> Latencies:
     """`rate` commands a second for `seconds` into `python -m services.command_consumer` (its own
-    process, as deployed); each outcome is read from the results topic as it is published, and
-    the consumer's histogram of produce → outcome acknowledged is read before and after."""
+    process, as deployed); the consumer's histogram of produce → outcome acknowledged is read
+    before and after. With `read_back`, each outcome is also read from the results topic as it is
+    published (the stages of the latency), by a reader whose fetches are load on the broker too."""
     metrics_port = free_port()
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     consuming = asyncio.create_task(consumer_process(settings, {"CONSUMER_METRICS_PORT": str(metrics_port)}))
     results = AIOKafkaConsumer(settings.results_topic, **kafka_options(settings),
-                               auto_offset_reset="earliest", fetch_max_wait_ms=5)
+                               auto_offset_reset="earliest", fetch_max_wait_ms=5) if read_back else None
     producer = AIOKafkaProducer(**kafka_options(settings), acks="all", linger_ms=0)
-    await results.start()
-    await producer.start()
+    clients = [client for client in (results, producer) if client is not None]
+    for client in clients:
+        await client.start()
     sent_at: dict[str, float] = {}
     measured = Latencies()
+
+    async def published_since(before: dict[float, float], count: int) -> dict[float, float]:
+        """The consumer's histogram once `count` more outcomes are counted in it."""
+        async with asyncio.timeout(60):
+            while True:
+                if consuming.done():
+                    consuming.result()  # the consumer exited: say why
+                    raise RuntimeError("the consumer exited")
+                try:
+                    scraped = await asyncio.to_thread(scrape_histogram, metrics_url, PUBLISHED)
+                except OSError:  # not serving its metrics yet
+                    scraped = {}
+                if scraped and scraped[math.inf] - before.get(math.inf, 0.0) >= count:
+                    return scraped
+                await asyncio.sleep(0.1)
+
     try:
-        # Warm up: wait until the consumer has joined and applies a command.
+        # Warm up: wait until the consumer has joined and published a command's outcome.
         warm_up = {"type": "create_user", "user_id": 1, "command_id": "warm"}
         await producer.send_and_wait(settings.assignments_commands_topic, orjson.dumps(warm_up), key=b"1")
-        warm = asyncio.ensure_future(anext(aiter(record async for record in results if record.key == b"warm")))
-        await asyncio.wait({warm, consuming}, return_when=asyncio.FIRST_COMPLETED)
-        warm.cancel()
-        if consuming.done():
-            consuming.result()  # the consumer exited: say why
-        await asyncio.sleep(0.2)  # the warm-up command's latency is counted before the first scrape
+        await published_since({}, 1)
 
         async def read_results(expected: int):
             async for record in results:
@@ -228,7 +242,7 @@ async def latency_at_steady_rate(settings, rate: int, seconds: float) -> Latenci
 
         commands = generate(int(rate * seconds), users=100_000, segments=50, seed=2)
         before = await asyncio.to_thread(scrape_histogram, metrics_url, PUBLISHED)
-        reader = asyncio.create_task(read_results(len(commands)))
+        reader = asyncio.create_task(read_results(len(commands))) if results is not None else None
         progress = Progress(f"steady {rate}/s", len(commands))
         async for i in paced(rate, len(commands)):
             command = commands[i]
@@ -236,11 +250,12 @@ async def latency_at_steady_rate(settings, rate: int, seconds: float) -> Latenci
             await producer.send(settings.assignments_commands_topic, orjson.dumps(command),
                                 key=str(command["user_id"]).encode())
             progress.update(i + 1)
-        await asyncio.wait_for(reader, 60)
-        measured.published = (before, await asyncio.to_thread(scrape_histogram, metrics_url, PUBLISHED))
+        if reader is not None:
+            await asyncio.wait_for(reader, 60)
+        measured.published = (before, await published_since(before, len(commands)))
         return measured
     finally:
-        await cancel_and_stop(consuming, results, producer)
+        await cancel_and_stop(consuming, *clients)
 
 
 async def broker_delivery(settings, rate: int, seconds: float) -> list[float]:
@@ -303,34 +318,54 @@ async def main(args) -> None:
 
 
 async def latency_rounds(args, new) -> dict[str, str]:
-    stages = {"published": ([], []), "broker": ([], []), "total": ([], []), "to_decision": ([], []),
-              "to_outcome": ([], []), "to_reader": ([], [])}
+    """Rounds at a steady rate: the consumer alone ("published": its histogram, nothing else
+    fetching), and with every outcome read back (the stages, and the reader's load on the broker),
+    as --read-back says; then the broker alone in the same round."""
+    modes = {0: [False], 1: [True], 2: [False, True]}[args.read_back]
+    stages: dict[str, tuple[list[float], list[float]]] = {
+        name: ([], []) for name in ("published", "published, read back", "broker", "total", "to_decision",
+                                    "to_outcome", "to_reader")}
     for round_number in range(1, args.rounds + 1):
-        settings, pool = await new(f"latency{round_number}")
-        await seed_segments(pool, args.segments)
-        measured = await latency_at_steady_rate(settings, args.rate, args.latency_seconds)
+        shift = (round_number - 1) % len(modes)
+        for read_back in modes[shift:] + modes[:shift]:  # neither always first
+            settings, pool = await new(f"latency{round_number}{'r' if read_back else ''}")
+            await seed_segments(pool, args.segments)
+            measured = await latency_at_steady_rate(settings, args.rate, args.latency_seconds, read_back)
+            names = ["published, read back", "total", "to_decision", "to_outcome", "to_reader"] if read_back \
+                else ["published"]
+            for name in names:
+                p50s, p99s = stages[name]
+                p50s.append(measured.quantile(name.split(",")[0], 0.5) * 1000)
+                p99s.append(measured.quantile(name.split(",")[0], 0.99) * 1000)
+            p50s, p99s = stages[names[0]]
+            print(f"    acknowledged p50 {p50s[-1]:.1f} ms, p99 {p99s[-1]:.1f} ms"
+                  f"{' (outcomes read back)' if read_back else ''}", file=sys.stderr)
         floor_settings, _ = await new(f"broker{round_number}")
-        measured.broker = await broker_delivery(floor_settings, args.rate, args.latency_seconds)
-        for stage, (p50s, p99s) in stages.items():
-            p50s.append(measured.quantile(stage, 0.5) * 1000)
-            p99s.append(measured.quantile(stage, 0.99) * 1000)
-        print(f"    acknowledged p50 {stages['published'][0][-1]:.1f} ms, p99 {stages['published'][1][-1]:.1f} ms; "
-              f"received p50 {stages['total'][0][-1]:.1f} ms, p99 {stages['total'][1][-1]:.1f} ms", file=sys.stderr)
+        broker = Latencies(broker=await broker_delivery(floor_settings, args.rate, args.latency_seconds))
+        stages["broker"][0].append(broker.quantile("broker", 0.5) * 1000)
+        stages["broker"][1].append(broker.quantile("broker", 0.99) * 1000)
 
     def line(stage: str) -> str:
         p50s, p99s = stages[stage]
         return f"p50 {spread(p50s, '{:.1f}')} ms, p99 {spread(p99s, '{:.1f}')} ms"
 
-    return {f"latency at {args.rate}/s": f"{line('published')}   (produce → outcome durable and acknowledged by "
-                                         "Kafka, the consumer's own process and histogram, to its bucket's width; "
-                                         "target p50 <= 20 ms, p99 <= 50 ms)",
-            "  the broker alone": f"{line('broker')}   (produce → fetched, one hop through the same broker at the "
-                                  "same rate, no consumer: a command makes two)",
-            "  → received by a reader": f"{line('total')}   (the same, and a reader's fetch of the outcome: its fetch "
-                                        "wait, and this load generator's turn)",
+    lines = {}
+    if False in modes:
+        lines[f"latency at {args.rate}/s"] = (
+            f"{line('published')}   (produce → outcome durable and acknowledged by Kafka, the consumer's own "
+            "process and histogram, to its bucket's width, nothing else fetching; target p50 <= 20 ms, p99 <= 50 ms)")
+    if True in modes:
+        lines.update({
+            f"latency at {args.rate}/s, outcomes read back": f"{line('published, read back')}   (the same, while a "
+                                                             "reader fetches every outcome every 5 ms)",
+            "  → received by the reader": f"{line('total')}   (the same, and the reader's fetch of the outcome: its "
+                                          "fetch wait, and this load generator's turn)",
             "  sent → decided": f"{line('to_decision')}   (fetch, the partition's batch before, parse, SQL)",
             "  decided → outcome sent": f"{line('to_outcome')}   (the rest of the transaction, COMMIT's flush)",
-            "  outcome sent → received": f"{line('to_reader')}   (acks=all, the reader's fetch)"}
+            "  outcome sent → received": f"{line('to_reader')}   (acks=all, the reader's fetch)"})
+    lines["  the broker alone"] = (f"{line('broker')}   (produce → fetched, one hop through the same broker at the "
+                                   "same rate, no consumer: a command makes two)")
+    return lines
 
 
 async def record_transactions(new, commands: list[dict], segments: int) -> list[Transaction]:
@@ -431,7 +466,9 @@ def cli() -> None:
                tracing_commands=(100_000, "commands of each consumer-process round (tracing off, 1 %, 100 %)"),
                rounds=(3, "rounds of each part (the tracing comparison wants 5: --parts tracing --rounds 5)"),
                parts=(",".join(PARTS), "which parts to run, comma-separated"),
-               users=100_000, segments=50, partitions=8, rate=500, latency_seconds=20.0)
+               users=100_000, segments=50, partitions=8, rate=500, latency_seconds=20.0,
+               read_back=(2, "latency rounds: 0 the consumer's histogram alone; 1 also every outcome read back "
+                             "(the stages; the reader's fetches load the broker); 2 a round of each in turn"))
 
 
 if __name__ == "__main__":
