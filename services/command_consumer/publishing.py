@@ -122,7 +122,7 @@ class OutcomePublisher:
             builder = open_batches.get(partition)
             if builder is None or builder.append(key=message.key, value=message.value, timestamp=None,
                                                  headers=message.headers) is None:
-                if builder is not None:  # full: send it, start the next
+                if builder is not None:  # full (and so closed by the builder): send it, start the next
                     deliveries.append(await self._producer.send_batch(builder, self._results_topic,
                                                                       partition=partition))
                 # A new batch always takes its first record, however large (up to max_request_size).
@@ -138,5 +138,8 @@ class OutcomePublisher:
                     deliveries.append(await send(self._dlq_topic, message.value, key=message.key,
                                                  headers=message.headers))
         for partition, builder in open_batches.items():
+            # Closed: the producer sends a closed batch at once, where an open one would wait out
+            # its linger (linger_ms) for records that are not coming, and no send() can add to it.
+            builder.close()
             deliveries.append(await self._producer.send_batch(builder, self._results_topic, partition=partition))
         return deliveries
