@@ -289,6 +289,7 @@ async def broker_delivery(settings, rate: int, seconds: float) -> list[float]:
         await producer.stop()
 
 
+READ_BACK_STAGES = ("total", "to_decision", "to_outcome", "to_reader")  # measured only by reading outcomes back
 PUBLISHED = "segmentation_command_published_seconds"  # services/command_consumer/metrics.py
 TRACING_ROUNDS = (("process, tracing off", None), ("process, tracing 1%", 0.01), ("process, tracing 100%", 1.0))
 
@@ -323,21 +324,21 @@ async def latency_rounds(args, new) -> dict[str, str]:
     as --read-back says; then the broker alone in the same round."""
     modes = {0: [False], 1: [True], 2: [False, True]}[args.read_back]
     stages: dict[str, tuple[list[float], list[float]]] = {
-        name: ([], []) for name in ("published", "published, read back", "broker", "total", "to_decision",
-                                    "to_outcome", "to_reader")}
+        name: ([], []) for name in ("published", "published, read back", "broker", *READ_BACK_STAGES)}
     for round_number in range(1, args.rounds + 1):
         shift = (round_number - 1) % len(modes)
         for read_back in modes[shift:] + modes[:shift]:  # neither always first
             settings, pool = await new(f"latency{round_number}{'r' if read_back else ''}")
             await seed_segments(pool, args.segments)
             measured = await latency_at_steady_rate(settings, args.rate, args.latency_seconds, read_back)
-            names = ["published, read back", "total", "to_decision", "to_outcome", "to_reader"] if read_back \
-                else ["published"]
-            for name in names:
+            # line of the report → the stage of Latencies it shows
+            shown = {"published, read back": "published", **{stage: stage for stage in READ_BACK_STAGES}} \
+                if read_back else {"published": "published"}
+            for name, stage in shown.items():
                 p50s, p99s = stages[name]
-                p50s.append(measured.quantile(name.split(",")[0], 0.5) * 1000)
-                p99s.append(measured.quantile(name.split(",")[0], 0.99) * 1000)
-            p50s, p99s = stages[names[0]]
+                p50s.append(measured.quantile(stage, 0.5) * 1000)
+                p99s.append(measured.quantile(stage, 0.99) * 1000)
+            p50s, p99s = stages[next(iter(shown))]
             print(f"    acknowledged p50 {p50s[-1]:.1f} ms, p99 {p99s[-1]:.1f} ms"
                   f"{' (outcomes read back)' if read_back else ''}", file=sys.stderr)
         floor_settings, _ = await new(f"broker{round_number}")

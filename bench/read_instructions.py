@@ -28,13 +28,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 from bench import common
 from bench.common import Progress, bench_environment, spread
-from bench.read_throughput import UNSAMPLED, seed
+from bench.read_throughput import UNSAMPLED, seed, serve
 from devstack.otlp_sink import OtlpSink
 from devstack.processes import free_port, stop_process
 
@@ -61,19 +59,6 @@ def read_sequentially(port: int, user_ids: list[int], headers: str = "") -> None
                 raise RuntimeError(f"GET /users/{user_id}/segments: {head.splitlines()[0].decode()}")
 
 
-def wait_ready(port: int, process: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the API under callgrind exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"the API under callgrind did not serve on port {port}")
-
-
 def serving_thread_total(dump: Path) -> int:
     """Instructions of the thread the event loop runs in (callgrind's thread 1, the main one)."""
     match = re.search(r"^totals: (\d+)", dump.read_text(), re.MULTILINE)
@@ -86,23 +71,23 @@ def count_reads(env: dict, requests: int, headers: str, workdir: Path) -> float:
     """Instructions of one more read for a server started with `env` (see the module's doc)."""
     port = free_port()
     out = workdir / "callgrind.out"
-    process = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
-         f"--callgrind-out-file={out}", sys.executable, "-m", "services.query_api", "--workers", "1",
-         "--port", str(port)],
-        env={**env, "API_PORT": str(port)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = serve(["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
+                     f"--callgrind-out-file={out}", sys.executable, "-m", "services.query_api", "--workers", "1",
+                     "--port", str(port)], {**env, "API_PORT": str(port)}, port, path="/readyz")
+
+    def callgrind(*options: str) -> None:
+        subprocess.run(["callgrind_control", *options, str(process.pid)], check=True, capture_output=True)
+
     try:
-        wait_ready(port, process)
         ids = random.Random(7)
         read_sequentially(port, [ids.randint(1, USERS) for _ in range(300)], headers)  # warm-up, not counted
         user_ids = [ids.randint(1, USERS) for _ in range(3 * requests)]
-        control = ["callgrind_control"]
-        subprocess.run([*control, "-i", "on", str(process.pid)], check=True, capture_output=True)
+        callgrind("-i", "on")
         read_sequentially(port, user_ids[:requests], headers)
-        subprocess.run([*control, "-d", str(process.pid)], check=True, capture_output=True)  # dumps and zeroes
+        callgrind("-d")  # dumps and zeroes
         read_sequentially(port, user_ids[requests:], headers)
-        subprocess.run([*control, "-d", str(process.pid)], check=True, capture_output=True)
-        subprocess.run([*control, "-i", "off", str(process.pid)], check=True, capture_output=True)
+        callgrind("-d")
+        callgrind("-i", "off")
         first, second = (serving_thread_total(Path(f"{out}.{dump}-01")) for dump in (1, 2))
     finally:
         stop_process(process, timeout=60)

@@ -14,7 +14,7 @@ from shared.settings import Settings
 
 
 def wrapped(function) -> bool:
-    return hasattr(function, "__wrapped__")
+    return tracing.unwrapped(function) is not function
 
 
 @pytest.fixture
