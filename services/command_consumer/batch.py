@@ -119,13 +119,10 @@ async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord],
         segments = {}
         if fresh_user_commands:
             user_ids = sorted({p.command.user_id for p in fresh_user_commands})
-            slugs = sorted({slug for p in fresh_user_commands if type(p.command) is UpdateUserSegments
-                            for slug in (*p.command.add, *p.command.remove)})
-            segments = await repository.lock_live_segments(conn, slugs)
-            pairs = sorted({(p.command.user_id, segments[slug].id) for p in fresh_user_commands
-                            if type(p.command) is UpdateUserSegments
-                            for slug in (*p.command.add, *p.command.remove) if slug in segments})
-            states = await repository.load_user_states(conn, user_ids, pairs)
+            pairs = sorted({(p.command.user_id, slug) for p in fresh_user_commands
+                            if type(p.command) is UpdateUserSegments for slug in (*p.command.add, *p.command.remove)})
+            segments, states = await repository.load_batch_state(conn, sorted({slug for _, slug in pairs}),
+                                                                 user_ids, pairs)
 
         processed: list[Processed] = []
         new_outcomes: dict[str, OutcomeRow] = {}
@@ -160,9 +157,5 @@ async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord],
 
         if catalogue_changed:
             await repository.bump_catalogue_version(conn)
-        if states:
-            await repository.save_user_states(conn, list(states.values()), _clock())
-        await repository.insert_history(conn, history)
-        if new_outcomes:
-            await repository.insert_outcomes(conn, list(new_outcomes.values()))
+        await repository.write_batch(conn, list(states.values()), history, list(new_outcomes.values()), _clock())
     return processed

@@ -1,4 +1,6 @@
-"""Every SQL statement of the write path. Set-based: a batch costs a handful of round trips."""
+"""Every SQL statement of the write path. Set-based: a batch of user commands is three statements
+between BEGIN and COMMIT (the inbox look-up, the state its commands decide on, every write), or
+two COPYs more when it is large."""
 
 from __future__ import annotations
 
@@ -16,101 +18,113 @@ async def fetch_outcomes(conn: asyncpg.Connection, command_ids: list[str]) -> di
     return {row["command_id"]: OutcomeRow.from_record(row) for row in rows}
 
 
-async def insert_outcomes(conn: asyncpg.Connection, outcomes: list[OutcomeRow]) -> None:
-    # COPY, not INSERT … ON CONFLICT: a concurrent writer of the same command id (a zombie consumer
-    # after a rebalance) makes this transaction fail and retry, and the retry finds the stored outcome.
-    await conn.copy_records_to_table("command_outcomes", records=outcomes, columns=OUTCOME_COLUMNS)
-
-
-async def insert_history(conn: asyncpg.Connection, rows: list[HistoryRow]) -> None:
-    if rows:
-        await conn.copy_records_to_table("membership_history", columns=HISTORY_COLUMNS, records=rows)
-
-
-async def lock_live_segments(conn: asyncpg.Connection, slugs: list[str]) -> dict[str, Segment]:
-    """Live segments by slug, share-locked so a concurrent delete waits for this batch."""
-    if not slugs:
-        return {}
-    rows = await conn.fetch(
-        """SELECT id, slug, percent FROM segments
-           WHERE slug = ANY($1::text[]) AND deleted_at IS NULL ORDER BY id FOR SHARE""",
-        slugs,
-    )
-    return {row["slug"]: Segment(row["id"], row["slug"], row["percent"]) for row in rows}
-
-
-async def load_user_states(conn: asyncpg.Connection, user_ids: list[int],
-                           pairs: list[tuple[int, int]]) -> dict[int, UserState]:
-    """The registration of the batch's users, and their memberships and exclusions for the
-    (user, segment) pairs its commands name, row-locked: the expiry worker skips locked rows, so it
-    cannot remove a membership this batch is deciding about."""
+async def load_batch_state(conn: asyncpg.Connection, slugs: list[str], user_ids: list[int],
+                           pairs: list[tuple[int, str]]) -> tuple[dict[str, Segment], dict[int, UserState]]:
+    """In one round trip: the live segments the batch names, by slug, share-locked so that a
+    concurrent delete waits for this batch (taken first, in id order); the registration of the
+    batch's users; and their memberships and exclusions for the (user, segment slug) `pairs` its
+    commands name, the memberships row-locked: the expiry worker skips locked rows, so it cannot
+    remove a membership this batch is deciding about."""
     states = {user_id: UserState(user_id) for user_id in user_ids}
-    for row in await conn.fetch("SELECT user_id FROM users WHERE user_id = ANY($1::bigint[])", user_ids):
-        states[row["user_id"]].registered = True
-    if not pairs:
-        return states
-    pair_users, pair_segments = map(list, zip(*pairs, strict=True))
-    for kind, user_id, segment_id, expires_at in await conn.fetch(
-        """WITH locked AS (
+    segments: dict[str, Segment] = {}
+    pair_users, pair_slugs = (list(column) for column in zip(*pairs, strict=True)) if pairs else ([], [])
+    rows = await conn.fetch(
+        """WITH live AS MATERIALIZED (
+               SELECT id, slug, percent FROM segments
+               WHERE slug = ANY($1::text[]) AND deleted_at IS NULL ORDER BY id FOR SHARE),
+           pairs AS MATERIALIZED (
+               SELECT p.user_id, live.id AS segment_id
+               FROM unnest($3::bigint[], $4::text[]) AS p(user_id, slug) JOIN live ON live.slug = p.slug),
+           locked AS (
                SELECT m.user_id, m.segment_id, m.expires_at
-               FROM memberships m JOIN unnest($1::bigint[], $2::bigint[]) AS p(user_id, segment_id)
-                    ON m.user_id = p.user_id AND m.segment_id = p.segment_id
+               FROM memberships m JOIN pairs p ON m.user_id = p.user_id AND m.segment_id = p.segment_id
                FOR UPDATE OF m)
-           SELECT 'm', user_id, segment_id, expires_at FROM locked
+           SELECT 's' AS kind, NULL::bigint AS user_id, id AS segment_id, slug, percent,
+                  NULL::timestamptz AS expires_at FROM live
            UNION ALL
-           SELECT 'x', x.user_id, x.segment_id, NULL
-           FROM rollout_exclusions x JOIN unnest($1::bigint[], $2::bigint[]) AS p(user_id, segment_id)
-                ON x.user_id = p.user_id AND x.segment_id = p.segment_id""",
-        pair_users, pair_segments,
-    ):
-        if kind == "m":
+           SELECT 'u', user_id, NULL, NULL, NULL, NULL FROM users WHERE user_id = ANY($2::bigint[])
+           UNION ALL
+           SELECT 'm', user_id, segment_id, NULL, NULL, expires_at FROM locked
+           UNION ALL
+           SELECT 'x', x.user_id, x.segment_id, NULL, NULL, NULL
+           FROM rollout_exclusions x JOIN pairs p ON x.user_id = p.user_id AND x.segment_id = p.segment_id""",
+        slugs, user_ids, pair_users, pair_slugs,
+    )
+    for kind, user_id, segment_id, slug, percent, expires_at in rows:
+        if kind == "s":
+            segments[slug] = Segment(segment_id, slug, percent)
+        elif kind == "u":
+            states[user_id].registered = True
+        elif kind == "m":
             states[user_id].explicit[segment_id] = expires_at
         else:
             states[user_id].excluded.add(segment_id)
-    return states
+    return segments, states
 
 
-async def save_user_states(conn: asyncpg.Connection, states: list[UserState], now: datetime) -> None:
+# A batch's rows go in its one statement while they are few (light load, where each round trip
+# saved is latency saved); past that, its history and inbox rows go by COPY, which is faster.
+ONE_STATEMENT_ROWS = 100
+
+
+async def write_batch(conn: asyncpg.Connection, states: list[UserState], history: list[HistoryRow],
+                      outcomes: list[OutcomeRow], now: datetime) -> None:
+    """A batch's changes: new users, memberships and exclusions changed, history rows and new
+    outcomes, in one statement (or, for many rows, one and two COPYs). The outcomes are plain
+    inserts, not INSERT … ON CONFLICT: a concurrent writer of the same command id (a zombie
+    consumer after a rebalance) makes this transaction fail and retry, and the retry finds the
+    stored outcome."""
+    if not (states or history or outcomes):
+        return
     new_users = [s.user_id for s in states if s.newly_registered]
     changes = UserChanges()
     for state in states:
         state.changes(into=changes)
-    upserts, deletions = changes.upserts, changes.deletions
-    new_exclusions, lifted_exclusions = changes.new_exclusions, changes.lifted_exclusions
-    if new_users:
-        await conn.execute(
-            """INSERT INTO users (user_id, registered_at) SELECT u, $2 FROM unnest($1::bigint[]) AS u
-               ON CONFLICT (user_id) DO NOTHING""",
-            new_users, now,
-        )
-    if deletions:
-        await conn.execute(
-            """DELETE FROM memberships m USING unnest($1::bigint[], $2::bigint[]) AS d(user_id, segment_id)
-               WHERE m.user_id = d.user_id AND m.segment_id = d.segment_id""",
-            *map(list, zip(*deletions, strict=False)),
-        )
-    if upserts:
-        await conn.execute(
-            """INSERT INTO memberships (user_id, segment_id, added_at, expires_at)
-               SELECT u, s, $4, e FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[]) AS t(u, s, e)
-               ON CONFLICT (user_id, segment_id) DO UPDATE SET expires_at = EXCLUDED.expires_at,
-                                                               added_at = EXCLUDED.added_at""",
-            *map(list, zip(*upserts, strict=False)), now,
-        )
-    if lifted_exclusions:
-        await conn.execute(
-            """DELETE FROM rollout_exclusions x
-               USING unnest($1::bigint[], $2::bigint[]) AS d(user_id, segment_id)
-               WHERE x.user_id = d.user_id AND x.segment_id = d.segment_id""",
-            *map(list, zip(*lifted_exclusions, strict=False)),
-        )
-    if new_exclusions:
-        await conn.execute(
-            """INSERT INTO rollout_exclusions (user_id, segment_id, excluded_at)
-               SELECT u, s, $3 FROM unnest($1::bigint[], $2::bigint[]) AS t(u, s)
-               ON CONFLICT DO NOTHING""",
-            *map(list, zip(*new_exclusions, strict=False)), now,
-        )
+    copied = len(history) > ONE_STATEMENT_ROWS or len(outcomes) > ONE_STATEMENT_ROWS
+    await conn.execute(_WRITE_BATCH, new_users, now, *_columns(changes.deletions, 2), *_columns(changes.upserts, 3),
+                       *_columns(changes.lifted_exclusions, 2), *_columns(changes.new_exclusions, 2),
+                       *_columns([] if copied else history, len(HISTORY_COLUMNS)),
+                       *_columns([] if copied else outcomes, len(OUTCOME_COLUMNS)))
+    if copied:
+        if history:
+            await conn.copy_records_to_table("membership_history", columns=HISTORY_COLUMNS, records=history)
+        if outcomes:
+            await conn.copy_records_to_table("command_outcomes", records=outcomes, columns=OUTCOME_COLUMNS)
+
+
+def _columns(rows: list[tuple], width: int) -> list[list]:
+    """Rows as `width` column lists (for unnest)."""
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
+
+
+# Data-modifying CTEs, each on rows of its own (a changed pair is either upserted or deleted, an
+# exclusion either new or lifted), so their order within the statement does not matter.
+_WRITE_BATCH = f"""
+WITH new_users AS (
+    INSERT INTO users (user_id, registered_at) SELECT u, $2 FROM unnest($1::bigint[]) AS u
+    ON CONFLICT (user_id) DO NOTHING),
+deleted AS (
+    DELETE FROM memberships m USING unnest($3::bigint[], $4::bigint[]) AS d(user_id, segment_id)
+    WHERE m.user_id = d.user_id AND m.segment_id = d.segment_id),
+upserted AS (
+    INSERT INTO memberships (user_id, segment_id, added_at, expires_at)
+    SELECT u, s, $2, e FROM unnest($5::bigint[], $6::bigint[], $7::timestamptz[]) AS t(u, s, e)
+    ON CONFLICT (user_id, segment_id) DO UPDATE SET expires_at = EXCLUDED.expires_at, added_at = EXCLUDED.added_at),
+lifted AS (
+    DELETE FROM rollout_exclusions x USING unnest($8::bigint[], $9::bigint[]) AS d(user_id, segment_id)
+    WHERE x.user_id = d.user_id AND x.segment_id = d.segment_id),
+excluded AS (
+    INSERT INTO rollout_exclusions (user_id, segment_id, excluded_at)
+    SELECT u, s, $2 FROM unnest($10::bigint[], $11::bigint[]) AS t(u, s)
+    ON CONFLICT DO NOTHING),
+history AS (
+    INSERT INTO membership_history ({', '.join(HISTORY_COLUMNS)})
+    SELECT * FROM unnest($12::bigint[], $13::text[], $14::text[], $15::timestamptz[], $16::text[], $17::text[],
+                         $18::text[]))
+INSERT INTO command_outcomes ({', '.join(OUTCOME_COLUMNS)})
+SELECT * FROM unnest($19::text[], $20::text[], $21::text[], $22::jsonb[], $23::jsonb[], $24::timestamptz[],
+                     $25::text[], $26::integer[], $27::bigint[], $28::text[], $29::timestamptz[])
+"""
 
 
 # Segment commands are few; each is a short sequence of statements in the batch transaction.
