@@ -14,6 +14,7 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.infra import fresh_database, start_infra
@@ -105,6 +106,7 @@ async def bench_environment(name: str, **overrides) -> AsyncIterator[tuple]:
     try:
         if infra.postgres is not None:  # a server of its own, never one it was given
             await recycle_wal(infra.database_url)
+
         async def new(label: str):
             prefix = f"bench_{name}_{label}_{uuid.uuid4().hex[:6]}"
             url = await fresh_database(infra.database_url, prefix)
@@ -142,8 +144,8 @@ async def recycle_wal(admin_url: str, megabytes: int = WARM_WAL_MB) -> None:
     benchmark writes `megabytes` of WAL once, keeps its files (min_wal_size) and checkpoints: the
     rounds then write into recycled files, as in a deployment. Durability is untouched (fsync,
     synchronous_commit as they were)."""
-    import asyncpg
-
+    print(f"  the fresh database server: {megabytes} MB of WAL written once, its files kept to recycle…",
+          file=sys.stderr, flush=True)
     conn = await asyncpg.connect(admin_url)
     try:
         await conn.execute(f"ALTER SYSTEM SET min_wal_size = '{2 * megabytes}MB'")
