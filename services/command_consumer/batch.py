@@ -121,8 +121,7 @@ async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord],
             user_ids = sorted({p.command.user_id for p in fresh_user_commands})
             pairs = sorted({(p.command.user_id, slug) for p in fresh_user_commands
                             if type(p.command) is UpdateUserSegments for slug in (*p.command.add, *p.command.remove)})
-            segments, states = await repository.load_batch_state(conn, sorted({slug for _, slug in pairs}),
-                                                                 user_ids, pairs)
+            segments, states = await repository.load_batch_state(conn, user_ids, pairs)
 
         processed: list[Processed] = []
         new_outcomes: dict[str, OutcomeRow] = {}

@@ -18,7 +18,7 @@ async def fetch_outcomes(conn: asyncpg.Connection, command_ids: list[str]) -> di
     return {row["command_id"]: OutcomeRow.from_record(row) for row in rows}
 
 
-async def load_batch_state(conn: asyncpg.Connection, slugs: list[str], user_ids: list[int],
+async def load_batch_state(conn: asyncpg.Connection, user_ids: list[int],
                            pairs: list[tuple[int, str]]) -> tuple[dict[str, Segment], dict[int, UserState]]:
     """In one round trip: the live segments the batch names, by slug, share-locked so that a
     concurrent delete waits for this batch (taken first, in id order); the registration of the
@@ -48,7 +48,7 @@ async def load_batch_state(conn: asyncpg.Connection, slugs: list[str], user_ids:
            UNION ALL
            SELECT 'x', x.user_id, x.segment_id, NULL, NULL, NULL
            FROM rollout_exclusions x JOIN pairs p ON x.user_id = p.user_id AND x.segment_id = p.segment_id""",
-        slugs, user_ids, pair_users, pair_slugs,
+        sorted(set(pair_slugs)), user_ids, pair_users, pair_slugs,
     )
     for kind, user_id, segment_id, slug, percent, expires_at in rows:
         if kind == "s":
