@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import math
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import asyncpg
@@ -47,12 +50,14 @@ class Backoff:
         return wait
 
 
-async def _init_connection(connection: asyncpg.Connection) -> None:
+async def _init_connection(connection: asyncpg.Connection, prepare: Sequence[str] = ()) -> None:
     # Binary codecs (jsonb's binary form is a version byte, then the text) so that COPY works too.
     await connection.set_type_codec("jsonb", schema="pg_catalog", format="binary",
                                     encoder=lambda v: b"\x01" + orjson.dumps(v), decoder=lambda b: orjson.loads(b[1:]))
     await connection.set_type_codec("json", schema="pg_catalog", format="binary",
                                     encoder=orjson.dumps, decoder=orjson.loads)
+    for statement in prepare:
+        await connection.prepare(statement)
 
 
 async def _keep_session(connection: asyncpg.Connection) -> None:
@@ -63,18 +68,33 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
 
 async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 10,
                       reset_sessions: bool = True, server_settings: dict[str, str] | None = None,
-                      exit_on_failure: bool = True, connection_class: type = asyncpg.Connection) -> asyncpg.Pool:
+                      exit_on_failure: bool = True, connection_class: type = asyncpg.Connection,
+                      prepare: Sequence[str] = ()) -> asyncpg.Pool:
     """A pool of `min_size` open connections; a server that cannot be reached ends the process
-    with a message naming it, unless `exit_on_failure` is off (the error is raised)."""
+    with a message naming it, unless `exit_on_failure` is off (the error is raised).
+
+    A connection is replaced only when it fails or, above `min_size`, after 5 minutes unused: not
+    after asyncpg's default of 50,000 queries. Its replacement is opened by the request that
+    needs it, on a cold server backend, and learns its types again (the jsonb codec's array type
+    is a catalog query of tens of milliseconds on a busy server): at 2,000 queries a second over
+    ten connections, one replacement, and one request stalled, every 25 s. Every statement the
+    services send is one of a fixed few, so a backend's memory does not grow with its age.
+    `prepare`: statements each new connection prepares once opened, so that their type look-ups
+    and the backend's catalog reads happen then, not in the first request that sends them."""
     try:
         return await asyncpg.create_pool(
-            database_url, min_size=min_size, max_size=max_size, init=_init_connection, command_timeout=60,
+            database_url, min_size=min_size, max_size=max_size, max_queries=math.inf,
+            init=functools.partial(_init_connection, prepare=tuple(prepare)), command_timeout=60,
             reset=None if reset_sessions else _keep_session, server_settings=server_settings,
             connection_class=connection_class,
         )
     except (OSError, asyncpg.PostgresError) as error:
         if not exit_on_failure:
             raise
+        if isinstance(error, asyncpg.UndefinedTableError | asyncpg.UndefinedColumnError):  # a statement to prepare
+            raise SystemExit(
+                f"PostgreSQL at {redact(database_url)} does not have the schema this version needs ({error}): "
+                "apply the migrations first (`python -m devstack migrate`, or the `provision` job).") from error
         raise SystemExit(
             f"Cannot connect to PostgreSQL at {redact(database_url)}: {error}. "
             "Set DATABASE_URL to a reachable server, or unset it to let `make run` start the embedded one."

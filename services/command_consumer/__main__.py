@@ -8,10 +8,10 @@ import sys
 
 import structlog
 
+from services.command_consumer import repository
 from services.command_consumer.consumer import CommandConsumer
 from services.command_consumer.poison_guard import PoisonGuardTripped
 from services.command_consumer.retry import DatabaseUnavailable
-from shared.db import create_pool
 from shared.kafka import KafkaSetupError
 from shared.service import bootstrap, on_shutdown_signal, serve_metrics, tune_gc
 
@@ -21,11 +21,7 @@ log = structlog.get_logger("command_consumer")
 async def main() -> int:
     settings = bootstrap("command_consumer")
     tune_gc()
-    # The consumer never changes session state: connections go back to the pool without a reset
-    # round trip (one a batch).
-    pool = await create_pool(settings.require_database_url(), min_size=1,
-                             max_size=max(settings.db_pool_max_size, settings.topic_partitions + 2),
-                             reset_sessions=False)
+    pool = await repository.open_pool(settings)
     serve_metrics(settings.consumer_metrics_port, settings.metrics_host)
     consumer = CommandConsumer(settings, pool)
     on_shutdown_signal(consumer.stop)

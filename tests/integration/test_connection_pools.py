@@ -1,0 +1,81 @@
+"""Connections are opened and readied off the request path: the consumer's pool opens every
+connection at startup, each prepared for the write path, and no pool replaces a healthy
+connection after a number of queries (asyncpg's default replaces it after 50,000)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from services.command_consumer import repository
+from services.command_consumer.batch import apply_batch
+from shared.db import create_pool
+from tests.integration.test_batch_writes import SEGMENT_BATCH, parsed
+
+pytestmark = pytest.mark.integration
+
+NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+ASYNCPG_DEFAULT_MAX_QUERIES = 50_000
+
+
+async def test_the_consumer_opens_and_prepares_every_connection_before_its_first_batch(settings, monkeypatch):
+    monkeypatch.setattr("services.command_consumer.batch._clock", lambda: NOW)
+    pool = await repository.open_pool(settings)
+    try:
+        expected = max(settings.db_pool_max_size, settings.topic_partitions + 2)
+        assert pool.get_size() == expected
+        assert pool.get_idle_size() == expected  # open, nobody waiting for one to be made
+        async with pool.acquire() as conn:
+            await apply_batch(conn, parsed(settings, settings.segments_commands_topic, SEGMENT_BATCH))
+        # Every connection, not only the one used above: each sends the batch's own statements
+        # and nothing else (no look-up of a type it has not seen).
+        holders = []
+        for _ in range(expected):
+            holders.append(await pool.acquire())
+        try:
+            for index, conn in enumerate(holders):
+                sent: list[str] = []
+                conn.add_query_logger(lambda record, sent=sent: sent.append(record.query))
+                user = 1_000 + index
+                batch = parsed(settings, settings.assignments_commands_topic, [
+                    {"type": "create_user", "user_id": user, "command_id": f"c{user}"},
+                    {"type": "update_user_segments", "user_id": user, "add": ["A"], "ttl_seconds": 60,
+                     "command_id": f"a{user}"}], first_offset=10 * index)
+                processed = await apply_batch(conn, batch, settings.outcome_retention)
+                assert [p.outcome.status for p in processed] == ["applied", "applied"]
+                await asyncio.sleep(0)  # asyncpg calls query loggers soon after, not in the query
+                assert sent[0].startswith("BEGIN") and sent[-1].startswith("COMMIT"), sent
+                assert sent[1:-1] == list(repository.WRITE_PATH_STATEMENTS), sent
+        finally:
+            for conn in holders:
+                await pool.release(conn)
+    finally:
+        await pool.close()
+
+
+async def test_a_connection_is_not_replaced_after_many_queries(settings):
+    pool = await create_pool(settings.database_url, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            backend = await conn.fetchval("SELECT pg_backend_pid()")
+            for _ in range(ASYNCPG_DEFAULT_MAX_QUERIES):
+                await conn.execute("SELECT 1")
+        async with pool.acquire() as conn:  # asyncpg's default would have closed it on release
+            assert await conn.fetchval("SELECT pg_backend_pid()") == backend
+    finally:
+        await pool.close()
+
+
+async def test_a_database_without_the_schema_stops_the_consumer_with_what_to_do(settings):
+    """Its statements are prepared as the pool opens, so a server that was never migrated is
+    named at startup, not in the first batch."""
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute("DROP TABLE rollout_exclusions CASCADE")
+    finally:
+        await conn.close()
+    with pytest.raises(SystemExit, match=r"does not have the schema .*rollout_exclusions.*apply the migrations"):
+        await repository.open_pool(settings)
