@@ -221,8 +221,9 @@ async def main(args) -> None:
 
 async def start_replica(infra, settings, cleanup: contextlib.AsyncExitStack) -> str:
     """A streaming replica of the embedded server, caught up; its URL for the bench database."""
-    replica = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="bench-replica-")) / "postgres",
-                               replica_of=infra.postgres)
+    parent = Path(tempfile.mkdtemp(prefix="bench-replica-"))
+    cleanup.callback(shutil.rmtree, parent, ignore_errors=True)  # after the server's own removal
+    replica = EmbeddedPostgres(parent / "postgres", replica_of=infra.postgres)
     await asyncio.to_thread(replica.start)
     cleanup.push_async_callback(asyncio.to_thread, replica.remove)
     url = url_on_port(settings.database_url, replica.port)

@@ -1,15 +1,20 @@
-"""The benchmarks' own server is left as a running server is: with WAL files to recycle, so that
-no COMMIT in a timed round waits for a new WAL file to be created (bench.common.recycle_wal)."""
+"""The benchmarks' own servers: the primary is left as a running server is, with WAL files to
+recycle, so that no COMMIT in a timed round waits for a new WAL file to be created
+(bench.common.recycle_wal); a replica a benchmark starts leaves nothing behind."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import tempfile
+from types import SimpleNamespace
 
 import asyncpg
 import pytest
 
 from bench.common import recycle_wal
+from bench.read_throughput import start_replica
 from devstack.embedded import EmbeddedPostgres
 
 pytestmark = [pytest.mark.integration,
@@ -35,3 +40,24 @@ async def test_a_fresh_server_is_left_with_wal_files_to_recycle(tmp_path):
             await conn.close()
     finally:
         await asyncio.to_thread(server.remove)
+
+
+async def test_a_benchmark_replica_leaves_nothing_in_the_temporary_directory(tmp_path, monkeypatch):
+    primary = EmbeddedPostgres(tmp_path / "primary" / "postgres")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the benchmark's mkdtemp makes its directory
+    try:
+        url = await asyncio.to_thread(primary.start)
+        async with contextlib.AsyncExitStack() as cleanup:
+            replica_url = await start_replica(SimpleNamespace(postgres=primary), SimpleNamespace(database_url=url),
+                                              cleanup)
+            conn = await asyncpg.connect(replica_url)
+            try:
+                assert await conn.fetchval("SELECT pg_is_in_recovery()") is True
+            finally:
+                await conn.close()
+            assert [path.name[:len("bench-replica-")] for path in scratch.iterdir()] == ["bench-replica-"]
+        assert list(scratch.iterdir()) == []
+    finally:
+        await asyncio.to_thread(primary.remove)
