@@ -5,7 +5,6 @@ connection after a number of queries (asyncpg's default replaces it after 50,000
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 
 import asyncpg
 import pytest
@@ -13,11 +12,10 @@ import pytest
 from services.command_consumer import repository
 from services.command_consumer.batch import apply_batch
 from shared.db import create_pool
-from tests.integration.test_batch_writes import SEGMENT_BATCH, parsed
+from tests.integration.test_batch_writes import NOW, SEGMENT_BATCH, parsed
 
 pytestmark = pytest.mark.integration
 
-NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 ASYNCPG_DEFAULT_MAX_QUERIES = 50_000
 
 
