@@ -8,6 +8,7 @@ with the consumer as its own process. Same broker, same database server, same ru
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math
 import os
@@ -15,9 +16,11 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import asyncpg
 import orjson
 import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -39,6 +42,8 @@ from devstack.otlp_sink import OtlpSink
 from devstack.processes import free_port, stop_process
 from services.command_consumer import metrics
 from services.command_consumer.consumer import CommandConsumer
+from services.command_consumer.repository import open_pool
+from shared.db import create_pool
 from shared.kafka import kafka_options
 from shared.service import tune_gc
 
@@ -139,6 +144,17 @@ async def consume_all(settings, pool) -> None:
     except asyncio.CancelledError:
         consumer.stop()
         raise
+
+
+@contextlib.asynccontextmanager
+async def consumer_pool(settings) -> AsyncIterator[asyncpg.Pool]:
+    """The pool the consumer service opens (repository.open_pool: every connection opened and
+    prepared before the first batch, no reset round trip on release), closed after."""
+    pool = await open_pool(settings)
+    try:
+        yield pool
+    finally:
+        await pool.close()
 
 
 class ConsumerProcess:
@@ -375,9 +391,10 @@ async def record_transactions(new, commands: list[dict], segments: int) -> list[
     settings, pool = await new("record")
     await seed_segments(pool, segments)
     await preload(settings, commands)
-    recording = RecordingPool(pool)
-    await measure_until_stored(pool, len(commands), "recording the consumer's SQL",
-                               functools.partial(consume_all, settings, recording))
+    async with consumer_pool(settings) as own:
+        recording = RecordingPool(own)
+        await measure_until_stored(pool, len(commands), "recording the consumer's SQL",
+                                   functools.partial(consume_all, settings, recording))
     return recording.transactions
 
 
@@ -397,13 +414,20 @@ async def throughput(args, new, commands: list[dict]) -> dict[str, str]:
             label = f"round {round_number}/{args.rounds}"
             if part == "batched":
                 await preload(settings, commands)
-                rates[part].append(await measure_until_stored(
-                    pool, len(commands), f"{label}: batched consumer", functools.partial(consume_all, settings, pool),
-                    counted=consumed_counter()))
+                async with consumer_pool(settings) as own:
+                    run = functools.partial(consume_all, settings, own)
+                    rates[part].append(await measure_until_stored(pool, len(commands), f"{label}: batched consumer",
+                                                                  run, counted=consumed_counter()))
             elif part == "limit":
                 print(f"  {label}: the limit, {len(transactions):,} recorded transactions from "
                       f"{args.partitions} connections…", file=sys.stderr, flush=True)
-                seconds = await replay(pool, transactions, concurrency=args.partitions)
+                # Connections as the consumer's: opened first, no reset round trip on release.
+                replaying = await create_pool(settings.require_database_url(), min_size=args.partitions,
+                                              max_size=args.partitions, reset_sessions=False)
+                try:
+                    seconds = await replay(replaying, transactions, concurrency=args.partitions)
+                finally:
+                    await replaying.close()
                 rates[part].append(len(commands) / seconds)
             else:
                 await preload(settings, baseline_commands)
