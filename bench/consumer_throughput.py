@@ -36,6 +36,7 @@ from bench.common import (
     scrape_histogram,
     spread,
 )
+from bench.disk import DiskWatch
 from bench.simple_consumer import run_simple_consumer
 from bench.sql_limit import RecordingPool, Transaction, replay
 from devstack.otlp_sink import OtlpSink
@@ -195,6 +196,7 @@ class Latencies:
     # The consumer's own histogram of record timestamp → outcome acknowledged, scraped before and after.
     published: tuple[dict[float, float], dict[float, float]] = ({}, {})
     broker: list[float] = field(default_factory=list)  # the broker alone, in the same round: broker_delivery
+    disk_pause: float | None = None  # seconds: the longest a disk completed nothing with requests waiting
 
     def quantile(self, stage: str, fraction: float) -> float:
         """Seconds: a stage's quantile, `published` read from the consumer's histogram."""
@@ -260,15 +262,17 @@ async def latency_at_steady_rate(settings, rate: int, seconds: float, read_back:
         before = await asyncio.to_thread(scrape_histogram, metrics_url, PUBLISHED)
         reader = asyncio.create_task(read_results(len(commands))) if results is not None else None
         progress = Progress(f"steady {rate}/s", len(commands))
-        async for i in paced(rate, len(commands)):
-            command = commands[i]
-            sent_at[command["command_id"]] = time.time()
-            await producer.send(settings.assignments_commands_topic, orjson.dumps(command),
-                                key=str(command["user_id"]).encode())
-            progress.update(i + 1)
-        if reader is not None:
-            await asyncio.wait_for(reader, 60)
-        measured.published = (before, await published_since(before, len(commands)))
+        with DiskWatch() as disk:
+            async for i in paced(rate, len(commands)):
+                command = commands[i]
+                sent_at[command["command_id"]] = time.time()
+                await producer.send(settings.assignments_commands_topic, orjson.dumps(command),
+                                    key=str(command["user_id"]).encode())
+                progress.update(i + 1)
+            if reader is not None:
+                await asyncio.wait_for(reader, 60)
+            measured.published = (before, await published_since(before, len(commands)))
+        measured.disk_pause = disk.longest_pause()
         return measured
     finally:
         await cancel_and_stop(consuming, *clients)
@@ -341,6 +345,7 @@ async def latency_rounds(args, new) -> dict[str, str]:
     modes = {0: [False], 1: [True], 2: [False, True]}[args.read_back]
     stages: dict[str, tuple[list[float], list[float]]] = {
         name: ([], []) for name in ("published", "published, read back", "broker", *READ_BACK_STAGES)}
+    disk_pauses: list[float] = []  # ms, every consumer round's
     for round_number in range(1, args.rounds + 1):
         shift = (round_number - 1) % len(modes)
         for read_back in modes[shift:] + modes[:shift]:  # neither always first
@@ -355,8 +360,12 @@ async def latency_rounds(args, new) -> dict[str, str]:
                 p50s.append(measured.quantile(stage, 0.5) * 1000)
                 p99s.append(measured.quantile(stage, 0.99) * 1000)
             p50s, p99s = stages[next(iter(shown))]
+            disk = ""
+            if measured.disk_pause is not None:
+                disk_pauses.append(measured.disk_pause * 1000)
+                disk = f"; the disk's longest pause {disk_pauses[-1]:.0f} ms"
             print(f"    acknowledged p50 {p50s[-1]:.1f} ms, p99 {p99s[-1]:.1f} ms"
-                  f"{' (outcomes read back)' if read_back else ''}", file=sys.stderr)
+                  f"{' (outcomes read back)' if read_back else ''}{disk}", file=sys.stderr)
         floor_settings, _ = await new(f"broker{round_number}")
         broker = Latencies(broker=await broker_delivery(floor_settings, args.rate, args.latency_seconds))
         stages["broker"][0].append(broker.quantile("broker", 0.5) * 1000)
@@ -382,6 +391,11 @@ async def latency_rounds(args, new) -> dict[str, str]:
             "  outcome sent → received": f"{line('to_reader')}   (acks=all, the reader's fetch)"})
     lines["  the broker alone"] = (f"{line('broker')}   (produce → fetched, one hop through the same broker at the "
                                    "same rate, no consumer: a command makes two)")
+    if disk_pauses:
+        lines["  the disk's longest pause"] = (
+            f"{spread(disk_pauses, '{:.0f}')} ms   (the longest a disk completed no request with one waiting, "
+            "/proc/diskstats every 10 ms through each round above: every COMMIT waits for the WAL's flush, so a "
+            "round's tail is no shorter)")
     return lines
 
 
