@@ -13,6 +13,8 @@ import asyncpg
 import orjson
 import structlog
 
+from shared import tracing
+
 log = structlog.get_logger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -56,8 +58,13 @@ async def _init_connection(connection: asyncpg.Connection, prepare: Sequence[str
                                     encoder=lambda v: b"\x01" + orjson.dumps(v), decoder=lambda b: orjson.loads(b[1:]))
     await connection.set_type_codec("json", schema="pg_catalog", format="binary",
                                     encoder=orjson.dumps, decoder=orjson.loads)
+    # Into the statement cache the connection's queries look in first. `prepare()` keeps its
+    # statement out of that cache, so the first query sending the same text would parse it again;
+    # `executemany` with no rows prepares through the cache and executes nothing (asyncpg's own:
+    # no span of tracing for a connection opening).
+    prepare_cached = tracing.unwrapped(asyncpg.Connection.executemany)
     for statement in prepare:
-        await connection.prepare(statement)
+        await prepare_cached(connection, statement, [])
 
 
 async def _keep_session(connection: asyncpg.Connection) -> None:
@@ -79,8 +86,9 @@ async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 1
     is a catalog query of tens of milliseconds on a busy server): at 2,000 queries a second over
     ten connections, one replacement, and one request stalled, every 25 s. Every statement the
     services send is one of a fixed few, so a backend's memory does not grow with its age.
-    `prepare`: statements each new connection prepares once opened, so that their type look-ups
-    and the backend's catalog reads happen then, not in the first request that sends them."""
+    `prepare`: statements each new connection prepares once opened, into its statement cache, so
+    that their parse, type look-ups and the backend's catalog reads happen then, not in the first
+    request that sends them."""
     try:
         return await asyncpg.create_pool(
             database_url, min_size=min_size, max_size=max_size, max_queries=math.inf,

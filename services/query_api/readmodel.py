@@ -41,11 +41,11 @@ READ_SERVER_SETTINGS = {"plan_cache_mode": "force_generic_plan"}
 
 async def create_lookup_pool(database_url: str, size: int, *, exit_on_failure: bool = True) -> asyncpg.Pool:
     """The connections of GET /users/{id}/segments's BatchedLookup on one server: `size` of them,
-    always open, planning the query once, with no session reset (the lookup changes no session
-    state) and no tracing wrapper (LookupConnection)."""
+    always open, each with the query prepared as it opens and planned once, with no session reset
+    (the lookup changes no session state) and no tracing wrapper (LookupConnection)."""
     return await create_pool(database_url, min_size=size, max_size=size, reset_sessions=False,
                              server_settings=READ_SERVER_SETTINGS, exit_on_failure=exit_on_failure,
-                             connection_class=LookupConnection)
+                             connection_class=LookupConnection, prepare=(USER_SEGMENTS_SQL,))
 
 
 async def user_segments_json(found: Found, rollout: RolloutCache, user_id: int) -> bytes:

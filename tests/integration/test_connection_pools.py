@@ -11,12 +11,20 @@ import pytest
 
 from services.command_consumer import repository
 from services.command_consumer.batch import apply_batch
+from services.query_api.readmodel import USER_SEGMENTS_SQL, create_lookup_pool
 from shared.db import create_pool
 from tests.integration.test_batch_writes import NOW, SEGMENT_BATCH, parsed
 
 pytestmark = pytest.mark.integration
 
 ASYNCPG_DEFAULT_MAX_QUERIES = 50_000
+
+
+async def server_side_statements(conn) -> dict[str, str]:
+    """The write path's statements prepared in this connection's session: statement → its name."""
+    rows = await conn.fetch("SELECT name, statement FROM pg_prepared_statements WHERE statement = ANY($1::text[])",
+                            list(repository.WRITE_PATH_STATEMENTS))
+    return {row["statement"]: row["name"] for row in rows}
 
 
 async def test_the_consumer_opens_and_prepares_every_connection_before_its_first_batch(settings, monkeypatch):
@@ -35,6 +43,8 @@ async def test_the_consumer_opens_and_prepares_every_connection_before_its_first
             holders.append(await pool.acquire())
         try:
             for index, conn in enumerate(holders):
+                prepared_before = await server_side_statements(conn)
+                assert len(prepared_before) == len(repository.WRITE_PATH_STATEMENTS)  # prepared as it opened
                 sent: list[str] = []
                 conn.add_query_logger(lambda record, sent=sent: sent.append(record.query))
                 user = 1_000 + index
@@ -47,6 +57,23 @@ async def test_the_consumer_opens_and_prepares_every_connection_before_its_first
                 await asyncio.sleep(0)  # asyncpg calls query loggers soon after, not in the query
                 assert sent[0].startswith("BEGIN") and sent[-1].startswith("COMMIT"), sent
                 assert sent[1:-1] == list(repository.WRITE_PATH_STATEMENTS), sent
+                # ...as the statements prepared at startup: none parsed again in the batch's path.
+                assert await server_side_statements(conn) == prepared_before
+        finally:
+            for conn in holders:
+                await pool.release(conn)
+    finally:
+        await pool.close()
+
+
+async def test_the_hot_reads_connections_have_its_query_prepared_as_they_open(settings):
+    pool = await create_lookup_pool(settings.database_url, 2)
+    try:
+        holders = [await pool.acquire() for _ in range(2)]
+        try:
+            for conn in holders:
+                prepared = await conn.fetchval("SELECT array_agg(statement) FROM pg_prepared_statements")
+                assert USER_SEGMENTS_SQL in prepared
         finally:
             for conn in holders:
                 await pool.release(conn)

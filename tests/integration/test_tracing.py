@@ -131,6 +131,23 @@ async def test_the_lookup_pool_queries_past_asyncpg_instrumentation(settings, sp
     assert "SELECT 'lookup'" in statements  # (only fetch: the lookup uses nothing else)
 
 
+async def test_statements_prepared_as_a_connection_opens_make_no_span(settings, spans):
+    """A pool's connections prepare their statements as they open (create_pool's `prepare`), past
+    asyncpg's instrumentation: opening a connection is in no trace."""
+    pool = await create_pool(settings.database_url, min_size=1, max_size=1, prepare=("SELECT 'prepared'",))
+    try:
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM pg_prepared_statements "
+                                       "WHERE statement = 'SELECT ''prepared'''") == 1
+            await conn.fetch("SELECT 'used'")
+    finally:
+        await pool.close()
+    statements = [span.attributes.get("db.statement") or span.attributes.get("db.query.text")
+                  for span in spans.get_finished_spans() if span.kind is SpanKind.CLIENT]
+    assert "SELECT 'used'" in statements  # the instrumentation is on
+    assert "SELECT 'prepared'" not in statements
+
+
 async def test_log_lines_inside_a_span_carry_its_ids(spans):
     with tracing.tracer().start_as_current_span("work") as span:
         line = tracing.add_trace_ids(None, "info", {"event": "inside"})
