@@ -5,6 +5,8 @@ connection after a number of queries (asyncpg's default replaces it after 50,000
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -18,6 +20,17 @@ from tests.integration.test_batch_writes import NOW, SEGMENT_BATCH, parsed
 pytestmark = pytest.mark.integration
 
 ASYNCPG_DEFAULT_MAX_QUERIES = 50_000
+
+
+@contextlib.asynccontextmanager
+async def every_connection(pool: asyncpg.Pool, count: int) -> AsyncIterator[list]:
+    """`count` connections of the pool held at once (so each is a different one), released after."""
+    held = [await pool.acquire() for _ in range(count)]
+    try:
+        yield held
+    finally:
+        for conn in held:
+            await pool.release(conn)
 
 
 async def server_side_statements(conn) -> dict[str, str]:
@@ -38,11 +51,8 @@ async def test_the_consumer_opens_and_prepares_every_connection_before_its_first
             await apply_batch(conn, parsed(settings, settings.segments_commands_topic, SEGMENT_BATCH))
         # Every connection, not only the one used above: each sends the batch's own statements
         # and nothing else (no look-up of a type it has not seen).
-        holders = []
-        for _ in range(expected):
-            holders.append(await pool.acquire())
-        try:
-            for index, conn in enumerate(holders):
+        async with every_connection(pool, expected) as held:
+            for index, conn in enumerate(held):
                 prepared_before = await server_side_statements(conn)
                 assert len(prepared_before) == len(repository.WRITE_PATH_STATEMENTS)  # prepared as it opened
                 sent: list[str] = []
@@ -59,9 +69,6 @@ async def test_the_consumer_opens_and_prepares_every_connection_before_its_first
                 assert sent[1:-1] == list(repository.WRITE_PATH_STATEMENTS), sent
                 # ...as the statements prepared at startup: none parsed again in the batch's path.
                 assert await server_side_statements(conn) == prepared_before
-        finally:
-            for conn in holders:
-                await pool.release(conn)
     finally:
         await pool.close()
 
@@ -69,14 +76,10 @@ async def test_the_consumer_opens_and_prepares_every_connection_before_its_first
 async def test_the_hot_reads_connections_have_its_query_prepared_as_they_open(settings):
     pool = await create_lookup_pool(settings.database_url, 2)
     try:
-        holders = [await pool.acquire() for _ in range(2)]
-        try:
-            for conn in holders:
+        async with every_connection(pool, 2) as held:
+            for conn in held:
                 prepared = await conn.fetchval("SELECT array_agg(statement) FROM pg_prepared_statements")
                 assert USER_SEGMENTS_SQL in prepared
-        finally:
-            for conn in holders:
-                await pool.release(conn)
     finally:
         await pool.close()
 
