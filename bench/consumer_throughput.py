@@ -8,7 +8,6 @@ with the consumer as its own process. Same broker, same database server, same ru
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import math
 import os
@@ -16,11 +15,9 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import asyncpg
 import orjson
 import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -145,17 +142,6 @@ async def consume_all(settings, pool) -> None:
     except asyncio.CancelledError:
         consumer.stop()
         raise
-
-
-@contextlib.asynccontextmanager
-async def consumer_pool(settings) -> AsyncIterator[asyncpg.Pool]:
-    """The pool the consumer service opens (repository.open_pool: every connection opened and
-    prepared before the first batch, no reset round trip on release), closed after."""
-    pool = await open_pool(settings)
-    try:
-        yield pool
-    finally:
-        await pool.close()
 
 
 class ConsumerProcess:
@@ -405,7 +391,7 @@ async def record_transactions(new, commands: list[dict], segments: int) -> list[
     settings, pool = await new("record")
     await seed_segments(pool, segments)
     await preload(settings, commands)
-    async with consumer_pool(settings) as own:
+    async with await open_pool(settings) as own:  # the service's own pool, closed after
         recording = RecordingPool(own)
         await measure_until_stored(pool, len(commands), "recording the consumer's SQL",
                                    functools.partial(consume_all, settings, recording))
@@ -428,7 +414,7 @@ async def throughput(args, new, commands: list[dict]) -> dict[str, str]:
             label = f"round {round_number}/{args.rounds}"
             if part == "batched":
                 await preload(settings, commands)
-                async with consumer_pool(settings) as own:
+                async with await open_pool(settings) as own:  # the pool the consumer service opens
                     run = functools.partial(consume_all, settings, own)
                     rates[part].append(await measure_until_stored(pool, len(commands), f"{label}: batched consumer",
                                                                   run, counted=consumed_counter()))
@@ -436,12 +422,9 @@ async def throughput(args, new, commands: list[dict]) -> dict[str, str]:
                 print(f"  {label}: the limit, {len(transactions):,} recorded transactions from "
                       f"{args.partitions} connections…", file=sys.stderr, flush=True)
                 # Connections as the consumer's: opened first, no reset round trip on release.
-                replaying = await create_pool(settings.require_database_url(), min_size=args.partitions,
-                                              max_size=args.partitions, reset_sessions=False)
-                try:
+                async with await create_pool(settings.require_database_url(), min_size=args.partitions,
+                                             max_size=args.partitions, reset_sessions=False) as replaying:
                     seconds = await replay(replaying, transactions, concurrency=args.partitions)
-                finally:
-                    await replaying.close()
                 rates[part].append(len(commands) / seconds)
             else:
                 await preload(settings, baseline_commands)
