@@ -12,12 +12,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 
-import orjson
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from segmentctl.bulk import publish_all, read_assignments
+from segmentctl.output import json_text, shown
 from shared.api_keys import SCOPES, KeyFileError, new_key
 from shared.assignments import explain
 from shared.client import CommandPublisher, KafkaUnavailable, OutcomeReader
@@ -80,11 +81,11 @@ def options(
 
 
 def _print_json(value: Any) -> None:
-    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
+    sys.stdout.write(json_text(value, indent=True) + "\n")
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    err.print(f"[red]error:[/red] {escape(shown(message))}", highlight=False)  # messages quote the wire
     return typer.Exit(code)
 
 
@@ -253,6 +254,14 @@ def keys_create(
     sys.stdout.write(f"key:  {key}\nline: {line}\n")
 
 
+def outcome_line(outcome: dict[str, Any]) -> str:
+    """One outcome as `tail` prints it, every field from the wire escaped."""
+    error = outcome.get("error")
+    reason = f"  {shown(error.get('code'))}: {shown(error.get('message'))}" if isinstance(error, dict) else ""
+    return (f"{shown(outcome.get('processed_at'))} {shown(outcome.get('status')):<8} "
+            f"{shown(outcome.get('type') or '-'):<20} {shown(outcome.get('command_id'))}{reason}")
+
+
 @app.command()
 def tail(
     ctx: typer.Context,
@@ -273,12 +282,9 @@ def tail(
                         only_type and outcome.get("type") != only_type):
                     continue
                 if as_json:
-                    sys.stdout.write(orjson.dumps(outcome).decode() + "\n")
+                    sys.stdout.write(json_text(outcome) + "\n")
                 else:
-                    error = outcome.get("error")
-                    reason = f"  {error.get('code')}: {error.get('message')}" if error else ""
-                    sys.stdout.write(f"{outcome.get('processed_at')} {outcome.get('status'):<8} "
-                                     f"{outcome.get('type') or '-':<20} {outcome.get('command_id')}{reason}\n")
+                    sys.stdout.write(outcome_line(outcome) + "\n")
                 sys.stdout.flush()
                 printed += 1
                 if limit and printed >= limit:
@@ -309,9 +315,9 @@ def import_csv(
     except ValueError as error:
         raise _fail(str(error), EXIT_BAD_INPUT) from None
     for line, message in parsed.errors[:20]:
-        err.print(f"line {line}: {message}", highlight=False, markup=False)
+        err.print(f"line {line}: {shown(message)}", highlight=False, markup=False)
     if parsed.errors and not skip_invalid:
-        raise _fail(f"{len(parsed.errors)} invalid rows, nothing published (fix them, or --skip-invalid)",
+        raise _fail(f"{parsed.invalid} invalid rows, nothing published (fix them, or --skip-invalid)",
                     EXIT_BAD_INPUT)
     if not parsed.rows:
         raise _fail("no rows to import", EXIT_BAD_INPUT)
@@ -324,15 +330,16 @@ def import_csv(
         if outcome["status"] != "applied":
             problems.append((lines[command_id], outcome["status"], outcome.get("error") or {}))
     for line, status_, error in sorted(problems)[:20]:
-        err.print(f"line {line}: {status_} {error.get('code', '')}: {error.get('message', '')}", highlight=False,
+        err.print(f"line {line}: {shown(status_)} {shown(error.get('code', ''))}: {shown(error.get('message', ''))}",
+                  highlight=False,
                   markup=False)
     published = len(parsed.rows)
     if not wait:
-        sys.stdout.write(f"published {published} commands, {len(parsed.errors)} invalid rows skipped\n")
+        sys.stdout.write(f"published {published} commands, {parsed.invalid} invalid rows skipped\n")
         return
     missing = published - len(summary)
     sys.stdout.write(f"applied {counts['applied']}, rejected {counts['rejected']}, invalid {counts['invalid']}, "
-                     f"no outcome {missing}, skipped {len(parsed.errors)} (of {published + len(parsed.errors)} rows)\n")
+                     f"no outcome {missing}, skipped {parsed.invalid} (of {published + parsed.invalid} rows)\n")
     if missing:
         raise typer.Exit(EXIT_UNAVAILABLE)
     if counts["rejected"] or counts["invalid"] or parsed.errors:

@@ -38,7 +38,8 @@ class Row:
 class ParsedFile:
     digest: str
     rows: list[Row] = field(default_factory=list)
-    errors: list[tuple[int, str]] = field(default_factory=list)
+    errors: list[tuple[int, str]] = field(default_factory=list)  # the first invalid rows, with their reasons
+    invalid: int = 0  # every invalid row, listed or not
 
 
 def file_digest(data: bytes) -> str:
@@ -50,9 +51,10 @@ def command_id(digest: str, line: int) -> str:
     return f"import-{digest}-{line}"
 
 
-def parse_assignments(data: bytes, actor: str | None = None) -> ParsedFile:
-    """The file's rows as validated commands, and its invalid rows by line number. ValueError when
-    the file as a whole cannot be read (not UTF-8, a header without the required columns)."""
+def parse_assignments(data: bytes, actor: str | None = None, errors_listed: int | None = None) -> ParsedFile:
+    """The file's rows as validated commands, and its invalid rows by line number (the first
+    `errors_listed` of them with their reasons, all of them counted). ValueError when the file as a
+    whole cannot be read (not UTF-8, a header without the required columns)."""
     digest = file_digest(data)
     try:
         text = data.decode("utf-8-sig")
@@ -72,7 +74,9 @@ def parse_assignments(data: bytes, actor: str | None = None) -> ParsedFile:
             command = _command(row, command_id(digest, line), actor)
             command_adapter.validate_python(command)
         except ValueError as error:  # includes pydantic's ValidationError
-            parsed.errors.append((line, explain(error)))
+            parsed.invalid += 1
+            if errors_listed is None or len(parsed.errors) < errors_listed:
+                parsed.errors.append((line, explain(error)))
             continue
         parsed.rows.append(Row(line, command))
     return parsed

@@ -6,11 +6,13 @@ the gateway accepts is one the consumer can apply.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
@@ -76,12 +78,46 @@ def _json_integer(value: Any) -> Any:
 UserId = Annotated[int, Field(ge=1, le=MAX_USER_ID, examples=[1000]), BeforeValidator(_json_integer)]
 
 
+# Text that reaches operators' terminals and log lines (ids, actors, descriptions) may not move the
+# cursor, start an escape sequence, break a line or reorder what is shown: C0 and C1 controls, DEL,
+# Unicode line separators and bidirectional overrides.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# A description may span lines and hold tabs; nothing else that steers a terminal.
+DESCRIPTION_CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def plain_text(value: str) -> bool:
+    """Whether `value` is free of the characters CONTROL_CHARACTERS names."""
+    return CONTROL_CHARACTERS.search(value) is None
+
+
+def _refuse(pattern: re.Pattern[str]):
+    """A check that names the character found, and the same rule as a JSON Schema pattern (for the
+    OpenAPI and AsyncAPI documents, and the clients and fuzzers that read them)."""
+
+    def check(value: str) -> str:
+        found = pattern.search(value)
+        if found:
+            raise ValueError(f"must not contain control characters (found U+{ord(found[0]):04X} at position "
+                             f"{found.start()}): line breaks and escape sequences would reach terminals and logs")
+        return value
+
+    escaped = re.sub(r"[\x00-\x1f\x7f-\x9f\u2028-\u2069]", lambda found: f"\\u{ord(found[0]):04x}",
+                     pattern.pattern)
+    return AfterValidator(check), Field(json_schema_extra={"pattern": f"^[^{escaped[1:-1]}]*$"})
+
+
+CommandId = Annotated[str, StringConstraints(min_length=1, max_length=64), *_refuse(CONTROL_CHARACTERS)]
+Actor = Annotated[str, StringConstraints(max_length=128), *_refuse(CONTROL_CHARACTERS)]
+Description = Annotated[str, StringConstraints(max_length=1000), *_refuse(DESCRIPTION_CONTROL_CHARACTERS)]
+
+
 class CommandEnvelope(BaseModel):
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
 
-    command_id: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    command_id: CommandId | None = None
     issued_at: Timestamp | None = None
-    actor: Annotated[str, StringConstraints(max_length=128)] | None = None
+    actor: Actor | None = None
 
 
 def _new_slug(slug: str) -> str:
@@ -107,7 +143,7 @@ class CreateSegment(CommandEnvelope):
     type: Literal["create_segment"]
     slug: NewSlug
     percent: Percent = Decimal(0)
-    description: Annotated[str, StringConstraints(max_length=1000)] | None = None
+    description: Description | None = None
 
 
 def _schema_extra(**extra: Any):
@@ -132,7 +168,7 @@ class UpdateSegment(CommandEnvelope):
     # Optional but not nullable: an explicit null would pass the schema's "percent and/or
     # description" yet change nothing.
     percent: Percent = None
-    description: Annotated[str, StringConstraints(max_length=1000)] = None
+    description: Description = None
 
     @model_validator(mode="after")
     def _something_to_change(self) -> UpdateSegment:

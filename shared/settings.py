@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     api_port: int = 8080
     api_workers: int = Field(1, ge=1)
     api_public_url: str | None = None
+    # Without API_PUBLIC_URL, report links name the request's Host only when it is one of these (a
+    # Host header is the client's to choose); otherwise the address the request reached.
+    report_link_hosts: Annotated[list[str], NoDecode] = ["localhost", "127.0.0.1", "::1"]
     report_signing_secret: SecretStr = SecretStr(DEVELOPMENT_REPORT_SECRET)
     report_signing_secret_file: Path | None = None
     report_link_ttl_seconds: int = Field(86_400, ge=1)
@@ -127,7 +130,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
 
-    @field_validator("read_database_urls", mode="before")
+    @field_validator("read_database_urls", "report_link_hosts", mode="before")
     @classmethod
     def _comma_separated(cls, value):
         if isinstance(value, str):

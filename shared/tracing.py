@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from random import getrandbits as _random_bits
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from opentelemetry import context, trace
 from opentelemetry.propagators.textmap import Getter
+from opentelemetry.sdk.trace import SpanProcessor
 
 ENABLED = False  # whether spans are made; read on the hot paths, so a plain module global
 _instrumented: set[str] = set()  # the instrumentations installed
@@ -80,6 +83,9 @@ def enable(provider) -> None:
     global ENABLED, _sampled_first
     if trace.get_tracer_provider() is not provider:
         trace.set_tracer_provider(provider)
+    if hasattr(provider, "add_span_processor") and not getattr(provider, "_secrets_redacted", False):
+        provider.add_span_processor(RedactSecrets())
+        provider._secrets_redacted = True
     if "asyncpg" not in _instrumented and not skipped("asyncpg"):
         from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 
@@ -281,3 +287,41 @@ class _PairsGetter(Getter):
 
 
 HEADER_PAIRS = _PairsGetter()
+
+
+# Whoever reads traces must not be able to use what they read: a report link's token is the report,
+# an import's token names its commands. Such values leave a span's attributes before it is exported.
+SECRET_PARAMETERS = frozenset({"token", "api_key", "key", "access_token"})
+SECRET_PATH = re.compile(r"^(/ui/import/)(?!publish$)[^/]+")
+URL_ATTRIBUTES = ("url.path", "url.query", "url.full", "http.url", "http.target")
+
+
+def redacted(name: str, value: str, path: str = "") -> str:
+    """`value` of the URL attribute `name` with its secrets replaced; `path` is the request's path.
+    Console pages keep no query string at all: theirs is form input."""
+    if name == "url.query":
+        return "" if path.startswith("/ui") else _redacted_query(value)
+    if name == "url.path":
+        return SECRET_PATH.sub(r"\1{token}", value)
+    split = urlsplit(value)  # a full URL or a target: keep its parts, clean its path and query
+    clean_path = SECRET_PATH.sub(r"\1{token}", split.path)
+    query = "" if clean_path.startswith("/ui") else _redacted_query(split.query)
+    return urlunsplit((split.scheme, split.netloc, clean_path, query, ""))
+
+
+def _redacted_query(query: str) -> str:
+    pairs = parse_qsl(query, keep_blank_values=True)
+    return urlencode([(key, "REDACTED" if key.lower() in SECRET_PARAMETERS else value) for key, value in pairs])
+
+
+class RedactSecrets(SpanProcessor):
+    """Rewrites a span's URL attributes as it starts (request spans carry them from the start)."""
+
+    def on_start(self, span, parent_context=None) -> None:
+        attributes = span.attributes or {}
+        path = attributes.get("url.path")
+        path = path if isinstance(path, str) else ""
+        for name in URL_ATTRIBUTES:
+            value = attributes.get(name)
+            if isinstance(value, str) and (cleaned := redacted(name, value, path)) != value:
+                span.set_attribute(name, cleaned)

@@ -121,6 +121,9 @@ async def settings(infra: Infra, database_url: str) -> Settings:
         consumer_metrics_port=0,
         expiry_metrics_port=0,
         db_retry_max_backoff_seconds=1.0,
+        # A secret of the run's own: the public development value is refused once a test turns
+        # access control on.
+        report_signing_secret=f"test-signing-secret-{prefix}",
     )
     await ensure_topics(settings)
     return settings

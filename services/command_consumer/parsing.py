@@ -8,7 +8,14 @@ from dataclasses import dataclass
 import orjson
 from pydantic import ValidationError
 
-from shared.commands import COMMAND_TYPES, SEGMENT_COMMAND_TYPES, USER_COMMAND_TYPES, Command, command_adapter
+from shared.commands import (
+    COMMAND_TYPES,
+    SEGMENT_COMMAND_TYPES,
+    USER_COMMAND_TYPES,
+    Command,
+    command_adapter,
+    plain_text,
+)
 from shared.outcomes import ErrorCode
 from shared.settings import Settings
 
@@ -53,7 +60,7 @@ ParsedRecord = ValidCommand | InvalidRecord
 def _derived_command_id(raw: object, record: RecordRef) -> str:
     if isinstance(raw, dict):
         command_id = raw.get("command_id")
-        if isinstance(command_id, str) and 1 <= len(command_id) <= 64:
+        if isinstance(command_id, str) and 1 <= len(command_id) <= 64 and plain_text(command_id):
             return command_id
     return record.default_command_id
 

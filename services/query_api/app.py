@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 import structlog
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
-from opentelemetry import trace
 
 from services.query_api import console
 from services.query_api.auth import KeyRing
@@ -23,14 +22,15 @@ from services.query_api.readmodel import USER_SEGMENTS_SQL, create_lookup_pool
 from services.query_api.replicas import ReadRouter
 from services.query_api.reports import ReportSigner
 from services.query_api.rollout_cache import RolloutCache
-from services.query_api.routes import asyncapi, commands, health, reports, segments, users
+from services.query_api.routes import asyncapi, commands, documentation, health, reports, segments, users
 from services.query_api.schemas import DATABASE_UNAVAILABLE, RETRY_AFTER_SECONDS
+from services.query_api.signing import REPORT_LINKS, check_signing_secret, purpose_key
 from shared import tracing
 from shared.api_keys import KeyFileError
 from shared.client import CommandPublisher, KafkaUnavailable
 from shared.db import TRANSIENT_DB_ERRORS, create_pool
 from shared.kafka import KafkaSetupError
-from shared.settings import DEVELOPMENT_REPORT_SECRET, Settings, get_settings
+from shared.settings import Settings, get_settings
 
 log = structlog.get_logger("query_api")
 DESCRIPTION = """
@@ -41,19 +41,17 @@ signed CSV links, and an HTTP gateway that publishes commands to Kafka.
 
 
 def check_production_settings(settings: Settings) -> None:
+    check_signing_secret(settings)
     if settings.environment == "development":
         return
-    if settings.report_signing_secret.get_secret_value() == DEVELOPMENT_REPORT_SECRET:
-        raise SystemExit("REPORT_SIGNING_SECRET is the development default; set a secret of your own "
-                         "before running with ENVIRONMENT=production.")
     if settings.api_auth == "enabled" and settings.api_keys_file is None:
         raise SystemExit("ENVIRONMENT=production needs API keys: set API_KEYS_FILE (make one with "
                          "`segmentctl keys create`), or API_AUTH=disabled when a gateway in front authenticates.")
     if settings.console_enabled:
         log.info("the web console is on at /ui (UI_ENABLED=true)")
     if not settings.api_public_url:
-        log.warning("API_PUBLIC_URL is not set: report links are built from each request's Host header, "
-                    "which a client controls; set it to the API's public base URL")
+        log.warning("API_PUBLIC_URL is not set: report links name the request's host only when REPORT_LINK_HOSTS "
+                    "lists it, else the address the request reached; set it to the API's public base URL")
 
 
 def key_ring(settings: Settings) -> KeyRing:
@@ -89,44 +87,25 @@ async def _connect(publisher: CommandPublisher) -> None:
         log.warning("Kafka is not reachable yet: POST /commands answers 503 until it is", error=str(error))
 
 
-class SegmentationAPI(FastAPI):
-    """FastAPI, with the hot read answered before anything else runs (see fast_path.py), and with
-    tracing on, all of it inside OpenTelemetry's ASGI middleware (request spans named by route)."""
+UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes: noise in every backend
 
-    entry = None  # the traced entry point, when tracing is on
+
+class SegmentationAPI(FastAPI):
+    """FastAPI, with the hot read answered before anything else runs (see fast_path.py). Every other
+    request's server span is FastAPI's own (one span a request, named by its route template)."""
+
+    traces_requests = False  # whether requests other than the hot read get server spans
 
     async def __call__(self, scope, receive, send) -> None:
         resources = getattr(self.state, "resources", None)  # set once the lifespan has started
         if resources is not None and await answer_user_segments(resources, scope, send):
             return  # the hot read, answered (and traced) by fast_path.py
-        if self.entry is not None and scope["type"] == "http":
-            await self.entry(scope, receive, send)
-        else:
-            await self.dispatch(scope, receive, send)
-
-    async def dispatch(self, scope, receive, send) -> None:
         await super().__call__(scope, receive, send)
-        if self.entry is not None:
-            _name_request_span(scope)
-
-    def trace_requests(self) -> None:
-        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
-
-        def span_details(scope) -> tuple[str, dict]:
-            return scope["method"], {}  # named by its route once routing has found it
-
-        self.entry = OpenTelemetryMiddleware(self.dispatch, default_span_details=span_details,
-                                             excluded_urls="healthz,readyz,metrics", exclude_spans=["receive", "send"])
 
 
-def _name_request_span(scope) -> None:
-    """Request spans are named by the route's template once routing has found it."""
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    if path:
-        span = trace.get_current_span()
-        span.update_name(f"{scope['method']} {path}")
-        span.set_attribute("http.route", path)
+def _untraced(scope) -> bool:
+    """FastAPI's telemetry skips a request for which this is true: tracing off, or a probe."""
+    return not tracing.ENABLED or scope.get("path") in UNTRACED_PATHS
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -156,7 +135,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                poll_interval_ms=settings.replica_poll_interval_ms)
             await reads.start()
             opened.push_async_callback(reads.stop)
-            signer = ReportSigner(settings.report_signing_secret.get_secret_value(), settings.report_link_ttl_seconds)
+            signer = ReportSigner(purpose_key(settings.report_signing_secret.get_secret_value(), REPORT_LINKS),
+                                  settings.report_link_ttl_seconds)
             app.state.resources = Resources(settings, pool, rollout, signer, publisher, reads, keys)
             keys.start()
             opened.push_async_callback(keys.stop)
@@ -166,9 +146,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 opened.callback(loop.remove_signal_handler, signal.SIGHUP)
             yield
 
+    traced = tracing.ENABLED and not tracing.skipped("fastapi")
     app = SegmentationAPI(title="User segmentation service", version="1.0.0", description=DESCRIPTION,
-                          lifespan=lifespan)
-    for module in (users, segments, reports, commands, health, asyncapi):
+                          lifespan=lifespan, docs_url=None, redoc_url=None,
+                          telemetry={"tracing": traced, "metrics": False, "logs": False, "operation_spans": False,
+                                     "exclude": _untraced})
+    app.traces_requests = traced
+    for module in (users, segments, reports, commands, health, asyncapi, documentation):
         app.include_router(module.router)
     default_openapi = app.openapi
 
@@ -181,8 +165,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.openapi = openapi
     if settings.console_enabled:
         console.install(app, settings, keys)
-    if tracing.ENABLED and not tracing.skipped("asgi"):
-        app.trace_requests()
     for error in TRANSIENT_DB_ERRORS:
         app.add_exception_handler(error, database_unavailable)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from services.query_api.auth import KeyRing
-from services.query_api.replicas import InvalidToken, ReadRouter, parse_token
+from services.query_api.replicas import TOKEN_PATTERN, InvalidToken, ReadRouter, parse_token
 from services.query_api.reports import ReportSigner
 from services.query_api.rollout_cache import RolloutCache
 from shared.api_keys import ApiKey
@@ -31,8 +31,25 @@ class Resources:
 
     def report_link(self, request: Request, year: int, month: int, user_id: int | None) -> str:
         """The absolute, signed link to a month's history CSV (of one user, or of all)."""
-        base = self.settings.api_public_url or str(request.base_url)
-        return f"{base.rstrip('/')}/reports/download?token={self.signer.sign(year, month, user_id)}"
+        return f"{self.link_base(request)}/reports/download?token={self.signer.sign(year, month, user_id)}"
+
+    def link_base(self, request: Request) -> str:
+        """Where links point: API_PUBLIC_URL; else the request's host if REPORT_LINK_HOSTS lists it;
+        else the address the request actually reached. Never a Host header that is not listed: the
+        client chooses it, and a link on a host of an attacker's would hand the report over."""
+        if self.settings.api_public_url:
+            return self.settings.api_public_url.rstrip("/")
+        if request.url.hostname in self.settings.report_link_hosts:
+            return str(request.base_url).rstrip("/")
+        server = request.scope.get("server")
+        if not server or not server[0] or server[0].startswith("/"):  # a Unix socket: no address to give
+            return ""
+        host, port = server
+        scheme = request.url.scheme
+        authority = f"[{host}]" if ":" in host else host
+        if port is not None and port != {"http": 80, "https": 443}.get(scheme):
+            authority += f":{port}"
+        return f"{scheme}://{authority}"
 
 
 async def get_resources(request: Request) -> Resources:
@@ -83,7 +100,6 @@ StatusKey = Annotated[ApiKey | None, _requiring("status")]
 
 
 TOKEN_HEADER = "X-Consistency-Token"
-TOKEN_PATTERN = r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$"  # a WAL position, as PostgreSQL writes it
 
 
 async def consistency_token(

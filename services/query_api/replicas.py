@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -52,7 +53,16 @@ class InvalidToken(ValueError):
     pass
 
 
+# A consistency token is a WAL position as PostgreSQL writes it; the route's parameters and the fast
+# path both check it with this pattern (int() alone would take "-1", "0x10" and "1_0").
+TOKEN_PATTERN = r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$"
+_TOKEN = re.compile(TOKEN_PATTERN)
+
+
 def parse_token(token: str) -> int:
+    if _TOKEN.fullmatch(token) is None:
+        raise InvalidToken(f"not a consistency token: {token[:40]!r} (expected a WAL position like 0/16B3748, as "
+                           "outcomes carry)")
     try:
         return parse_lsn(token)
     except ValueError:

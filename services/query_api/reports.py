@@ -32,8 +32,8 @@ class ReportLinkInvalid(Exception):
 class ReportSigner:
     """Link tokens carry only the report's query, signed with HMAC and timestamped (itsdangerous)."""
 
-    def __init__(self, secret: str, ttl_seconds: int) -> None:
-        self._serializer = URLSafeTimedSerializer(secret, salt="history-report-v1")
+    def __init__(self, key: str | bytes, ttl_seconds: int) -> None:
+        self._serializer = URLSafeTimedSerializer(key, salt="history-report-v1")
         self.ttl_seconds = ttl_seconds
 
     def sign(self, year: int, month: int, user_id: int | None) -> str:

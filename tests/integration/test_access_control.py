@@ -9,11 +9,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from itsdangerous import URLSafeTimedSerializer
 from pydantic import SecretStr
 
 from services.query_api.app import create_app
 from shared.api_keys import new_key
 from shared.query_client import QueryApiError, QueryClient
+from shared.settings import DEVELOPMENT_REPORT_SECRET
 from tests.support import Publisher, running_consumer, wait_for_outcomes
 
 pytestmark = pytest.mark.integration
@@ -197,3 +199,27 @@ async def test_the_python_client_sends_its_key_and_says_when_it_is_refused(secur
             await api.command_outcome("c-9")
         assert refused.value.status == 403
         assert await api.user_segments(1000) == []
+
+
+async def test_access_control_on_the_public_default_secret_refuses_to_start(settings, keys):
+    with pytest.raises(SystemExit, match="REPORT_SIGNING_SECRET"):
+        create_app(settings.model_copy(update={"api_keys_file": keys.path,
+                                               "report_signing_secret": SecretStr(DEVELOPMENT_REPORT_SECRET)}))
+
+
+async def test_a_report_link_forged_with_the_public_default_gets_nothing(secured, keys):
+    """The audit's proof: a token minted from the built-in secret for every user's CSV, with no key."""
+    forged = URLSafeTimedSerializer(DEVELOPMENT_REPORT_SECRET, salt="history-report-v1").dumps(
+        {"y": 2026, "m": 12, "u": None})
+    refused = await secured.get("/reports/download", params={"token": forged})
+    assert refused.status_code == 403 and "not valid" in refused.text
+    link = (await secured.get("/reports/history?year=2026&month=12", headers=keys.header("reporter"))).json()
+    assert (await secured.get(link["report_link"])).status_code == 200  # a real link still works
+
+
+async def test_a_fast_path_token_is_checked_as_the_route_checks_it(secured, keys):
+    """int(x, 16) took these on the fast path where the route answered 422."""
+    for token in ("-1/-1", "0x10/0x1", "1_0/0", "f" * 5000 + "/1", " 0/1"):
+        response = await secured.get("/users/1/segments", headers={**keys.header("reader"),
+                                                                   "X-Consistency-Token": token})
+        assert response.status_code == 422, (token[:20], response.status_code)

@@ -3,16 +3,22 @@ cookie, scopes, CSRF, revocation, production's switch, the import check, and a c
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
 import pytest
+from itsdangerous import URLSafeSerializer
 from pydantic import SecretStr
 
 from services.query_api.app import create_app
 from shared.api_keys import new_key
+from shared.assignments import parse_assignments
+from shared.settings import DEVELOPMENT_REPORT_SECRET
 from tests.integration.test_access_control import Keys
 from tests.support import Publisher, running_consumer, wait_for_outcomes
 
@@ -227,3 +233,70 @@ async def test_a_key_that_may_write_but_not_see_outcomes_is_told_its_command_was
         content = re.search(r'name="content" value="([^"]+)"', checked.text)[1]
         imported = await client.post("/ui/import/publish", data={"csrf_token": token, "content": content})
         assert imported.status_code == 202 and "2 rows were published (1 invalid, not published)" in imported.text
+
+
+async def test_signing_out_ends_every_session_of_that_key(settings, keys):
+    """The audit's finding: a cookie kept from before signing out still worked until it expired."""
+    async with console(settings, api_keys_file=keys.path) as client, \
+            console(settings, api_keys_file=keys.path) as elsewhere:
+        token = await sign_in(client, keys.keys["reader"])
+        await sign_in(elsewhere, keys.keys["reader"])  # the same key in another browser
+        kept = client.cookies.get("segmentation_console")
+        out = await client.post("/ui/signout", data={"csrf_token": token})
+        assert out.status_code == 303 and out.headers["location"] == "/ui/signin"
+        client.cookies.set("segmentation_console", kept, path="/ui")  # the old cookie, replayed
+        for browser in (client, elsewhere):
+            after = await browser.get("/ui/segments")
+            assert after.status_code == 303 and after.headers["location"].startswith("/ui/signin"), after.text
+        client.cookies.clear()
+        await sign_in(client, keys.keys["reader"])  # signing in again works at once
+        assert (await client.get("/ui/segments")).status_code == 200
+
+
+async def test_the_import_check_lists_a_bounded_number_of_rows_off_the_event_loop(settings, monkeypatch):
+    from services.query_api.console import pages
+
+    threads = []
+
+    def parse(*args):
+        threads.append(threading.current_thread())
+        return parse_assignments(*args)
+
+    monkeypatch.setattr(pages, "parse_assignments", parse)
+    rows = "user_id,segment_slug\n" + "x,A\n" * 20_000
+    async with console(settings) as client:
+        token = csrf_of(await client.get("/ui/import"))
+        checked = await client.post("/ui/import", data={"csrf_token": token},
+                                    files={"file": ("bad.csv", rows.encode(), "text/csv")})
+    assert checked.status_code == 200
+    assert "<strong>20,000</strong> invalid" in checked.text and "the first 200 of 20,000" in checked.text
+    assert len(re.findall(r'<tr><td class="number">', checked.text)) == pages.PROBLEMS_SHOWN
+    assert len(checked.content) < 100_000
+    assert threads and threading.main_thread() not in threads
+
+
+async def test_a_file_too_large_to_publish_is_refused_at_the_check(settings):
+    rows = b"user_id,segment_slug\n" + b"1,A\n" * 45_000  # 180 KB: in base64, over the limit
+    async with console(settings, max_request_body_bytes=200_000) as client:
+        token = csrf_of(await client.get("/ui/import"))
+        checked = await client.post("/ui/import", data={"csrf_token": token},
+                                    files={"file": ("big.csv", rows, "text/csv")})
+    assert checked.status_code == 413 and "segmentctl import" in checked.text and "Publish" not in checked.text
+
+
+async def test_an_import_token_forged_with_the_public_default_is_refused(settings):
+    forged = URLSafeSerializer(
+        hmac.new(DEVELOPMENT_REPORT_SECRET.encode(), b"console-import-v1", hashlib.sha256).digest(),
+        salt="console-import-v1").dumps({"d": "0" * 16, "r": [[1, 1_000_000]], "i": 0})
+    async with console(settings) as client:
+        page = await client.get(f"/ui/import/{forged}")
+    assert page.status_code == 404 and "No such import" in page.text
+
+
+async def test_the_console_has_an_icon(settings):
+    async with console(settings) as client:
+        page = await client.get("/ui/segments")
+        assert 'rel="icon"' in page.text
+        for path in ("/ui/static/favicon.svg", "/favicon.ico"):
+            icon = await client.get(path)
+            assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import tracemalloc
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
@@ -218,6 +219,9 @@ async def test_post_command_publishes_to_its_topic_with_its_key(api, settings, p
     (b'{"type": "create_user", "user_id": 0}', "user_id"),
     (b'{"type": "update_user_segments", "user_id": 1, "ttl_seconds": 5, "expires_at": "2999-01-01T00:00:00Z"}',
      "not both"),
+    # The audit's terminal injection through `segmentctl tail`.
+    (b'{"type": "create_user", "user_id": 1, "command_id": "x\\n{\\"event\\":\\"FAKE\\"}\\u001b[2J"}',
+     "control characters"),
 ])
 async def test_post_command_refuses_invalid_commands(api, body, mentions):
     response = await api.post("/commands", content=body, headers={"content-type": "application/json"})
@@ -285,3 +289,22 @@ async def test_docs_and_openapi_have_an_example_for_every_endpoint(api):
     assert {"CreateSegment", "UpdateSegment", "DeleteSegment", "CreateUser", "UpdateUserSegments"} <= set(
         spec["components"]["schemas"])
     assert spec["components"]["schemas"]["UpdateUserSegments"]["not"] == {"required": ["ttl_seconds", "expires_at"]}
+
+
+async def test_report_links_never_name_a_host_the_client_made_up(api):
+    """Without API_PUBLIC_URL a link names the request's host only when REPORT_LINK_HOSTS lists it;
+    for any other Host header it names the address the request reached."""
+    for host, expected in (("attacker.example", "http://api.test/"), ("localhost:8080", "http://localhost:8080/")):
+        link = (await api.get("/reports/history?year=2026&month=11", headers={"Host": host})).json()["report_link"]
+        assert link.startswith(expected + "reports/download?token="), (host, link)
+
+
+@pytest.mark.parametrize("path", ["/docs", "/asyncapi"])
+async def test_documentation_pages_load_only_pinned_assets_with_integrity_hashes(api, path):
+    page = (await api.get(path)).text
+    external = re.findall(r"<(?:script|link)\b[^>]*\b(?:src|href)=\"https?://[^\"]+\"[^>]*>", page)
+    scripts = [tag for tag in external if "stylesheet" in tag or tag.startswith("<script")]
+    assert scripts, page[:500]
+    for tag in scripts:
+        assert re.search(r'integrity="sha384-[A-Za-z0-9+/=]{64}" crossorigin="anonymous"', tag), tag
+        assert re.search(r"@\d+\.\d+\.\d+/", tag), tag  # an exact version, never a range

@@ -167,3 +167,32 @@ async def test_partition_lease_checks_make_no_spans(settings, pool, spans):
                 await asyncio.sleep(0.05)
     assert len(consumer.leases.held) == 0  # released on stop
     assert [span.name for span in spans.get_finished_spans()] == []
+
+
+async def test_each_request_is_one_server_span_named_by_its_route_and_probes_make_none(settings, spans):
+    async with api(settings) as client:
+        assert (await client.get("/segments/SOME_SLUG")).status_code == 404
+        for probe in ("/healthz", "/readyz", "/metrics"):
+            await client.get(probe)
+    servers = [span for span in spans.get_finished_spans() if span.kind is SpanKind.SERVER]
+    assert [(span.name, span.attributes.get("http.route")) for span in servers] == [
+        ("GET /segments/{slug}", "/segments/{slug}")]
+
+
+async def test_no_span_attribute_carries_a_report_or_import_token(settings, spans):
+    """The audit's finding: `url.query` held a report link's token, which is the report itself."""
+    async with api(settings) as client:
+        link = (await client.get("/reports/history?year=2026&month=11")).json()["report_link"]
+        token = link.partition("token=")[2]
+        assert (await client.get(link)).status_code == 200
+        import_token = "eyJkIjoiMDAwMCJ9.c2lnbmF0dXJl"
+        await client.get(f"/ui/import/{import_token}/progress")
+        await client.get("/ui/users", params={"user_id": "12345"})
+    finished = spans.get_finished_spans()
+    download = next(span for span in finished if span.name == "GET /reports/download")
+    assert download.attributes["url.query"] == "token=REDACTED"
+    console = next(span for span in finished if span.name == "GET /ui/users")
+    assert console.attributes.get("url.query", "") == ""  # console pages keep no query string
+    for span in finished:
+        for value in span.attributes.values():
+            assert token not in str(value) and import_token not in str(value), (span.name, value)

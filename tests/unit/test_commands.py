@@ -79,3 +79,16 @@ def test_optional_fields_that_refuse_null_do_not_advertise_a_null_default():
         field_schema = schemas[model]["properties"][field]
         assert "default" not in field_schema and "anyOf" not in field_schema
     assert schemas["CreateUser"]["properties"]["user_id"]["minimum"] == 1
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("command_id", "x\ny"), ("command_id", "\x1b[2J"), ("command_id", "a\u202eb"), ("command_id", "a\x85b"),
+    ("actor", "ops\r"), ("actor", "\x07"), ("description", "\x1b]0;title\x07"), ("description", "a\rb"),
+])
+def test_text_that_reaches_terminals_refuses_control_characters(field, value):
+    with pytest.raises(ValidationError, match="must not contain control characters"):
+        validate({"type": "create_segment", "slug": "A", field: value})
+
+
+def test_a_description_may_span_lines():
+    assert validate({"type": "create_segment", "slug": "A", "description": "one\n\ttwo"}).description == "one\n\ttwo"

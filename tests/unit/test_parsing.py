@@ -1,3 +1,4 @@
+import orjson
 import pytest
 
 from services.command_consumer.parsing import InvalidRecord, RecordRef, ValidCommand, parse_record
@@ -37,3 +38,14 @@ def test_invalid_record_keeps_a_valid_command_id():
     parsed = parse_record(record(b'{"type": "create_user", "user_id": "x", "command_id": "c-1"}'), SETTINGS)
     assert isinstance(parsed, InvalidRecord) and parsed.command_id == "c-1"
     assert "user_id" in parsed.message
+
+
+@pytest.mark.parametrize("field", ["command_id", "actor"])
+def test_control_characters_in_free_text_are_invalid_and_never_become_the_outcomes_id(field):
+    """The audit's terminal injection: a command id with a line break and escape sequences."""
+    hostile = 'x\n{"event":"FAKE"}\u001b[2J'
+    value = {"type": "create_user", "user_id": 1, "command_id": "c-2", field: hostile}
+    parsed = parse_record(record(orjson.dumps(value)), SETTINGS)
+    assert isinstance(parsed, InvalidRecord) and parsed.code == "invalid_field"
+    assert f"{field}: " in parsed.message and "control characters" in parsed.message
+    assert parsed.command_id == ("assignments.commands:3:42" if field == "command_id" else "c-2")

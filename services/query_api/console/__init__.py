@@ -7,8 +7,6 @@ the API itself (no CDN: the service runs without internet), and the hot read nev
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -19,7 +17,8 @@ from fastapi.staticfiles import StaticFiles
 from services.query_api.auth import KeyRing
 from services.query_api.console import pages
 from services.query_api.console.imports import ImportTokens
-from services.query_api.console.session import Sessions
+from services.query_api.console.session import Sessions, SignOuts
+from services.query_api.signing import IMPORT_TOKENS, purpose_key
 from shared.settings import Settings
 
 STATIC = Path(__file__).with_name("static")
@@ -28,9 +27,11 @@ STATIC = Path(__file__).with_name("static")
 def install(app: FastAPI, settings: Settings, keys: KeyRing) -> None:
     """Serve the console from `app` (create_app calls this when the console is enabled)."""
     secret = settings.report_signing_secret.get_secret_value()
+    sign_outs = SignOuts(lambda: app.state.resources.pool)
     app.state.console = pages.Console(
-        Sessions(secret, keys, int(settings.ui_session_hours * 3600)),
-        ImportTokens(hmac.new(secret.encode(), b"console-import-v1", hashlib.sha256).digest()),
+        Sessions(secret, keys, int(settings.ui_session_hours * 3600), sign_outs),
+        # An import's page is useful while its outcomes are kept, and no longer.
+        ImportTokens(purpose_key(secret, IMPORT_TOKENS), max_age_seconds=settings.outcome_retention),
         secure_cookies=(settings.api_public_url or "").startswith("https://"))
     app.include_router(pages.router)
     app.mount("/ui/static", StaticFiles(directory=STATIC), name="console-static")

@@ -1,12 +1,13 @@
 """An import's identity after it is published: a signed token naming the file (its digest, from
 which the command ids come) and its valid lines as ranges. The progress page needs nothing else,
-so it works on any API worker and after a restart, with no job table."""
+so it works on any API worker and after a restart, with no job table. A token expires with the
+outcomes it reports on."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from itsdangerous import BadSignature, URLSafeSerializer
+from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from shared.assignments import command_id
 
@@ -33,15 +34,16 @@ def _ranges(lines: list[int]) -> list[list[int]]:
 
 
 class ImportTokens:
-    def __init__(self, secret: bytes) -> None:
-        self._serializer = URLSafeSerializer(secret, salt="console-import-v1")  # compresses what repeats
+    def __init__(self, key: bytes, max_age_seconds: int) -> None:
+        self._serializer = URLSafeTimedSerializer(key, salt="console-import-v1")  # compresses what repeats
+        self.max_age_seconds = max_age_seconds
 
     def dumps(self, job: ImportJob) -> str:
         return self._serializer.dumps({"d": job.digest, "r": _ranges(job.lines), "i": job.invalid})
 
     def loads(self, token: str) -> ImportJob | None:
         try:
-            data = self._serializer.loads(token)
+            data = self._serializer.loads(token, max_age=self.max_age_seconds)
             lines = [line for first, last in data["r"] for line in range(int(first), int(last) + 1)]
             return ImportJob(str(data["d"]), lines, int(data["i"]))
         except (BadSignature, KeyError, TypeError, ValueError):

@@ -59,7 +59,7 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 HISTORY_ROWS_SHOWN = 500
-PROBLEMS_SHOWN = 200  # an import's rows not applied, listed with their errors
+PROBLEMS_SHOWN = 200  # an import's invalid rows (or rows not applied) listed with their errors; the rest counted
 MONTH = re.compile(r"(\d{4})-(\d{2})")
 POLL_DONE = "X-Poll-Done"  # a polled region's answer is final: stop polling
 
@@ -96,7 +96,7 @@ def resources_of(request: Request) -> Resources:
 
 
 async def visitor_of(request: Request) -> Visitor:
-    return console_of(request).sessions.visitor(request.cookies.get(COOKIE))
+    return await console_of(request).sessions.visitor(request.cookies.get(COOKIE))
 
 
 VisitorDep = Annotated[Visitor, Depends(visitor_of)]
@@ -222,7 +222,7 @@ async def signin(request: Request, visitor: VisitorDep) -> Response:
 @router.post("/signout")
 async def signout(request: Request, visitor: VisitorDep) -> Response:
     await checked_form(request, visitor)
-    return see_other(request, console_of(request).sessions.signed_out(), "/ui/signin")
+    return see_other(request, await console_of(request).sessions.signed_out(visitor), "/ui/signin")
 
 
 # --- segments ---------------------------------------------------------------------------------
@@ -415,11 +415,18 @@ async def import_page(request: Request, visitor: Writer) -> Response:
     return render(request, visitor, "import.html")
 
 
-def _parsed(visitor: Visitor, data: bytes) -> ParsedFile:
+async def _parsed(visitor: Visitor, data: bytes) -> ParsedFile:
+    """The file checked in a worker thread, so a large file never holds up the event loop (and the
+    hot read with it); at most PROBLEMS_SHOWN invalid rows are listed, all of them counted."""
     try:
-        return parse_assignments(data, visitor.name)
+        return await asyncio.to_thread(parse_assignments, data, visitor.name, PROBLEMS_SHOWN)
     except ValueError as error:
         raise ConsoleError(422, "This file cannot be imported", str(error)) from None
+
+
+def _publish_form_bytes(content: str) -> int:
+    """The size of the publish form that carries `content` (URL-safe base64 needs no escaping)."""
+    return len("csrf_token=&content=") + 64 + len(content)
 
 
 @router.post("/import")
@@ -429,20 +436,27 @@ async def check_import(request: Request, visitor: Writer) -> Response:
     if not isinstance(upload, UploadFile) or not upload.filename:
         raise ConsoleError(422, "No file", "Choose a CSV file to import.")
     data = await upload.read()
-    parsed = _parsed(visitor, data)
-    return render(request, visitor, "import_check.html", parsed=parsed, filename=upload.filename,
-                  content=base64.b64encode(data).decode())
+    content = base64.urlsafe_b64encode(data).decode()
+    limit = resources_of(request).settings.max_request_body_bytes
+    if _publish_form_bytes(content) > limit:  # refused now, not after the check says it is fine
+        raise ConsoleError(413, "This file is too large to import here",
+                           f"The console publishes files of up to {limit * 3 // 4 - 100:,} bytes "
+                           f"(MAX_REQUEST_BODY_BYTES); this one has {len(data):,}. Split it, or import it with "
+                           "`segmentctl import`, which has no such limit.")
+    parsed = await _parsed(visitor, data)
+    return render(request, visitor, "import_check.html", parsed=parsed, filename=upload.filename, content=content,
+                  listed=PROBLEMS_SHOWN)
 
 
 @router.post("/import/publish")
 async def publish_import(request: Request, visitor: Writer) -> Response:
     form = await checked_form(request, visitor)
     try:
-        data = base64.b64decode(field(form, "content"), validate=True)
+        data = base64.b64decode(field(form, "content"), altchars=b"-_", validate=True)
     except (binascii.Error, ValueError):
         raise ConsoleError(422, "This file cannot be imported", "The file's content was altered on its way; "
                                                                 "upload it again.") from None
-    parsed = _parsed(visitor, data)
+    parsed = await _parsed(visitor, data)
     if not parsed.rows:
         raise ConsoleError(422, "Nothing to import", "The file has no valid row.")
     publisher = resources_of(request).publisher
@@ -453,19 +467,20 @@ async def publish_import(request: Request, visitor: Writer) -> Response:
         raise ConsoleError(503, "Kafka is unavailable", f"The import stopped: {error}. Importing the same file "
                                                         "again is safe: rows already applied are not applied "
                                                         "twice.") from error
-    log.info("import published", rows=len(parsed.rows), invalid=len(parsed.errors), digest=parsed.digest,
+    log.info("import published", rows=len(parsed.rows), invalid=parsed.invalid, digest=parsed.digest,
              actor=visitor.name, via="console")
-    job = ImportJob(parsed.digest, [row.line for row in parsed.rows], len(parsed.errors))
+    job = ImportJob(parsed.digest, [row.line for row in parsed.rows], parsed.invalid)
     if not visitor.can("status"):
         return render(request, visitor, "published.html", status=202, rows=len(parsed.rows),
-                      invalid=len(parsed.errors))
+                      invalid=parsed.invalid)
     return see_other(request, visitor, f"/ui/import/{console_of(request).imports.dumps(job)}")
 
 
 def _job(request: Request, token: str) -> ImportJob:
     job = console_of(request).imports.loads(token)
     if job is None:
-        raise ConsoleError(404, "No such import", "This import's address is not valid.")
+        raise ConsoleError(404, "No such import", "This import's address is not valid, or it has expired "
+                                                  "(import pages last as long as outcomes are kept).")
     return job
 
 

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import HTMLResponse
 
 from services.query_api.dependencies import ResourcesDep
+from services.query_api.routes.documentation import with_integrity
 from shared import asyncapi
 
 router = APIRouter(tags=["documentation"])
@@ -15,7 +16,7 @@ router = APIRouter(tags=["documentation"])
 
 @router.get("/asyncapi", response_class=HTMLResponse, summary="The command topics' AsyncAPI document, rendered")
 async def asyncapi_page(resources: ResourcesDep) -> HTMLResponse:
-    return HTMLResponse(asyncapi.document_html(resources.settings))
+    return HTMLResponse(with_integrity(asyncapi.document_html(resources.settings)))
 
 
 @router.get("/asyncapi.yaml", response_class=Response, summary="The command topics' AsyncAPI document (YAML)",
