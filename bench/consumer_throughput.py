@@ -39,7 +39,7 @@ from bench.sql_limit import RecordingPool, Transaction, replay
 from devstack.otlp_sink import OtlpSink
 from devstack.processes import free_port, stop_process
 from services.command_consumer import metrics
-from services.command_consumer.consumer import CommandConsumer
+from services.command_consumer.bootstrap import build_consumer
 from services.command_consumer.repository import open_pool
 from shared.db import create_pool
 from shared.kafka import kafka_options
@@ -136,7 +136,7 @@ def consumed_counter():
 
 
 async def consume_all(settings, pool) -> None:
-    consumer = CommandConsumer(settings, pool)
+    consumer = build_consumer(settings, pool)
     try:
         await consumer.run()
     except asyncio.CancelledError:
@@ -391,7 +391,7 @@ async def record_transactions(new, commands: list[dict], segments: int) -> list[
     settings, pool = await new("record")
     await seed_segments(pool, segments)
     await preload(settings, commands)
-    async with await open_pool(settings) as own:  # the service's own pool, closed after
+    async with await open_pool(settings, settings.topic_partitions) as own:  # the service's own pool, closed after
         recording = RecordingPool(own)
         await measure_until_stored(pool, len(commands), "recording the consumer's SQL",
                                    functools.partial(consume_all, settings, recording))
@@ -414,7 +414,8 @@ async def throughput(args, new, commands: list[dict]) -> dict[str, str]:
             label = f"round {round_number}/{args.rounds}"
             if part == "batched":
                 await preload(settings, commands)
-                async with await open_pool(settings) as own:  # the pool the consumer service opens
+                # the pool the consumer service opens
+                async with await open_pool(settings, settings.topic_partitions) as own:
                     run = functools.partial(consume_all, settings, own)
                     rates[part].append(await measure_until_stored(pool, len(commands), f"{label}: batched consumer",
                                                                   run, counted=consumed_counter()))

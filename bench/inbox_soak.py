@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaProducer
 from bench import common
 from bench.common import bench_environment
 from bench.consumer_throughput import seed_segments
-from services.command_consumer.consumer import CommandConsumer
+from services.command_consumer.bootstrap import build_consumer
 from services.expiry_worker.partitions import PartitionMaintainer
 from shared.kafka import kafka_options
 
@@ -57,7 +57,7 @@ async def main(args) -> None:
         settings, pool = await new("soak")
         await seed_segments(pool, 50)
         stopping = asyncio.Event()
-        consumer = CommandConsumer(settings, pool)
+        consumer = build_consumer(settings, pool)
         maintainer = PartitionMaintainer(pool, settings)
         tasks = [asyncio.create_task(consumer.run()), asyncio.create_task(maintainer.run(stopping))]
         producing = asyncio.create_task(produce_steadily(settings, args.commands, args.seconds))

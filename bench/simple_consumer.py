@@ -76,7 +76,8 @@ async def run_simple_consumer(settings: Settings, pool: asyncpg.Pool, stop_after
     try:
         async for message in consumer:
             parsed = parse_record(RecordRef(message.topic, message.partition, message.offset, message.key,
-                                            message.value), settings)
+                                            message.value), settings.segments_commands_topic,
+                                  settings.max_command_bytes)
             async with pool.acquire() as conn:
                 outcome = await apply_one(conn, parsed)
             await producer.send_and_wait(settings.results_topic, orjson.dumps(outcome),

@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from devstack.extra import embedded_package_dir
+from shared.settings import LocalStackSettings
 
 ACCOUNT = "embedded_postgres"
-ROOT_STATE_DIR = Path(os.environ.get("EMBEDDED_POSTGRES_ROOT_DIR", "/var/lib/segmentation-service"))
+ROOT_STATE_DIR = LocalStackSettings().embedded_postgres_root_dir
 
 
 def running_as_root() -> bool:

@@ -24,7 +24,7 @@ from pydantic import Field
 
 from shared.commands import CreateSegment, CreateUser, DeleteSegment, UpdateSegment, UpdateUserSegments
 from shared.outcomes import Outcome
-from shared.settings import Settings
+from shared.settings import KafkaSettings
 
 DOCUMENT_PATH = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.yaml"
 DEFAULT_SERVER = "kafka:9092"
@@ -46,7 +46,7 @@ async def apply_user_command(command: UserCommand) -> Outcome:
     raise NotImplementedError("documentation only: services.command_consumer applies commands")
 
 
-def build_app(settings: Settings) -> FastStream:
+def build_app(settings: KafkaSettings) -> FastStream:
     broker = KafkaBroker(settings.kafka_bootstrap_servers or DEFAULT_SERVER,
                          description="Commands in, one outcome per command out.")
     results = broker.publisher(
@@ -73,7 +73,7 @@ def build_app(settings: Settings) -> FastStream:
     ))
 
 
-def specification(settings: Settings) -> Specification:
+def specification(settings: KafkaSettings) -> Specification:
     spec = build_app(settings).schema.to_specification()
     # FastStream assumes its own correlation_id header; say where this contract carries the id.
     for name, message in spec.components.messages.items():
@@ -86,7 +86,7 @@ def specification(settings: Settings) -> Specification:
     return spec
 
 
-def document(settings: Settings) -> dict:
+def document(settings: KafkaSettings) -> dict:
     """The document as plain data, its channels, operations, messages and schemas in name order
     (FastStream's order varies between runs; a committed file should not)."""
     data = specification(settings).to_jsonable()
@@ -97,22 +97,22 @@ def document(settings: Settings) -> dict:
     return data
 
 
-def document_yaml(settings: Settings) -> str:
+def document_yaml(settings: KafkaSettings) -> str:
     return yaml.safe_dump(document(settings), sort_keys=False, allow_unicode=True, width=100)
 
 
-def document_json(settings: Settings) -> str:
+def document_json(settings: KafkaSettings) -> str:
     return json.dumps(document(settings), indent=2, ensure_ascii=False)
 
 
-def document_html(settings: Settings) -> str:
+def document_html(settings: KafkaSettings) -> str:
     """A rendered page of the document, with no "try it out" that could publish to the broker."""
     return get_asyncapi_html(specification(settings), try_it_out_path=None)
 
 
-def default_settings() -> Settings:
+def default_settings() -> KafkaSettings:
     """Defaults only, whatever the environment says: the committed document must not vary by machine."""
-    return Settings.model_construct()
+    return KafkaSettings.model_construct()
 
 
 def main(argv: list[str] | None = None) -> None:

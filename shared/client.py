@@ -27,7 +27,7 @@ from aiokafka.errors import KafkaError
 from shared import tracing
 from shared.commands import SEGMENT_COMMAND_TYPES, command_adapter, partition_key
 from shared.kafka import KafkaSetupError, create_producer, kafka_options, start_client
-from shared.settings import Settings
+from shared.settings import KafkaSettings
 
 
 class KafkaUnavailable(RuntimeError):
@@ -43,7 +43,7 @@ class Sent:
 
 
 class CommandPublisher:
-    def __init__(self, settings: Settings, timeout: float = 5.0) -> None:
+    def __init__(self, settings: KafkaSettings, timeout: float = 5.0) -> None:
         self.settings = settings
         self.timeout = timeout
         self._producer: AIOKafkaProducer | None = None
@@ -128,7 +128,7 @@ class OutcomeReader:
     """Outcomes as they arrive on the results topic, from its end at the moment it is opened (or
     from the beginning). Open it before publishing to be sure to see the commands' outcomes."""
 
-    def __init__(self, settings: Settings, from_beginning: bool = False, timeout: float = 5.0) -> None:
+    def __init__(self, settings: KafkaSettings, from_beginning: bool = False, timeout: float = 5.0) -> None:
         self.settings = settings
         self.from_beginning = from_beginning
         self.timeout = timeout

@@ -25,7 +25,7 @@ from aiokafka.errors import (
     UnsupportedSaslMechanismError,
 )
 
-from shared.settings import Settings
+from shared.settings import KafkaSettings
 
 SASL_REFUSALS = (AuthenticationFailedError, SaslAuthenticationFailed, AuthenticationMethodNotSupported,
                  UnsupportedSaslMechanismError, IllegalSaslStateError)
@@ -35,7 +35,7 @@ class KafkaSetupError(RuntimeError):
     """The Kafka settings cannot work (TLS or SASL refused); retrying will not help."""
 
 
-def ssl_context(settings: Settings) -> ssl.SSLContext:
+def ssl_context(settings: KafkaSettings) -> ssl.SSLContext:
     """Verifies the broker against KAFKA_SSL_CA_FILE (or the system's CAs) and its host name;
     presents KAFKA_SSL_CERT_FILE / KEY_FILE for mutual TLS."""
     context = ssl.create_default_context(cafile=settings.kafka_ssl_ca_file)
@@ -46,7 +46,7 @@ def ssl_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
-def kafka_options(settings: Settings) -> dict[str, Any]:
+def kafka_options(settings: KafkaSettings) -> dict[str, Any]:
     """The connection options of any aiokafka client (consumer, producer, admin)."""
     protocol = settings.kafka_security_protocol
     options: dict[str, Any] = {"bootstrap_servers": settings.require_kafka(), "security_protocol": protocol}
@@ -59,7 +59,7 @@ def kafka_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-async def start_client(client, settings: Settings) -> None:
+async def start_client(client, settings: KafkaSettings) -> None:
     """`client.start()`, failing fast with the reason when the settings cannot work."""
     try:
         await client.start()
@@ -71,13 +71,13 @@ async def start_client(client, settings: Settings) -> None:
         raise
 
 
-def _first_server(settings: Settings) -> tuple[str, str, int]:
+def _first_server(settings: KafkaSettings) -> tuple[str, str, int]:
     address = settings.require_kafka().split(",")[0].strip()
     host, _, port = address.rpartition(":")
     return address, host, int(port)
 
 
-async def _sasl_refusal(settings: Settings) -> str | None:
+async def _sasl_refusal(settings: KafkaSettings) -> str | None:
     """Why the first bootstrap server refuses the SASL credentials, if it does."""
     if not settings.kafka_security_protocol.startswith("SASL_"):
         return None
@@ -96,7 +96,7 @@ async def _sasl_refusal(settings: Settings) -> str | None:
     return None
 
 
-async def _tls_refusal(settings: Settings) -> str | None:
+async def _tls_refusal(settings: KafkaSettings) -> str | None:
     """Why a TLS handshake with the first bootstrap server fails, if it does."""
     if settings.kafka_security_protocol not in ("SSL", "SASL_SSL"):
         return None
@@ -117,7 +117,7 @@ async def _tls_refusal(settings: Settings) -> str | None:
     return None
 
 
-def producer_options(settings: Settings) -> dict:
+def producer_options(settings: KafkaSettings) -> dict:
     # acks=all and a short linger: outcomes and DLQ records must be durable before offsets move.
     # No idempotent producer: the commands' own ids make effects idempotent, and some
     # Kafka-protocol brokers (the embedded one) do not implement InitProducerId.
@@ -136,11 +136,11 @@ def producer_options(settings: Settings) -> dict:
     }
 
 
-def create_producer(settings: Settings) -> AIOKafkaProducer:
+def create_producer(settings: KafkaSettings) -> AIOKafkaProducer:
     return AIOKafkaProducer(**producer_options(settings))
 
 
-async def ensure_topics(settings: Settings) -> list[str]:
+async def ensure_topics(settings: KafkaSettings) -> list[str]:
     """Create the contract's topics if missing. Returns the names created."""
     admin = AIOKafkaAdminClient(**kafka_options(settings), request_timeout_ms=10_000)
     await start_client(admin, settings)

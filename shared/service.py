@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import signal
 from collections.abc import Callable
 
@@ -13,7 +12,7 @@ from prometheus_client import start_http_server
 
 from shared import tracing
 from shared.logging import configure_logging
-from shared.settings import Settings, get_settings
+from shared.settings import Settings, TracingSettings, get_settings
 
 log = structlog.get_logger(__name__)
 
@@ -22,8 +21,9 @@ def bootstrap(service: str) -> Settings:
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format, service=service)
     if tracing.configure(service):
-        log.info("tracing on", exporter=os.environ.get("OTEL_TRACES_EXPORTER", "otlp"),
-                 sampler=os.environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on"))
+        environment = TracingSettings()
+        log.info("tracing on", exporter=environment.otel_traces_exporter or "otlp",
+                 sampler=environment.otel_traces_sampler or "parentbased_always_on")
     return settings
 
 

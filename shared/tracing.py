@@ -23,7 +23,6 @@ spans are skipped behind one flag, so the hot paths pay nothing measurable. On:
 from __future__ import annotations
 
 import copy
-import os
 import re
 from random import getrandbits as _random_bits
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -32,36 +31,31 @@ from opentelemetry import context, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.trace import SpanProcessor
 
+from shared.settings import TracingSettings
+
 ENABLED = False  # whether spans are made; read on the hot paths, so a plain module global
 _instrumented: set[str] = set()  # the instrumentations installed
 _sampled_first = None  # the SampledFirst of the enabled provider
 
 
-def wanted_by_environment(environ=os.environ) -> bool:
-    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return False
-    exporter = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
-    return exporter not in ("", "none") or bool(
-        environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
-
-
 def configure(service: str) -> bool:
-    """What every entrypoint calls: tracing on when the environment asks for it."""
-    if not wanted_by_environment():
+    """What every entrypoint calls: tracing on when the environment asks for it (TracingSettings)."""
+    if not TracingSettings().wanted:
         return False
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: f"segmentation-{service}"}
+    environment = TracingSettings()
+    attributes = {} if environment.otel_service_name else {SERVICE_NAME: f"segmentation-{service}"}
     provider = TracerProvider(resource=Resource.create(attributes))  # the sampler comes from OTEL_TRACES_SAMPLER
-    provider.add_span_processor(BatchSpanProcessor(_exporter()))
+    provider.add_span_processor(BatchSpanProcessor(_exporter(environment)))
     enable(provider)
     return True
 
 
-def _exporter():
-    if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "console":
+def _exporter(environment: TracingSettings):
+    if (environment.otel_traces_exporter or "otlp").strip().lower() == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
         return ConsoleSpanExporter()
@@ -70,11 +64,10 @@ def _exporter():
     return OTLPSpanExporter()  # OTEL_EXPORTER_OTLP_* (http/protobuf)
 
 
-def skipped(name: str, environ=os.environ) -> bool:
+def skipped(name: str) -> bool:
     """Whether OTEL_PYTHON_DISABLED_INSTRUMENTATIONS (comma-separated, as for opentelemetry-instrument)
-    names this instrumentation: asyncpg, aiokafka, or asgi / fastapi (the API's request spans)."""
-    listed = {item.strip().lower() for item in environ.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", "").split(",")}
-    return name in listed or (name in ("asgi", "fastapi") and bool(listed & {"asgi", "fastapi"}))
+    names this instrumentation: asyncpg, aiokafka, or fastapi / asgi (the API's request spans)."""
+    return TracingSettings().skipped(name)
 
 
 def enable(provider) -> None:

@@ -13,6 +13,7 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from services.command_consumer.bootstrap import build_consumer
 from services.command_consumer.consumer import CommandConsumer
 from shared.kafka import kafka_options
 from shared.settings import Settings
@@ -58,7 +59,7 @@ class Publisher:
 
 @contextlib.asynccontextmanager
 async def running_consumer(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[CommandConsumer]:
-    consumer = CommandConsumer(settings, pool)
+    consumer = build_consumer(settings, pool)
     task = asyncio.create_task(consumer.run())
     try:
         yield consumer

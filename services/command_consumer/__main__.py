@@ -8,8 +8,7 @@ import sys
 
 import structlog
 
-from services.command_consumer import repository
-from services.command_consumer.consumer import CommandConsumer
+from services.command_consumer.bootstrap import build_consumer, open_pool
 from services.command_consumer.poison_guard import PoisonGuardTripped
 from services.command_consumer.retry import DatabaseUnavailable
 from shared.kafka import KafkaSetupError
@@ -21,9 +20,9 @@ log = structlog.get_logger("command_consumer")
 async def main() -> int:
     settings = bootstrap("command_consumer")
     tune_gc()
-    pool = await repository.open_pool(settings)
+    pool = await open_pool(settings)
     serve_metrics(settings.consumer_metrics_port, settings.metrics_host)
-    consumer = CommandConsumer(settings, pool)
+    consumer = build_consumer(settings, pool)
     on_shutdown_signal(consumer.stop)
     try:
         await consumer.run()
@@ -46,7 +45,7 @@ def cli() -> None:
         prog="python -m services.command_consumer",
         description="Consume segment and user commands from Kafka and apply them to PostgreSQL, "
         "exactly once in effect, in per-key order. Configured by environment variables "
-        "(DATABASE_URL, KAFKA_BOOTSTRAP_SERVERS, ...; see the README).",
+        "(DATABASE_URL, KAFKA_BOOTSTRAP_SERVERS, ...; see docs/configuration.md).",
     )
     parser.parse_args()
     sys.exit(asyncio.run(main()))

@@ -31,7 +31,7 @@ from services.command_consumer.parsing import ParsedRecord
 from services.command_consumer.pipeline import BatchPipeline, SharedBatchBlocked
 from services.command_consumer.publishing import OutcomePublisher
 from shared.kafka import create_producer, kafka_options, start_client
-from shared.settings import Settings
+from shared.settings import ConsumerSettings, KafkaSettings
 
 log = structlog.get_logger("command_consumer")
 
@@ -60,42 +60,45 @@ class CommandConsumer:
     first command not applied.
     """
 
-    def __init__(self, settings: Settings, pool: asyncpg.Pool) -> None:
+    def __init__(self, kafka: KafkaSettings, settings: ConsumerSettings, pool: asyncpg.Pool, *,
+                 outcome_retention: int, database_url: str) -> None:
+        self.kafka = kafka
         self.settings = settings
         self.stopping = asyncio.Event()
         self._in_hand: dict[TopicPartition, asyncio.Task] = {}  # at most one batch per partition
         self._freed = asyncio.Event()  # a partition finished its batch
         self.kafka_consumer = AIOKafkaConsumer(
-            **kafka_options(settings),
-            group_id=settings.consumer_group,
+            **kafka_options(kafka),
+            group_id=kafka.consumer_group,
             group_instance_id=settings.consumer_group_instance_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,
-            max_partition_fetch_bytes=settings.max_command_bytes * 3,
-            fetch_max_bytes=max(52_428_800, settings.max_command_bytes * 3),
+            max_partition_fetch_bytes=kafka.max_command_bytes * 3,
+            fetch_max_bytes=max(52_428_800, kafka.max_command_bytes * 3),
             session_timeout_ms=settings.consumer_session_timeout_ms,
             heartbeat_interval_ms=settings.consumer_heartbeat_interval_ms,
             max_poll_interval_ms=900_000,
         )
-        self.producer = create_producer(settings)
+        self.producer = create_producer(kafka)
         self._committer = OffsetCommitter(self.kafka_consumer)
         self._committing: asyncio.Task | None = None
-        self._pipeline = BatchPipeline(settings, pool, self.kafka_consumer,
-                                       OutcomePublisher(self.producer, settings.results_topic, settings.dlq_topic),
+        self._pipeline = BatchPipeline(settings, kafka, outcome_retention, pool,
+                                       self.kafka_consumer,
+                                       OutcomePublisher(self.producer, kafka.results_topic, kafka.dlq_topic),
                                        self._committer)
         self.leases: PartitionLeases | None = None
         self._known_partitions: set[TopicPartition] = set()
         if settings.consumer_partition_ownership == "lease":
-            self.leases = PartitionLeases(settings.require_database_url(), settings.consumer_group,
+            self.leases = PartitionLeases(database_url, kafka.consumer_group,
                                           self._command_partitions,
                                           check_seconds=settings.consumer_lease_check_seconds,
                                           max_backoff=settings.db_retry_max_backoff_seconds)
 
     async def run(self) -> None:
         try:
-            await start_client(self.producer, self.settings)
-            await start_client(self.kafka_consumer, self.settings)
+            await start_client(self.producer, self.kafka)
+            await start_client(self.kafka_consumer, self.kafka)
         except BaseException:
             await self.kafka_consumer.stop()
             await self.producer.stop()
@@ -103,10 +106,10 @@ class CommandConsumer:
         self._committing = asyncio.create_task(self._committer.run())
         leasing = None
         if self.leases is None:
-            self.kafka_consumer.subscribe(list(self.settings.command_topics), listener=_CommitOnRevoke(self))
+            self.kafka_consumer.subscribe(list(self.kafka.command_topics), listener=_CommitOnRevoke(self))
         else:
             leasing = asyncio.create_task(self.leases.run())
-        log.info("consuming", topics=list(self.settings.command_topics), group=self.settings.consumer_group,
+        log.info("consuming", topics=list(self.kafka.command_topics), group=self.kafka.consumer_group,
                  ownership=self.settings.consumer_partition_ownership)
         graceful = False
         try:
@@ -178,7 +181,7 @@ class CommandConsumer:
     def _command_partitions(self) -> set[TopicPartition]:
         """Every partition of the command topics seen in the client's metadata. Remembered: the
         client refreshes only the topics it is assigned, and a topic's partitions never go away."""
-        for topic in self.settings.command_topics:
+        for topic in self.kafka.command_topics:
             self._known_partitions.update(
                 TopicPartition(topic, partition) for partition in self.kafka_consumer.partitions_for_topic(topic) or ())
         return self._known_partitions
@@ -247,7 +250,7 @@ class CommandConsumer:
         load the partitions' transactions run in parallel as before; and a shared batch that meets
         a row lock splits (SharedBatchBlocked), so a lock holds back only its own partition.
         Segment commands are few: each segment partition keeps a batch of its own."""
-        segments_topic = self.settings.segments_commands_topic
+        segments_topic = self.kafka.segments_commands_topic
         for tp in sorted(tp for tp in fetched if tp.topic == segments_topic):
             self._start({tp: fetched[tp]})
         barrier = {task for held, task in self._in_hand.items() if held.topic == segments_topic}

@@ -17,7 +17,6 @@ from shared.commands import (
     plain_text,
 )
 from shared.outcomes import ErrorCode
-from shared.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,24 +72,25 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(problems)
 
 
-def parse_record(record: RecordRef, settings: Settings) -> ParsedRecord:
+def parse_record(record: RecordRef, segments_topic: str, max_bytes: int) -> ParsedRecord:
+    """The record as a valid command, or as invalid with the reason; `segments_topic` is where segment
+    commands belong (user commands belong on the other), `max_bytes` the largest value accepted."""
     value = record.value or b""
-    if len(value) > settings.max_command_bytes:
+    if len(value) > max_bytes:
         return InvalidRecord(record, record.default_command_id, None, ErrorCode.TOO_LARGE,
-                             f"record of {len(value)} bytes is over the {settings.max_command_bytes}-byte limit")
+                             f"record of {len(value)} bytes is over the {max_bytes}-byte limit")
     try:  # the usual case in one pass; the slower path below explains what is wrong
         command = command_adapter.validate_json(value)
     except ValidationError:
         pass
     else:
-        expected = (SEGMENT_COMMAND_TYPES if record.topic == settings.segments_commands_topic
-                    else USER_COMMAND_TYPES)
+        expected = SEGMENT_COMMAND_TYPES if record.topic == segments_topic else USER_COMMAND_TYPES
         if command.type in expected:
             return ValidCommand(record, command.command_id or record.default_command_id, command)
-    return _explain_invalid(record, value, settings)
+    return _explain_invalid(record, value, segments_topic)
 
 
-def _explain_invalid(record: RecordRef, value: bytes, settings: Settings) -> ParsedRecord:
+def _explain_invalid(record: RecordRef, value: bytes, segments_topic: str) -> ParsedRecord:
     try:
         raw = orjson.loads(value)
     except orjson.JSONDecodeError as error:
@@ -104,7 +104,7 @@ def _explain_invalid(record: RecordRef, value: bytes, settings: Settings) -> Par
     if command_type not in COMMAND_TYPES:
         return InvalidRecord(record, command_id, None, ErrorCode.UNKNOWN_TYPE,
                              f"unknown command type {command_type!r}; expected one of {sorted(COMMAND_TYPES)}")
-    expected = SEGMENT_COMMAND_TYPES if record.topic == settings.segments_commands_topic else USER_COMMAND_TYPES
+    expected = SEGMENT_COMMAND_TYPES if record.topic == segments_topic else USER_COMMAND_TYPES
     if command_type not in expected:
         return InvalidRecord(record, command_id, command_type, ErrorCode.WRONG_TOPIC,
                              f"{command_type} does not belong on topic {record.topic}")

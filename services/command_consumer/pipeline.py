@@ -33,7 +33,7 @@ from services.command_consumer.publishing import OutcomePublisher
 from services.command_consumer.retry import with_retry
 from services.command_consumer.spans import BatchTrace
 from shared import tracing
-from shared.settings import Settings
+from shared.settings import ConsumerSettings, KafkaSettings
 
 log = structlog.get_logger("command_consumer")
 
@@ -50,9 +50,12 @@ class SharedBatchBlocked(Exception):
 
 
 class BatchPipeline:
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, kafka_consumer: AIOKafkaConsumer,
-                 publisher: OutcomePublisher, committer: OffsetCommitter) -> None:
+    def __init__(self, settings: ConsumerSettings, kafka: KafkaSettings, outcome_retention: int, pool: asyncpg.Pool,
+                 kafka_consumer: AIOKafkaConsumer, publisher: OutcomePublisher, committer: OffsetCommitter) -> None:
         self._settings = settings
+        self._segments_topic = kafka.segments_commands_topic
+        self._max_command_bytes = kafka.max_command_bytes
+        self._outcome_retention = outcome_retention
         self._pool = pool
         self._kafka_consumer = kafka_consumer
         self._publisher = publisher
@@ -69,7 +72,7 @@ class BatchPipeline:
         records already parsed and guarded (a shared batch's part, see SharedBatchBlocked)."""
         if parsed is None:
             parsed = [parse_record(RecordRef(r.topic, r.partition, r.offset, r.key, r.value, tuple(r.headers or ()),
-                                             r.timestamp), self._settings)
+                                             r.timestamp), self._segments_topic, self._max_command_bytes)
                       for records in batches.values() for r in records]
             self._guard.check(parsed)
         started = time.monotonic()
@@ -136,7 +139,7 @@ class BatchPipeline:
 
         async def attempt():
             async with self._pool.acquire() as conn:
-                processed = await apply_batch(conn, batch, self._settings.outcome_retention, lock_timeout_ms)
+                processed = await apply_batch(conn, batch, self._outcome_retention, lock_timeout_ms)
                 return processed, await conn.fetchval("SELECT pg_current_wal_lsn()::text")
 
         stalled = {f"{tp.topic}:{tp.partition}": records[0].offset for tp, records in batches.items()}

@@ -12,7 +12,7 @@ import asyncpg
 from shared.db import create_pool
 from shared.membership import HISTORY_COLUMNS, HistoryRow, Segment, UserChanges, UserState
 from shared.outcomes import OUTCOME_COLUMNS, OUTCOME_SELECT, OutcomeRow
-from shared.settings import Settings
+from shared.settings import DatabaseSettings
 
 _FETCH_OUTCOMES = f"{OUTCOME_SELECT} WHERE command_id = ANY($1::text[])"
 
@@ -134,16 +134,16 @@ SELECT * FROM unnest($19::text[], $20::text[], $21::text[], $22::jsonb[], $23::j
 WRITE_PATH_STATEMENTS = (_FETCH_OUTCOMES, _LOAD_STATE, _WRITE_BATCH)
 
 
-async def open_pool(settings: Settings) -> asyncpg.Pool:
-    """The consumer's connections, every one opened and prepared at startup: one for each
-    partition whose batch may be in a transaction at once, and two to spare. A connection opened
-    in a batch's path instead cost that batch its connect, its type look-ups (the jsonb array of
-    the write statement) and a cold backend's catalog reads: 50–90 ms in the first second of
-    every benchmark round at 500 commands/s. All of them stay open while the consumer runs (none
-    is above the pool's minimum, so none is closed for being idle). The consumer never changes
-    session state: connections go back to the pool without a reset round trip (one a batch)."""
-    size = max(settings.db_pool_max_size, settings.topic_partitions + 2)
-    return await create_pool(settings.require_database_url(), min_size=size, max_size=size, reset_sessions=False,
+async def open_pool(database: DatabaseSettings, partitions: int) -> asyncpg.Pool:
+    """The consumer's connections, every one opened and prepared at startup: one for each of the
+    `partitions` whose batch may be in a transaction at once, and two to spare. A connection opened
+    in a batch's path would cost that batch its connect, its type look-ups (the jsonb array of the
+    write statement) and a cold backend's catalog reads (bench/consumer_latency.py shows the tail it
+    makes). All of them stay open while the consumer runs (none is above the pool's minimum, so none
+    is closed for being idle). The consumer never changes session state: connections go back to
+    the pool without a reset round trip."""
+    size = max(database.db_pool_max_size, partitions + 2)
+    return await create_pool(database.require_database_url(), min_size=size, max_size=size, reset_sessions=False,
                              prepare=WRITE_PATH_STATEMENTS)
 
 

@@ -9,6 +9,7 @@ from services.expiry_worker.partitions import PartitionMaintainer
 from services.expiry_worker.worker import ExpiryWorker
 from shared.db import create_pool
 from shared.service import bootstrap, on_shutdown_signal, serve_metrics
+from shared.settings import RetentionSettings
 
 
 async def main() -> None:
@@ -17,7 +18,8 @@ async def main() -> None:
     pool = await create_pool(settings.require_database_url(), min_size=1, max_size=settings.expiry_concurrency + 2)
     serve_metrics(settings.expiry_metrics_port, settings.metrics_host)
     worker = ExpiryWorker(pool, settings.expiry_batch_size, settings.expiry_max_sleep_seconds,
-                          concurrency=settings.expiry_concurrency, maintainer=PartitionMaintainer(pool, settings))
+                          concurrency=settings.expiry_concurrency,
+                          maintainer=PartitionMaintainer(pool, settings.section(RetentionSettings)))
     on_shutdown_signal(worker.stop)
     try:
         await worker.run()

@@ -32,7 +32,7 @@ import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
 from shared.db import TRANSIENT_DB_ERRORS
-from shared.settings import Settings
+from shared.settings import RetentionSettings
 
 log = structlog.get_logger("partitions")
 
@@ -198,7 +198,7 @@ class MaintenanceRun:
 
 
 class PartitionMaintainer:
-    def __init__(self, pool: asyncpg.Pool, settings: Settings,
+    def __init__(self, pool: asyncpg.Pool, settings: RetentionSettings,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self._pool = pool
         self._settings = settings

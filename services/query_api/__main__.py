@@ -27,7 +27,8 @@ def cli() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m services.query_api",
         description="Serve reads, reports, command status and the command gateway over HTTP. "
-        "Configured by environment variables (DATABASE_URL, KAFKA_BOOTSTRAP_SERVERS, API_HOST, API_PORT, ...).",
+        "Configured by environment variables (DATABASE_URL, KAFKA_BOOTSTRAP_SERVERS, API_HOST, API_PORT, ...; "
+        "see docs/configuration.md).",
     )
     parser.add_argument("--host", help="overrides API_HOST")
     parser.add_argument("--port", type=int, help="overrides API_PORT")
@@ -36,10 +37,12 @@ def cli() -> None:
     settings = bootstrap("query_api")
     settings.require_database_url()
     workers = args.workers or settings.api_workers
-    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        # Each worker is a process: metrics go through files that /metrics adds up.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="segmentation-metrics-")
-        atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    if workers > 1 and not settings.prometheus_multiproc_dir:
+        # Each worker is a process: metrics go through files that /metrics adds up. The workers (and
+        # prometheus_client in them) read the directory from the environment they inherit.
+        directory = tempfile.mkdtemp(prefix="segmentation-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
     # log_config=None: uvicorn's own records go through our JSON handler instead of its text format.
     uvicorn.run("services.query_api.__main__:app_factory", factory=True,
                 http="services.query_api.server:HttpToolsProtocol",  # a response leaves in one write

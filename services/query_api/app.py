@@ -30,7 +30,7 @@ from shared.api_keys import KeyFileError
 from shared.client import CommandPublisher, KafkaUnavailable
 from shared.db import TRANSIENT_DB_ERRORS, create_pool
 from shared.kafka import KafkaSetupError
-from shared.settings import Settings, get_settings
+from shared.settings import ApiSettings, ConsoleSettings, KafkaSettings, Settings, get_settings
 
 log = structlog.get_logger("query_api")
 DESCRIPTION = """
@@ -40,21 +40,21 @@ signed CSV links, and an HTTP gateway that publishes commands to Kafka.
 """
 
 
-def check_production_settings(settings: Settings) -> None:
+def check_production_settings(settings: ApiSettings, console_enabled: bool) -> None:
     check_signing_secret(settings)
     if settings.environment == "development":
         return
     if settings.api_auth == "enabled" and settings.api_keys_file is None:
         raise SystemExit("ENVIRONMENT=production needs API keys: set API_KEYS_FILE (make one with "
                          "`segmentctl keys create`), or API_AUTH=disabled when a gateway in front authenticates.")
-    if settings.console_enabled:
+    if console_enabled:
         log.info("the web console is on at /ui (UI_ENABLED=true)")
     if not settings.api_public_url:
         log.warning("API_PUBLIC_URL is not set: report links name the request's host only when REPORT_LINK_HOSTS "
                     "lists it, else the address the request reached; set it to the API's public base URL")
 
 
-def key_ring(settings: Settings) -> KeyRing:
+def key_ring(settings: ApiSettings) -> KeyRing:
     """The keys in force; API_AUTH=disabled or no API_KEYS_FILE (in development) leaves the API open."""
     if settings.api_auth == "disabled":
         log.warning("API_AUTH=disabled: every caller may read, publish and fetch reports; only behind a "
@@ -110,8 +110,8 @@ def _untraced(scope) -> bool:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    check_production_settings(settings)
-    keys = key_ring(settings)
+    check_production_settings(settings.section(ApiSettings), console_enabled=settings.console_enabled)
+    keys = key_ring(settings.section(ApiSettings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -126,7 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             rollout = RolloutCache(pool, settings.rollout_cache_refresh_seconds)
             await rollout.start()
             opened.push_async_callback(rollout.stop)
-            publisher = CommandPublisher(settings)
+            publisher = CommandPublisher(settings.section(KafkaSettings))
             opened.push_async_callback(publisher.stop)
             await _connect(publisher)
             reads = ReadRouter(pool, BatchedLookup(read_pool, USER_SEGMENTS_SQL), settings.read_database_urls,
@@ -137,7 +137,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             opened.push_async_callback(reads.stop)
             signer = ReportSigner(purpose_key(settings.report_signing_secret.get_secret_value(), REPORT_LINKS),
                                   settings.report_link_ttl_seconds)
-            app.state.resources = Resources(settings, pool, rollout, signer, publisher, reads, keys)
+            app.state.resources = Resources(settings.section(ApiSettings), settings.section(KafkaSettings),
+                                            settings.section(ConsoleSettings), settings.outcome_retention, pool,
+                                            rollout, signer, publisher, reads, keys)
             keys.start()
             opened.push_async_callback(keys.stop)
             if keys.enabled and threading.current_thread() is threading.main_thread():
@@ -164,7 +166,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.openapi = openapi
     if settings.console_enabled:
-        console.install(app, settings, keys)
+        console.install(app, settings.section(ConsoleSettings), settings.section(ApiSettings),
+                        settings.outcome_retention, keys)
     for error in TRANSIENT_DB_ERRORS:
         app.add_exception_handler(error, database_unavailable)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)

@@ -16,12 +16,15 @@ from services.query_api.reports import ReportSigner
 from services.query_api.rollout_cache import RolloutCache
 from shared.api_keys import ApiKey
 from shared.client import CommandPublisher
-from shared.settings import Settings
+from shared.settings import ApiSettings, ConsoleSettings, KafkaSettings
 
 
 @dataclass
 class Resources:
-    settings: Settings
+    api: ApiSettings
+    kafka: KafkaSettings  # the topics' names (the AsyncAPI document, a record's trace)
+    console: ConsoleSettings
+    outcome_retention: int  # seconds an outcome is kept
     pool: asyncpg.Pool
     rollout: RolloutCache
     signer: ReportSigner
@@ -37,9 +40,9 @@ class Resources:
         """Where links point: API_PUBLIC_URL; else the request's host if REPORT_LINK_HOSTS lists it;
         else the address the request actually reached. Never a Host header that is not listed: the
         client chooses it, and a link on a host of an attacker's would hand the report over."""
-        if self.settings.api_public_url:
-            return self.settings.api_public_url.rstrip("/")
-        if request.url.hostname in self.settings.report_link_hosts:
+        if self.api.api_public_url:
+            return self.api.api_public_url.rstrip("/")
+        if request.url.hostname in self.api.report_link_hosts:
             return str(request.base_url).rstrip("/")
         server = request.scope.get("server")
         if not server or not server[0] or server[0].startswith("/"):  # a Unix socket: no address to give

@@ -14,7 +14,7 @@ import hmac
 
 import structlog
 
-from shared.settings import DEVELOPMENT_REPORT_SECRET, Settings
+from shared.settings import DEVELOPMENT_REPORT_SECRET, ApiSettings
 
 log = structlog.get_logger("query_api")
 
@@ -30,11 +30,11 @@ def purpose_key(secret: str, purpose: str) -> bytes:
     return hmac.new(secret.encode(), purpose.encode(), hashlib.sha256).digest()
 
 
-def access_control_on(settings: Settings) -> bool:
+def access_control_on(settings: ApiSettings) -> bool:
     return settings.api_auth == "enabled" and settings.api_keys_file is not None
 
 
-def check_signing_secret(settings: Settings) -> None:
+def check_signing_secret(settings: ApiSettings) -> None:
     """Refuse to start when signed tokens could be forged: with access control on, or in production,
     the secret must be one of the deployment's own. Without keys in development the API is open
     anyway, so the public default only costs a warning."""

@@ -51,7 +51,8 @@ def parsed(settings, topic: str, commands: list, first_offset: int = 0) -> list:
     """The commands as the consumer parses their records (bytes: a record's value as it is)."""
     return [parse_record(RecordRef(topic, 0, first_offset + i, b"k",
                                    command if isinstance(command, bytes) else orjson.dumps(command), (),
-                                   int(NOW.timestamp() * 1000)), settings)
+                                   int(NOW.timestamp() * 1000)), settings.segments_commands_topic,
+                         settings.max_command_bytes)
             for i, command in enumerate(commands)]
 
 

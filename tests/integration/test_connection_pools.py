@@ -42,7 +42,7 @@ async def server_side_statements(conn) -> dict[str, str]:
 
 async def test_the_consumer_opens_and_prepares_every_connection_before_its_first_batch(settings, monkeypatch):
     monkeypatch.setattr("services.command_consumer.batch._clock", lambda: NOW)
-    pool = await repository.open_pool(settings)
+    pool = await repository.open_pool(settings, settings.topic_partitions)
     try:
         expected = max(settings.db_pool_max_size, settings.topic_partitions + 2)
         assert pool.get_size() == expected
@@ -106,4 +106,4 @@ async def test_a_database_without_the_schema_stops_the_consumer_with_what_to_do(
     finally:
         await conn.close()
     with pytest.raises(SystemExit, match=r"does not have the schema .*rollout_exclusions.*apply the migrations"):
-        await repository.open_pool(settings)
+        await repository.open_pool(settings, settings.topic_partitions)

@@ -12,6 +12,7 @@ from aiokafka.errors import KafkaTimeoutError
 from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import REGISTRY
 
+from services.command_consumer.bootstrap import build_consumer
 from services.command_consumer.consumer import CommandConsumer
 from services.query_api.replicas import parse_lsn
 from tests.support import (
@@ -304,7 +305,7 @@ async def test_a_stop_while_a_shared_batch_waits_on_a_lock_finishes_the_batches_
         await publish.user({"type": "update_user_segments", "user_id": free, "add": ["A"], "command_id": "free"})
     async with contextlib.AsyncExitStack() as lock:
         await lock.enter_async_context(memberships_locked(settings, 1))
-        consumer = CommandConsumer(settings, pool)
+        consumer = build_consumer(settings, pool)
         running = asyncio.create_task(consumer.run())
         try:
             async with asyncio.timeout(30):  # the shared batch is waiting for the lock
@@ -335,7 +336,7 @@ async def test_segment_commands_fetched_with_user_commands_apply_first(settings,
 
 async def test_stopping_finishes_the_batch_in_hand_and_commits_it(settings, pool):
     async with Publisher(settings) as publish:
-        consumer = CommandConsumer(settings, pool)
+        consumer = build_consumer(settings, pool)
         running = asyncio.create_task(consumer.run())
         try:
             await publish.segment({"type": "create_segment", "slug": "A", "command_id": "a"})
@@ -429,7 +430,7 @@ async def test_a_partition_applies_its_next_batch_while_the_outcomes_before_awai
     released = asyncio.Event()
     tp = TopicPartition(settings.assignments_commands_topic, _partition_of(b"1", settings.topic_partitions))
     async with Publisher(settings) as publish:
-        consumer = CommandConsumer(settings, pool)
+        consumer = build_consumer(settings, pool)
         _holding_acknowledgements(consumer, released)
         running = asyncio.create_task(consumer.run())
         try:
@@ -458,7 +459,7 @@ async def test_an_unacknowledged_publish_stops_the_consumer_and_no_later_batch_c
     one redelivers both commands and publishes both outcomes from the inbox."""
     released = asyncio.Event()
     async with Publisher(settings) as publish:
-        consumer = CommandConsumer(settings, pool)
+        consumer = build_consumer(settings, pool)
         _holding_acknowledgements(consumer, released, refuse_first=True)
         running = asyncio.create_task(consumer.run())
         try:
@@ -489,7 +490,7 @@ async def test_batches_hand_their_outcomes_to_the_producer_one_at_a_time_and_clo
     commands = [{"type": "create_user", "user_id": n, "command_id": f"u{n}"} for n in range(1, 2001)]
     async with Publisher(settings) as publish:
         await publish.users(commands)
-    consumer = CommandConsumer(settings, pool)
+    consumer = build_consumer(settings, pool)
     send_batch = consumer.producer.send_batch
     handing, most = 0, 0
     closed: list[bool] = []

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from services.command_consumer.consumer import CommandConsumer
+from services.command_consumer.bootstrap import build_consumer
 from services.command_consumer.poison_guard import PoisonGuardTripped
 from tests.contract_model import SEGMENTS, scenario
 from tests.support import (
@@ -80,7 +80,7 @@ async def test_guard_stops_the_consumer_on_a_flood_of_invalid_records(settings, 
         for i in range(200):
             await publish.raw(settings.assignments_commands_topic, b"garbage %d" % i, key=str(i % 7))
         with pytest.raises(PoisonGuardTripped, match="invalid"):
-            await asyncio.wait_for(CommandConsumer(settings, pool).run(), 60)
+            await asyncio.wait_for(build_consumer(settings, pool).run(), 60)
     dead_lettered = await read_topic(settings, settings.dlq_topic, 200, timeout=3)
     assert len(dead_lettered) < 200  # it stopped instead of dead-lettering the whole flood
 

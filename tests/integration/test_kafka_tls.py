@@ -20,7 +20,7 @@ from pydantic import SecretStr
 
 from devstack.embedded import EmbeddedKafka
 from devstack.processes import free_port
-from services.command_consumer.consumer import CommandConsumer
+from services.command_consumer.bootstrap import build_consumer
 from services.query_api.app import create_app
 from shared.client import OutcomeReader
 from shared.kafka import KafkaSetupError, ensure_topics
@@ -74,7 +74,7 @@ async def test_the_whole_pipeline_runs_over_tls(settings, pool, ca, ca_file):
         async with app.router.lifespan_context(app), \
                 httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as api, \
                 OutcomeReader(tls) as outcomes:
-            consumer = CommandConsumer(tls, pool)
+            consumer = build_consumer(tls, pool)
             consuming = asyncio.create_task(consumer.run())
             try:
                 for command in ({"type": "create_segment", "slug": "TLS", "command_id": "s"},

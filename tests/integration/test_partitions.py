@@ -82,7 +82,8 @@ async def test_a_write_past_the_prepared_months_lands_and_moves_into_its_partiti
         for offset, command in enumerate(commands):
             topic = settings.segments_commands_topic if offset == 0 else settings.assignments_commands_topic
             record = RecordRef(topic, 0, offset, b"k", orjson.dumps(command), (), int(beyond.timestamp() * 1000))
-            [processed] = await apply_batch(conn, [parse_record(record, settings)], settings.outcome_retention)
+            parsed = parse_record(record, settings.segments_commands_topic, settings.max_command_bytes)
+            [processed] = await apply_batch(conn, [parsed], settings.outcome_retention)
             assert processed.outcome.status == "applied"
     assert await where(pool, "membership_history", "user_id = 5") == ["membership_history_default"]
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import trustme
 
-from services.command_consumer.consumer import CommandConsumer
+from services.command_consumer.bootstrap import build_consumer
 from services.expiry_worker.worker import expire_batch
 from services.query_api.app import create_app
 from shared.db import apply_migrations, create_pool
@@ -78,7 +78,7 @@ async def test_every_service_migrations_and_plain_connections_work_with_verify_f
     tls = settings.model_copy(update={"database_url": url})
     pool = await create_pool(url)
     try:
-        consumer = CommandConsumer(tls, pool)
+        consumer = build_consumer(tls, pool)
         consuming = asyncio.create_task(consumer.run())
         async with Publisher(tls) as publish:
             await publish.segment({"type": "create_segment", "slug": "TLS", "command_id": "s"})

@@ -268,7 +268,7 @@ async def test_asyncapi_document_is_served_for_the_configured_topics(api):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "AsyncApiStandalone" in page.text and "try-it" not in page.text
     document = yaml.safe_load((await api.get("/asyncapi.yaml")).text)
-    settings = api.app.state.resources.settings
+    settings = api.app.state.resources.kafka
     assert {channel["address"] for channel in document["channels"].values()} == {
         settings.segments_commands_topic, settings.assignments_commands_topic, settings.results_topic,
         settings.dlq_topic}

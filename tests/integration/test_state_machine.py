@@ -24,7 +24,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from services.command_consumer.consumer import CommandConsumer
+from services.command_consumer.bootstrap import build_consumer
 from services.query_api.app import create_app
 from shared.client import CommandPublisher
 from shared.db import create_pool
@@ -46,7 +46,7 @@ class Pipeline:
         self.pool = await create_pool(self.settings.database_url, min_size=1, max_size=4)
         self.publisher = CommandPublisher(self.settings)
         await self.publisher.start()
-        self.consumer = CommandConsumer(self.settings, self.pool)
+        self.consumer = build_consumer(self.settings, self.pool)
         self.consuming = asyncio.create_task(self.consumer.run())
         self.app = create_app(self.settings)
         self.lifespan = self.app.router.lifespan_context(self.app)

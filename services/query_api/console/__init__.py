@@ -19,20 +19,20 @@ from services.query_api.console import pages
 from services.query_api.console.imports import ImportTokens
 from services.query_api.console.session import Sessions, SignOuts
 from services.query_api.signing import IMPORT_TOKENS, purpose_key
-from shared.settings import Settings
+from shared.settings import ApiSettings, ConsoleSettings
 
 STATIC = Path(__file__).with_name("static")
 
 
-def install(app: FastAPI, settings: Settings, keys: KeyRing) -> None:
+def install(app: FastAPI, settings: ConsoleSettings, api: ApiSettings, outcome_retention: int, keys: KeyRing) -> None:
     """Serve the console from `app` (create_app calls this when the console is enabled)."""
-    secret = settings.report_signing_secret.get_secret_value()
+    secret = api.report_signing_secret.get_secret_value()
     sign_outs = SignOuts(lambda: app.state.resources.pool)
     app.state.console = pages.Console(
         Sessions(secret, keys, int(settings.ui_session_hours * 3600), sign_outs),
         # An import's page is useful while its outcomes are kept, and no longer.
-        ImportTokens(purpose_key(secret, IMPORT_TOKENS), max_age_seconds=settings.outcome_retention),
-        secure_cookies=(settings.api_public_url or "").startswith("https://"))
+        ImportTokens(purpose_key(secret, IMPORT_TOKENS), max_age_seconds=outcome_retention),
+        secure_cookies=(api.api_public_url or "").startswith("https://"))
     app.include_router(pages.router)
     app.mount("/ui/static", StaticFiles(directory=STATIC), name="console-static")
 

@@ -385,9 +385,9 @@ async def _outcome_context(request: Request, command_id: str) -> dict[str, Any]:
     row, token = found
     outcome = row.contract(token)
     trace_url = None
-    template = resources.settings.ui_trace_url
+    template = resources.console.ui_trace_url
     if template:
-        trace_id = await record_trace_id(resources.settings, row.source_topic, row.source_partition,
+        trace_id = await record_trace_id(resources.kafka, row.source_topic, row.source_partition,
                                          row.source_offset)
         trace_url = template.replace("{trace_id}", trace_id) if trace_id else None
     result = orjson.dumps(outcome["result"], option=orjson.OPT_INDENT_2).decode() if outcome["result"] else None
@@ -437,7 +437,7 @@ async def check_import(request: Request, visitor: Writer) -> Response:
         raise ConsoleError(422, "No file", "Choose a CSV file to import.")
     data = await upload.read()
     content = base64.urlsafe_b64encode(data).decode()
-    limit = resources_of(request).settings.max_request_body_bytes
+    limit = resources_of(request).api.max_request_body_bytes
     if _publish_form_bytes(content) > limit:  # refused now, not after the check says it is fine
         raise ConsoleError(413, "This file is too large to import here",
                            f"The console publishes files of up to {limit * 3 // 4 - 100:,} bytes "

@@ -17,7 +17,7 @@ from aiokafka.errors import KafkaError
 from services.query_api.console.imports import ImportJob
 from services.query_api.reports import check_month_kept, stream_report
 from shared.kafka import kafka_options, start_client
-from shared.settings import Settings
+from shared.settings import KafkaSettings
 
 # Explicit members not yet expired, and users the rollout would cover but who were removed.
 SEGMENTS_SQL = """
@@ -117,14 +117,14 @@ async def import_progress(pool: asyncpg.Pool, job: ImportJob, problems_shown: in
     return ImportProgress(len(command_ids), counts, problems)
 
 
-async def record_trace_id(settings: Settings, topic: str, partition: int, offset: int,
+async def record_trace_id(kafka: KafkaSettings, topic: str, partition: int, offset: int,
                           timeout: float = 3.0) -> str | None:
     """The trace id in the `traceparent` header of the record at topic/partition/offset, if it
     has one and the record is still on the topic."""
-    consumer = AIOKafkaConsumer(**kafka_options(settings), enable_auto_commit=False, fetch_max_wait_ms=100,
+    consumer = AIOKafkaConsumer(**kafka_options(kafka), enable_auto_commit=False, fetch_max_wait_ms=100,
                                 request_timeout_ms=int(timeout * 1000) + 1000)
     try:
-        await asyncio.wait_for(start_client(consumer, settings), timeout)
+        await asyncio.wait_for(start_client(consumer, kafka), timeout)
         where = TopicPartition(topic, partition)
         consumer.assign([where])
         consumer.seek(where, offset)

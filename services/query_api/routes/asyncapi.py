@@ -16,16 +16,16 @@ router = APIRouter(tags=["documentation"])
 
 @router.get("/asyncapi", response_class=HTMLResponse, summary="The command topics' AsyncAPI document, rendered")
 async def asyncapi_page(resources: ResourcesDep) -> HTMLResponse:
-    return HTMLResponse(with_integrity(asyncapi.document_html(resources.settings)))
+    return HTMLResponse(with_integrity(asyncapi.document_html(resources.kafka)))
 
 
 @router.get("/asyncapi.yaml", response_class=Response, summary="The command topics' AsyncAPI document (YAML)",
             responses={200: {"content": {"application/yaml": {}}}})
 async def asyncapi_yaml(resources: ResourcesDep) -> Response:
-    return Response(asyncapi.document_yaml(resources.settings), media_type="application/yaml")
+    return Response(asyncapi.document_yaml(resources.kafka), media_type="application/yaml")
 
 
 @router.get("/asyncapi.json", response_class=Response, summary="The command topics' AsyncAPI document (JSON)",
             responses={200: {"content": {"application/json": {}}}})
 async def asyncapi_json(resources: ResourcesDep) -> Response:
-    return Response(asyncapi.document_json(resources.settings), media_type="application/json")
+    return Response(asyncapi.document_json(resources.kafka), media_type="application/json")

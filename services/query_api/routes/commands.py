@@ -38,7 +38,7 @@ async def get_command(command_id: Annotated[str, Path(min_length=1, max_length=2
                       resources: ResourcesDep, _key: StatusKey) -> Response:
     found = await readmodel.command_outcome(resources.pool, command_id)  # the primary: the latest write
     if found is None:
-        window = format_duration(resources.settings.outcome_retention)
+        window = format_duration(resources.outcome_retention)
         raise HTTPException(404, f"command {command_id} has no outcome: it has not been processed (yet), or it "
                                  f"was processed longer ago than the outcome window (OUTCOME_RETENTION, {window}) "
                                  "and its outcome has expired")

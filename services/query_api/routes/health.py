@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -47,11 +46,11 @@ async def readyz(resources: ResourcesDep):
             summary="Prometheus metrics (with METRICS_REQUIRE_KEY, for any valid API key)")
 async def metrics(request: Request, resources: ResourcesDep) -> Response:
     # The header is read here rather than declared: /metrics is open unless METRICS_REQUIRE_KEY says so.
-    if resources.settings.metrics_require_key:
+    if resources.api.metrics_require_key:
         token = bearer_token(request.headers.get("authorization"))
         credentials = HTTPAuthorizationCredentials(scheme="Bearer", credentials=token) if token else None
         authenticate(resources.keys, credentials, scope=None)
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # several workers: add up every process's values
+    if resources.api.prometheus_multiproc_dir:  # several workers: add up every process's values
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,77 @@
+"""What every settings section shares: read from the environment and an optional `.env`, secrets
+from files too, shown without them, and handed to child processes as the variables it read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Self, TypeVar
+
+from pydantic import SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+S = TypeVar("S", bound="Section")
+
+
+class Section(BaseSettings):
+    """One concern's settings. Field names are the variables' names, lower-cased."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    title: ClassVar[str] = ""  # the heading of this section in docs/configuration.md and .env.example
+    # Fields that are secrets: each can also be read from a file named by <NAME>_FILE (the Docker
+    # and Kubernetes secrets convention). None of them is ever logged or shown.
+    secrets: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="after")
+    def _read_secret_files(self) -> Self:
+        for name in type(self).secrets:
+            path: Path | None = getattr(self, f"{name}_file", None)
+            if path is None:
+                continue
+            variable = f"{name.upper()}_FILE"
+            if name in self.model_fields_set:
+                raise ValueError(f"set {name.upper()} or {variable}, not both")
+            try:
+                value = path.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as error:
+                raise ValueError(f"{variable}={path}: cannot read it ({error.strerror})") from None
+            setattr(self, name, value if name == "database_url" else SecretStr(value))
+            setattr(self, f"{name}_file", None)  # read once; the value is what other processes get
+        return self
+
+    def __repr_args__(self):
+        from shared.db import redact  # a URL's password, like the SecretStr fields, is never shown
+
+        for name, value in super().__repr_args__():
+            if name == "database_url" and value:
+                value = redact(value)
+            elif name == "read_database_urls":
+                value = [redact(url) for url in value]
+            yield name, value
+
+    def section(self, kind: type[S]) -> S:
+        """This object's values for one section: what inner code receives instead of everything."""
+        return kind.model_construct(**{name: getattr(self, name) for name in kind.model_fields})
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as the environment variables a service process reads (secrets included:
+        for handing to a child process, never for showing)."""
+        return {name.upper(): _as_env(value) for name, value in self if value is not None}
+
+
+def _as_env(value: Any) -> str:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def comma_separated(value: Any) -> Any:
+    """A list variable: comma-separated text, blanks dropped."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def empty_is_unset(value: Any) -> Any:
+    return None if isinstance(value, str) and not value.strip() else value
