@@ -27,10 +27,14 @@ from pydantic import (
 MAX_USER_ID = 2**63 - 1
 MAX_TTL_SECONDS = 315_360_000
 MAX_SLUGS_PER_LIST = 1000
+MAX_SLUG_LENGTH = 128
+# A slug, as every command, path and form takes it; a new one also begins with a letter or a digit.
+SLUG_PATTERN = r"^[A-Za-z0-9_.\-]+$"
+NEW_SLUG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 
 Slug = Annotated[
     str,
-    StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$"),
+    StringConstraints(min_length=1, max_length=MAX_SLUG_LENGTH, pattern=SLUG_PATTERN),
     Field(description="1-128 chars of A-Z a-z 0-9 _ - . (case-sensitive)", examples=["AVITO_VOICE_MESSAGES"]),
 ]
 
@@ -132,7 +136,7 @@ def _new_slug(slug: str) -> str:
 
 NewSlug = Annotated[
     str,
-    StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"),
+    StringConstraints(min_length=1, max_length=MAX_SLUG_LENGTH, pattern=NEW_SLUG_PATTERN),
     BeforeValidator(lambda value: _new_slug(value) if isinstance(value, str) and value else value),
     Field(description="1-128 chars of A-Z a-z 0-9 _ - . (case-sensitive), beginning with a letter or a digit",
           examples=["AVITO_VOICE_MESSAGES"]),

@@ -18,6 +18,12 @@ from typing import NamedTuple
 from shared.rollout import rollout_bucket, rollout_threshold
 
 
+def unexpired(alias: str = "m", at: str = "now()") -> str:
+    """"This explicit membership has not expired" as SQL, for the memberships row `alias` at the
+    moment `at`: every read applies it itself, never relying on the expiry worker having run."""
+    return f"({alias}.expires_at IS NULL OR {alias}.expires_at > {at})"
+
+
 @dataclass(frozen=True, slots=True)
 class Segment:
     """A live segment as the rule needs it: its id, slug and rollout percent."""

@@ -29,8 +29,8 @@ def bootstrap(service: str) -> Settings:
 
 def tune_gc() -> None:
     """Batches and requests allocate many short-lived objects and few cycles: keep the startup heap
-    out of collections and collect the young generation less often (measured on the command
-    consumer, and on the API together with a smaller pool)."""
+    out of collections and collect the young generation less often (bench.consumer_throughput and
+    bench.read_throughput run with it, as the services do)."""
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
 

@@ -4,7 +4,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 COMMANDS = Counter("segmentation_commands_total", "Commands consumed, by type and outcome status",
                    ["type", "status"])
-# Fine below 100 ms, where a consumer that keeps up is: its quantiles are read to a few ms.
+# Fine below a tenth of a second, where a consumer that keeps up is, so its quantiles read true there.
 LATENCY_BUCKETS = (0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.035, 0.04, 0.05, 0.06,
                    0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 COMMAND_LATENCY = Histogram(

@@ -15,23 +15,23 @@ answers the redelivered commands with their stored outcomes."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import time
 from typing import Any
 
 import asyncpg
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from opentelemetry.instrumentation.utils import suppress_instrumentation
 
-from services.command_consumer import telemetry
 from services.command_consumer.batch import Processed, apply_batch
+from services.command_consumer.observers import BatchObserver, BatchResult, Observations
 from services.command_consumer.offsets import OffsetCommitter
 from services.command_consumer.parsing import ParsedRecord, RecordRef, parse_record
 from services.command_consumer.poison_guard import PoisonGuard
 from services.command_consumer.publishing import OutcomePublisher
 from services.command_consumer.retry import with_retry
-from services.command_consumer.spans import BatchTrace
+from services.command_consumer.spans import TracingObserver
+from services.command_consumer.telemetry import MetricsObserver
 from shared import tracing
 from shared.settings import ConsumerSettings, KafkaSettings
 
@@ -61,6 +61,8 @@ class BatchPipeline:
         self._publisher = publisher
         self._committer = committer
         self._guard = PoisonGuard(settings.poison_guard_window, settings.poison_guard_max_invalid_share)
+        self._metrics = MetricsObserver(kafka_consumer.highwater)
+        self._tracing = TracingObserver()
         self._publishing: dict[TopicPartition, asyncio.Task] = {}  # each partition's last publish, until it succeeds
 
     def publishing(self) -> set[asyncio.Task]:
@@ -76,25 +78,21 @@ class BatchPipeline:
                       for records in batches.values() for r in records]
             self._guard.check(parsed)
         started = time.monotonic()
-        traced = BatchTrace(list(batches), parsed) if tracing.ENABLED else None
-        # A batch that is not sampled records no database spans: skip their instrumentation too.
-        quiet = traced is not None and not traced.recording
-        with traced or contextlib.nullcontext():
-            with suppress_instrumentation() if quiet else contextlib.nullcontext():
-                try:
-                    processed, token = await self._apply(batches, parsed)
-                except asyncpg.LockNotAvailableError:
-                    if len(batches) == 1:
-                        raise
-                    by_partition: dict[TopicPartition, list[ParsedRecord]] = {tp: [] for tp in batches}
-                    for item in parsed:
-                        by_partition[TopicPartition(item.record.topic, item.record.partition)].append(item)
-                    raise SharedBatchBlocked(by_partition) from None
-            applied_in, durable_at = time.monotonic() - started, time.time()
-            spans = traced.command_spans(processed) if traced else None
+        observations = Observations(self._observers(), list(batches), parsed)
+        with observations.applying():
+            try:
+                processed, token = await self._apply(batches, parsed)
+            except asyncpg.LockNotAvailableError:
+                if len(batches) == 1:
+                    raise
+                by_partition: dict[TopicPartition, list[ParsedRecord]] = {tp: [] for tp in batches}
+                for item in parsed:
+                    by_partition[TopicPartition(item.record.topic, item.record.partition)].append(item)
+                raise SharedBatchBlocked(by_partition) from None
+            result = BatchResult(batches, processed, token, time.monotonic() - started, time.time())
+            observations.applied(result)
             await self._after_previous_publishes(batches)
-        publishing = asyncio.create_task(self._publish(batches, processed, token, traced, spans, applied_in,
-                                                       durable_at))
+        publishing = asyncio.create_task(self._publish(result, observations))
         for tp in batches:
             self._publishing[tp] = publishing
         publishing.add_done_callback(self._forget)
@@ -111,18 +109,16 @@ class BatchPipeline:
                 raise RuntimeError("the previous batch's outcomes were abandoned before they were acknowledged")
             task.result()
 
-    async def _publish(self, batches: dict[TopicPartition, list[Any]], processed: list[Processed], token: str,
-                       traced: BatchTrace | None, spans: list | None, applied_in: float, durable_at: float) -> None:
-        with traced or contextlib.nullcontext():
-            await self._publisher.publish(processed, token, spans)
-        published_at = time.time()
-        if traced:
-            traced.finish(spans)
-        offsets = {tp: records[-1].offset + 1 for tp, records in batches.items()}
-        self._committer.hand_over(offsets)
-        telemetry.batch_applied(processed, applied_in, durable_at, published_at)
-        for tp, next_offset in offsets.items():
-            telemetry.lag(tp, self._kafka_consumer.highwater(tp), next_offset)
+    async def _publish(self, result: BatchResult, observations: Observations) -> None:
+        with observations.publishing():
+            await self._publisher.publish(result.processed, result.token, observations.outcome_contexts())
+        result.published_at = time.time()
+        self._committer.hand_over(result.next_offsets)
+        observations.published(result)
+
+    def _observers(self) -> list[BatchObserver]:
+        """Metrics always; tracing while it is on (it can be turned on after the pipeline is made)."""
+        return [self._metrics, self._tracing] if tracing.ENABLED else [self._metrics]
 
     def _forget(self, task: asyncio.Task) -> None:
         if task.cancelled() or task.exception() is not None:
@@ -147,4 +143,8 @@ class BatchPipeline:
             attempt, attempts=self._settings.db_retry_attempts,
             max_backoff=self._settings.db_retry_max_backoff_seconds,
             where=", ".join(f"partition {where} stalled at offset {offset}" for where, offset in stalled.items()),
-            on_retry=lambda number, error: telemetry.retry(stalled, number, error))
+            on_retry=functools.partial(self._retrying, stalled))
+
+    def _retrying(self, stalled: dict[str, int], attempt: int, error: BaseException) -> None:
+        for observer in self._observers():
+            observer.retrying(stalled, attempt, error)

@@ -82,11 +82,10 @@ class OutcomePublisher:
     one `send` each with its own future. Dead letters, rare, go one by one.
 
     One batch's outcomes are handed to the producer at a time (`_handing`); their
-    acknowledgements are awaited outside it, so publishes still overlap on the wire. The
-    producer queues one record batch per partition and makes every other caller wait for it to
-    be sent, and its wait subtracts the time since the call began at each turn: under load,
-    with many batches' publishes handing over at once, a caller ran out of its 10 s after a
-    couple of seconds (KafkaTimeoutError) although every turn was short."""
+    acknowledgements are awaited outside it, so publishes still overlap on the wire. The lock is
+    there because the producer queues one record batch per partition and makes every other caller
+    wait for it, counting the whole wait against the caller's request timeout: callers handing
+    over at once would time out although each turn is short."""
 
     def __init__(self, producer: AIOKafkaProducer, results_topic: str, dlq_topic: str) -> None:
         self._producer = producer

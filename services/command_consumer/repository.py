@@ -10,7 +10,7 @@ from decimal import Decimal
 import asyncpg
 
 from shared.db import create_pool
-from shared.membership import HISTORY_COLUMNS, HistoryRow, Segment, UserChanges, UserState
+from shared.membership import HISTORY_COLUMNS, HistoryRow, Segment, UserChanges, UserState, unexpired
 from shared.outcomes import OUTCOME_COLUMNS, OUTCOME_SELECT, OutcomeRow
 from shared.settings import DatabaseSettings
 
@@ -190,9 +190,9 @@ async def record_rollout_event(conn: asyncpg.Connection, segment_id: int, slug: 
         segment_id, slug, old, new, reason, now, command_id,
     )
     await conn.execute(
-        """INSERT INTO rollout_event_overrides (event_id, user_id)
+        f"""INSERT INTO rollout_event_overrides (event_id, user_id)
            SELECT $1::bigint, user_id FROM memberships
-           WHERE segment_id = $2 AND (expires_at IS NULL OR expires_at > $3)
+           WHERE segment_id = $2 AND {unexpired("memberships", "$3")}
            UNION
            SELECT $1::bigint, user_id FROM rollout_exclusions WHERE segment_id = $2""",
         event_id, segment_id, now,

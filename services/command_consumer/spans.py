@@ -17,13 +17,16 @@ that is not sampled, and a command that is not, cost a header look-up each and m
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from aiokafka import TopicPartition
 from opentelemetry import context, propagate, trace
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from services.command_consumer.batch import Processed
+from services.command_consumer.observers import BatchResult
 from services.command_consumer.parsing import InvalidRecord, ParsedRecord
 from shared.tracing import HEADER_PAIRS, declined_by, start_span_if_sampled
 
@@ -124,3 +127,37 @@ class BatchTrace:
                 span.end()
         if self.span is not None:
             self.span.end()
+
+
+class TracingObserver:
+    """The batch observer (observers.py) that traces: a BatchTrace per batch."""
+
+    def observe(self, partitions: list[TopicPartition], parsed: list[ParsedRecord]) -> _TracedBatch:
+        return _TracedBatch(BatchTrace(partitions, parsed))
+
+    def retrying(self, stalled: dict[str, int], attempt: int, error: BaseException) -> None:
+        pass  # the batch span records the failure that ends the retries
+
+
+class _TracedBatch:
+    def __init__(self, traced: BatchTrace) -> None:
+        self._traced = traced
+        self._spans: list[trace.Span | None] | None = None
+
+    @contextlib.contextmanager
+    def applying(self):
+        # A batch that is not sampled records no database spans: their instrumentation is skipped.
+        with self._traced, suppress_instrumentation() if not self._traced.recording else contextlib.nullcontext():
+            yield
+
+    def applied(self, result: BatchResult) -> None:
+        self._spans = self._traced.command_spans(result.processed)
+
+    def publishing(self) -> BatchTrace:
+        return self._traced
+
+    def outcome_contexts(self) -> list[trace.Span | None] | None:
+        return self._spans
+
+    def published(self, result: BatchResult) -> None:
+        self._traced.finish(self._spans)

@@ -1,9 +1,11 @@
 """What the consumer tells operators: Prometheus metrics, and a log line for every command that
-was not simply applied (every command at DEBUG), with its trace and position."""
+was not simply applied (every command at DEBUG), with its trace and position. MetricsObserver
+is the batch observer (observers.py) that records them."""
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 
 import structlog
@@ -11,7 +13,8 @@ from aiokafka import TopicPartition
 
 from services.command_consumer import metrics
 from services.command_consumer.batch import Processed
-from services.command_consumer.parsing import InvalidRecord
+from services.command_consumer.observers import BatchResult
+from services.command_consumer.parsing import InvalidRecord, ParsedRecord
 from shared.metrics import observe_all
 from shared.outcomes import ErrorCode
 
@@ -56,6 +59,35 @@ def retry(stalled: dict[str, int], attempt: int, error: BaseException) -> None:
     of the batch, where each stays until it succeeds."""
     metrics.DB_RETRIES.inc()
     log.warning("batch transaction failed, will retry", stalled_at=stalled, attempt=attempt, error=repr(error))
+
+
+class MetricsObserver:
+    """Counts and times every batch; lag is read from the consumer's view of each partition's end."""
+
+    def __init__(self, highwater) -> None:
+        self._highwater = highwater  # TopicPartition -> the partition's end offset, or None
+
+    def observe(self, partitions: list[TopicPartition], parsed: list[ParsedRecord]) -> MetricsObserver:
+        return self  # nothing of its own per batch
+
+    def applying(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    publishing = applying
+
+    def applied(self, result: BatchResult) -> None:
+        pass
+
+    def outcome_contexts(self) -> None:
+        return None
+
+    def published(self, result: BatchResult) -> None:
+        batch_applied(result.processed, result.applied_in, result.durable_at, result.published_at)
+        for tp, next_offset in result.next_offsets.items():
+            lag(tp, self._highwater(tp), next_offset)
+
+    def retrying(self, stalled: dict[str, int], attempt: int, error: BaseException) -> None:
+        retry(stalled, attempt, error)
 
 
 def _log_outcome(item: Processed) -> None:

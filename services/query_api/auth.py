@@ -8,6 +8,7 @@ the keys in force and says why.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -84,6 +85,28 @@ class KeyRing:
         if self._watcher:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """Why a caller may not do something: 401 (no valid key) or 403 (a key without the scope)."""
+
+    status: int
+    message: str
+    invalid_key: bool = False  # a key was sent, but it is unknown or revoked
+
+
+def authorize(key: ApiKey | None, scope: str | None, *, sent: bool = True) -> Denial | None:
+    """The one rule of access: None when `key` may do what `scope` names (any valid key for None),
+    else the Denial. `key` is the verified key (None: none, or not valid); `sent` whether a key was
+    offered at all. The API routes, the hot read's fast path and the console all ask here."""
+    if key is None:
+        if not sent:
+            return Denial(401, "an API key is needed: send Authorization: Bearer <key>")
+        return Denial(401, "this API key is not valid (unknown or revoked)", invalid_key=True)
+    if scope is not None and scope not in key.scopes:
+        return Denial(403, f"the key {key.name!r} does not have the scope {scope!r} this needs")
+    return None
 
 
 def bearer_token(authorization: str | None) -> str | None:

@@ -34,8 +34,8 @@ class LookupConnection(asyncpg.Connection):
     `fetch` is asyncpg's own even when tracing has wrapped asyncpg's. A lookup's query answers
     many requests and belongs to no request's trace, so it runs with instrumentation suppressed
     (_SHARED_QUERIES); the wrapper would still run on every query to find that out (a bound
-    wrapper, a coroutine more, a context look-up), about 1 % of a read's instructions when each
-    query answers one read (python -m bench.read_instructions)."""
+    wrapper, a coroutine more, a context look-up). `python -m bench.read_instructions` counts what
+    that costs a read."""
 
     fetch = tracing.unwrapped(asyncpg.Connection.fetch)  # asyncpg's own, whether instrumented already or later
 

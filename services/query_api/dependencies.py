@@ -10,7 +10,7 @@ from fastapi import Depends, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from services.query_api.auth import KeyRing
+from services.query_api.auth import KeyRing, authorize
 from services.query_api.replicas import TOKEN_PATTERN, InvalidToken, ReadRouter, parse_token
 from services.query_api.reports import ReportSigner
 from services.query_api.rollout_cache import RolloutCache
@@ -76,16 +76,14 @@ def authenticate(keys: KeyRing, credentials: HTTPAuthorizationCredentials | None
     off. 401 without a valid key, 403 without the scope."""
     if not keys.enabled:
         return None
-    if credentials is None:
-        raise HTTPException(401, "an API key is needed: send Authorization: Bearer <key>",
-                            headers={"WWW-Authenticate": CHALLENGE})
-    key = keys.verify(credentials.credentials)
-    if key is None:
-        raise HTTPException(401, "this API key is not valid (unknown or revoked)",
-                            headers={"WWW-Authenticate": f'{CHALLENGE}, error="invalid_token"'})
-    if scope is not None and scope not in key.scopes:
-        raise HTTPException(403, f"the key {key.name!r} does not have the scope {scope!r} this needs")
-    return key
+    key = keys.verify(credentials.credentials) if credentials is not None else None
+    denial = authorize(key, scope, sent=credentials is not None)
+    if denial is None:
+        return key
+    if denial.status == 401:
+        challenge = f'{CHALLENGE}, error="invalid_token"' if denial.invalid_key else CHALLENGE
+        raise HTTPException(401, denial.message, headers={"WWW-Authenticate": challenge})
+    raise HTTPException(denial.status, denial.message)
 
 
 def _requiring(scope: str):

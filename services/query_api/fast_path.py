@@ -9,26 +9,18 @@ from __future__ import annotations
 
 import time
 
-import orjson
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
-from services.query_api import http_metrics
-from services.query_api.auth import KeyRing, bearer_token
+from services.query_api import http_metrics, user_segments
+from services.query_api.auth import KeyRing, authorize, bearer_token
 from services.query_api.parameters import USER_SEGMENTS_PATH, user_id_from_path
-from services.query_api.readmodel import user_segments_json
 from services.query_api.replicas import InvalidToken, parse_token
-from services.query_api.schemas import DATABASE_UNAVAILABLE, RETRY_AFTER_SECONDS
 from shared import tracing
-from shared.db import TRANSIENT_DB_ERRORS
 
-HEADERS = [(b"content-type", b"application/json")]
 SPAN_NAME = f"GET {USER_SEGMENTS_PATH}"
 SERVER = SpanKind.SERVER  # read once: an enum member's look-up is not free
 SPAN_ATTRIBUTES = {"http.request.method": "GET", "http.route": USER_SEGMENTS_PATH}
-UNAVAILABLE = orjson.dumps({"detail": DATABASE_UNAVAILABLE})
-UNAVAILABLE_HEADERS = [*HEADERS, (b"retry-after", RETRY_AFTER_SECONDS.encode()),
-                       (b"content-length", str(len(UNAVAILABLE)).encode())]
 
 
 async def answer_user_segments(resources, scope, send) -> bool:
@@ -63,10 +55,10 @@ async def answer_user_segments(resources, scope, send) -> bool:
 
 
 def _request_span(scope, traceparent: bytes | None) -> trace.Span | None:
-    """The hot read's server span, made here, and only for a request its sampler samples:
-    OpenTelemetry's ASGI middleware costs more than the read itself (it measured at half the
-    reads/s with 1 % of requests sampled), and a span the SDK makes only to drop it costs about
-    a sixth of the read. Nothing is built before the sampler has said yes."""
+    """The hot read's server span, made here, and only for a request its sampler samples: a
+    middleware's span, or one the SDK makes only to drop it, would cost a large part of the read
+    itself (`python -m bench.read_throughput` measures the read with tracing on and off). Nothing
+    is built before the sampler has said yes."""
     parent = propagate.extract(scope["headers"], getter=tracing.HEADER_PAIRS) if traceparent is not None else None
     span = tracing.start_span_if_sampled(SPAN_NAME, parent, SERVER, SPAN_ATTRIBUTES)
     if span is not None:
@@ -78,18 +70,9 @@ async def _answer(resources, user_id: int, token: int | None, send) -> int:
     started = time.perf_counter()
     status = 500
     try:
-        try:
-            found = await resources.reads.memberships(user_id, token)
-            body = await user_segments_json(found, resources.rollout, user_id)
-        except TRANSIENT_DB_ERRORS:
-            status = 503
-            await send({"type": "http.response.start", "status": 503, "headers": UNAVAILABLE_HEADERS})
-            await send({"type": "http.response.body", "body": UNAVAILABLE})
-            return status
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [*HEADERS, (b"content-length", str(len(body)).encode())]})
+        status, body, headers = await user_segments.answer(resources, user_id, token)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-        status = 200
     finally:
         http_metrics.record(USER_SEGMENTS_PATH, "GET", status, time.perf_counter() - started)
     return status
@@ -97,5 +80,4 @@ async def _answer(resources, user_id: int, token: int | None, send) -> int:
 
 def _may_read(keys: KeyRing, authorization: bytes | None) -> bool:
     token = bearer_token(authorization.decode("latin-1")) if authorization else None
-    key = keys.verify(token) if token else None
-    return key is not None and "read" in key.scopes
+    return authorize(keys.verify(token) if token else None, "read") is None

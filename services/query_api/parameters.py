@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import Path, Query
 
-from shared.commands import MAX_USER_ID
+from shared.commands import MAX_SLUG_LENGTH, MAX_USER_ID, SLUG_PATTERN
 
 USER_SEGMENTS_PATH = "/users/{user_id}/segments"
 # The same path with a well-formed id, for the fast path: 1-19 digits without a leading zero;
@@ -15,6 +15,10 @@ USER_SEGMENTS_PATH = "/users/{user_id}/segments"
 _USER_SEGMENTS_RE = re.compile(re.escape(USER_SEGMENTS_PATH).replace(r"\{user_id\}", "([1-9][0-9]{0,18})"))
 
 UserIdPath = Annotated[int, Path(ge=1, le=MAX_USER_ID, description="user id, 1 … 2^63−1", examples=[1000])]
+SlugPath = Annotated[str, Path(min_length=1, max_length=MAX_SLUG_LENGTH, pattern=SLUG_PATTERN,
+                               examples=["AVITO_VOICE_MESSAGES"])]
+# Command ids as stored: up to 64 characters, and derived ids ("<topic>:<partition>:<offset>") longer.
+CommandIdPath = Annotated[str, Path(min_length=1, max_length=200)]
 UserIdQuery = Annotated[int | None, Query(ge=1, le=MAX_USER_ID, description="user id, 1 … 2^63−1")]
 Year = Annotated[int, Query(ge=1970, le=9999, description="year, 1970-9999", examples=[2026])]
 Month = Annotated[int, Query(ge=1, le=12, description="month, 1-12", examples=[11])]

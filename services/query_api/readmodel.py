@@ -10,7 +10,7 @@ import orjson
 from services.query_api.batched_lookup import Found, LookupConnection
 from services.query_api.rollout_cache import RolloutCache
 from shared.db import create_pool
-from shared.membership import UserSegment, user_segments
+from shared.membership import UserSegment, unexpired, user_segments
 from shared.outcomes import OUTCOME_COLUMNS, OutcomeRow, format_timestamp
 
 # Explicit memberships not yet expired (never relying on the expiry worker having run), plus the
@@ -18,13 +18,13 @@ from shared.outcomes import OUTCOME_COLUMNS, OutcomeRow, format_timestamp
 # user's lookup (index scans by user id) for each user of the batch. The last row (no user) is the
 # segment catalogue's version in the same snapshot: a worker whose rollout list is older reloads
 # it before answering (read-your-writes for segment commands, without a second round trip).
-USER_SEGMENTS_SQL = """
+USER_SEGMENTS_SQL = f"""
 SELECT u.user_id, r.slug, r.expires_at, r.excluded, NULL::bigint
 FROM unnest($1::bigint[]) AS u(user_id)
 CROSS JOIN LATERAL (
     SELECT s.slug, m.expires_at, false AS excluded
     FROM memberships m JOIN segments s ON s.id = m.segment_id
-    WHERE m.user_id = u.user_id AND s.deleted_at IS NULL AND (m.expires_at IS NULL OR m.expires_at > now())
+    WHERE m.user_id = u.user_id AND s.deleted_at IS NULL AND {unexpired("m")}
     UNION ALL
     SELECT s.slug, NULL, true
     FROM rollout_exclusions x JOIN segments s ON s.id = x.segment_id

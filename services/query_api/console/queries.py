@@ -17,13 +17,14 @@ from aiokafka.errors import KafkaError
 from services.query_api.console.imports import ImportJob
 from services.query_api.reports import check_month_kept, stream_report
 from shared.kafka import kafka_options, start_client
+from shared.membership import unexpired
 from shared.settings import KafkaSettings
 
 # Explicit members not yet expired, and users the rollout would cover but who were removed.
-SEGMENTS_SQL = """
+SEGMENTS_SQL = f"""
 SELECT s.slug, s.percent, s.description, s.created_at,
        (SELECT count(*) FROM memberships m
-        WHERE m.segment_id = s.id AND (m.expires_at IS NULL OR m.expires_at > now())) AS members,
+        WHERE m.segment_id = s.id AND {unexpired("m")}) AS members,
        (SELECT count(*) FROM rollout_exclusions x WHERE x.segment_id = s.id) AS excluded
 FROM segments s
 WHERE s.deleted_at IS NULL

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import asyncpg
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from services.query_api.auth import KeyRing
+from services.query_api.auth import KeyRing, authorize
 from services.query_api.signing import CONSOLE_CSRF, CONSOLE_SESSIONS, purpose_key
 from shared.api_keys import SCOPES, ApiKey, key_hash
 
@@ -53,7 +53,7 @@ class Visitor:
         return self.key.name if self.key else OPEN_ACTOR
 
     def can(self, scope: str) -> bool:
-        return self.key is not None and scope in self.key.scopes
+        return authorize(self.key, scope) is None
 
 
 NOT_BEFORE_SQL = "SELECT extract(epoch FROM not_before)::float8 FROM console_sign_outs WHERE key_hash = $1"

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import orjson
 import structlog
-from fastapi import APIRouter, HTTPException, Path, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from services.query_api import readmodel
 from services.query_api.dependencies import ResourcesDep, StatusKey, WriteKey
+from services.query_api.parameters import CommandIdPath
 from services.query_api.schemas import AUTH_RESPONSES, Problem, Published, json_response
 from shared.client import KafkaUnavailable
 from shared.commands import command_adapter, command_json_schema
@@ -34,7 +33,7 @@ COMMAND_EXAMPLES = {
 
 @router.get("/commands/{command_id}", response_model=Outcome, responses={404: {"model": Problem}},
             summary="The outcome of a consumed command")
-async def get_command(command_id: Annotated[str, Path(min_length=1, max_length=200)],
+async def get_command(command_id: CommandIdPath,
                       resources: ResourcesDep, _key: StatusKey) -> Response:
     found = await readmodel.command_outcome(resources.pool, command_id)  # the primary: the latest write
     if found is None:

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, HTTPException, Path, Response
+from fastapi import APIRouter, HTTPException, Response
 
 from services.query_api import readmodel
 from services.query_api.dependencies import ReadKey, ResourcesDep
+from services.query_api.parameters import SlugPath
 from services.query_api.schemas import AUTH_RESPONSES, Problem, Segment, Segments, json_response
 
 router = APIRouter(tags=["segments"], responses=AUTH_RESPONSES)
-SlugPath = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$",
-                                examples=["AVITO_VOICE_MESSAGES"])]
 
 
 @router.get("/segments", response_model=Segments, summary="Live segments, sorted by slug")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Request, Response
 
-from services.query_api import readmodel
+from services.query_api import readmodel, user_segments
 from services.query_api.dependencies import ConsistencyToken, ReadKey, ReportsKey, ResourcesDep
 from services.query_api.parameters import USER_SEGMENTS_PATH, Month, UserIdPath, Year
 from services.query_api.schemas import (
@@ -26,9 +26,8 @@ router = APIRouter(tags=["users"], responses=AUTH_RESPONSES)
 async def get_user_segments(user_id: UserIdPath, resources: ResourcesDep, _key: ReadKey,
                             token: ConsistencyToken) -> Response:
     # Well-formed requests are normally answered by fast_path.py before routing; this is the same answer.
-    found = await resources.reads.memberships(user_id, token)
-    return Response(await readmodel.user_segments_json(found, resources.rollout, user_id),
-                    media_type="application/json")
+    status, body, headers = await user_segments.answer(resources, user_id, token)
+    return Response(body, status_code=status, headers={name.decode(): value.decode() for name, value in headers})
 
 
 @router.get("/users/{user_id}", response_model=User, responses={404: {"model": Problem}},
