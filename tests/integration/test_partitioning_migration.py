@@ -86,7 +86,7 @@ async def test_existing_months_move_into_partitions_with_nothing_lost(old_databa
     assert before["membership_history"] == 12_000 and before["command_outcomes"] == 8_000
     assert all(len(report.splitlines()) > 1 for key, report in before.items() if key.startswith("report"))
 
-    assert apply_migrations(old_database) == [PARTITIONING]
+    assert apply_migrations(old_database)[0] == PARTITIONING  # then the migrations that came after it
 
     conn = await asyncpg.connect(old_database)
     try:
