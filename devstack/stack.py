@@ -15,9 +15,10 @@ import psutil
 
 from devstack.embedded import EmbeddedKafka, EmbeddedPostgres
 from devstack.processes import die_with_parent, free_port, run_coroutine, stop_process
-from shared.db import apply_migrations, redact
+from shared.db import apply_migrations
 from shared.kafka import ensure_topics
 from shared.settings import Settings
+from shared.settings.base import redact
 
 SERVICES = ("command_consumer", "query_api", "expiry_worker")
 

@@ -14,6 +14,7 @@ import orjson
 import structlog
 
 from shared import tracing
+from shared.settings.base import redact
 
 log = structlog.get_logger(__name__)
 
@@ -133,14 +134,3 @@ def apply_migrations(database_url: str, before: str | None = None) -> list[str]:
         return [migration.id for migration in pending]
     finally:
         backend.connection.close()
-
-
-def redact(database_url: str) -> str:
-    """The URL without its password, for messages."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(database_url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return database_url

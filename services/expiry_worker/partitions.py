@@ -21,7 +21,6 @@ queue every writer behind it, and the next run tries again.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +30,20 @@ import asyncpg
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.expiry_worker.partition_ranges import (
+    EPOCH,
+    HISTORY,
+    OUTCOMES,
+    Partition,
+    Table,
+    add_months,
+    history_partition_name,
+    interval_ranges,
+    month_ranges,
+    month_start,
+    outcome_partition_name,
+    parse_bound,
+)
 from shared.db import TRANSIENT_DB_ERRORS
 from shared.settings import RetentionSettings
 
@@ -54,84 +67,6 @@ DURATION = Histogram("segmentation_partition_maintenance_seconds", "Duration of 
 
 LOCK_TIMEOUT = "5s"
 ADVISORY_LOCK = 7_362_912_001  # one maintainer at a time, whatever the number of workers
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-@dataclass(frozen=True)
-class Table:
-    name: str
-    key: str  # the partition key column
-
-    @property
-    def default(self) -> str:
-        return f"{self.name}_default"
-
-
-HISTORY = Table("membership_history", "executed_at")
-OUTCOMES = Table("command_outcomes", "recorded_at")
-
-
-@dataclass(frozen=True)
-class Partition:
-    name: str
-    lower: datetime | None  # None: open below (MINVALUE)
-    upper: datetime | None  # None: open above (MAXVALUE)
-
-
-# --- ranges (pure) -------------------------------------------------------------------------------
-
-def month_start(moment: datetime) -> datetime:
-    moment = moment.astimezone(UTC)
-    return datetime(moment.year, moment.month, 1, tzinfo=UTC)
-
-
-def add_months(moment: datetime, months: int) -> datetime:
-    index = moment.year * 12 + moment.month - 1 + months
-    return moment.replace(year=index // 12, month=index % 12 + 1)
-
-
-def month_ranges(start: datetime, end: datetime) -> list[tuple[datetime, datetime]]:
-    """Whole months from the one holding `start` until one reaches past `end`."""
-    ranges, lower = [], month_start(start)
-    while lower <= end:
-        ranges.append((lower, add_months(lower, 1)))
-        lower = add_months(lower, 1)
-    return ranges
-
-
-def interval_ranges(start: datetime, end: datetime, seconds: int) -> list[tuple[datetime, datetime]]:
-    """Ranges from `start` until one reaches past `end`, ending on multiples of `seconds` since
-    the Unix epoch (the first one may be shorter: it starts where the previous partition ended)."""
-    ranges, lower = [], start
-    while lower <= end:
-        offset = (lower - EPOCH).total_seconds()
-        upper = EPOCH + timedelta(seconds=(offset // seconds + 1) * seconds)
-        ranges.append((lower, upper))
-        lower = upper
-    return ranges
-
-
-def history_partition_name(lower: datetime) -> str:
-    return f"{HISTORY.name}_p{lower:%Y%m}"
-
-
-def outcome_partition_name(lower: datetime) -> str:
-    return f"{OUTCOMES.name}_p{lower:%Y%m%dt%H%M%S}"
-
-
-_BOUND = re.compile(r"FOR VALUES FROM \((MINVALUE|'[^']*')\) TO \((MAXVALUE|'[^']*')\)")
-
-
-def parse_bound(expression: str) -> tuple[datetime | None, datetime | None] | None:
-    """The range of a partition bound as PostgreSQL prints it (the session in UTC); None for DEFAULT."""
-    match = _BOUND.fullmatch(expression)
-    if match is None:
-        return None
-
-    def moment(text: str) -> datetime | None:
-        return None if text in ("MINVALUE", "MAXVALUE") else datetime.fromisoformat(text.strip("'")).astimezone(UTC)
-
-    return moment(match.group(1)), moment(match.group(2))
 
 
 # --- the database --------------------------------------------------------------------------------

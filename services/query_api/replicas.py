@@ -31,7 +31,8 @@ from prometheus_client import Gauge
 
 from services.query_api.batched_lookup import BatchedLookup, Found
 from services.query_api.readmodel import USER_SEGMENTS_SQL, create_lookup_pool
-from shared.db import TRANSIENT_DB_ERRORS, create_pool, redact
+from shared.db import TRANSIENT_DB_ERRORS, create_pool
+from shared.settings.base import redact
 
 log = structlog.get_logger("query_api")
 T = TypeVar("T")

@@ -38,9 +38,7 @@ class Section(BaseSettings):
             setattr(self, f"{name}_file", None)  # read once; the value is what other processes get
         return self
 
-    def __repr_args__(self):
-        from shared.db import redact  # a URL's password, like the SecretStr fields, is never shown
-
+    def __repr_args__(self):  # a URL's password, like the SecretStr fields, is never shown
         for name, value in super().__repr_args__():
             if name == "database_url" and value:
                 value = redact(value)
@@ -56,6 +54,17 @@ class Section(BaseSettings):
         """These settings as the environment variables a service process reads (secrets included:
         for handing to a child process, never for showing)."""
         return {name.upper(): _as_env(value) for name, value in self if value is not None}
+
+
+def redact(database_url: str) -> str:
+    """The URL without its password, for messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(database_url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return database_url
 
 
 def _as_env(value: Any) -> str:

@@ -254,7 +254,7 @@ async def test_signing_out_ends_every_session_of_that_key(settings, keys):
 
 
 async def test_the_import_check_lists_a_bounded_number_of_rows_off_the_event_loop(settings, monkeypatch):
-    from services.query_api.console import pages
+    from services.query_api.console.routes import imports as pages
 
     threads = []
 

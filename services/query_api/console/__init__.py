@@ -15,8 +15,10 @@ from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 
 from services.query_api.auth import KeyRing
-from services.query_api.console import pages
-from services.query_api.console.imports import ImportTokens
+from services.query_api.console.deps import Console, ConsoleError, SignInNeeded, visitor_of
+from services.query_api.console.import_tokens import ImportTokens
+from services.query_api.console.rendering import render, see_other
+from services.query_api.console.routes import commands, imports, segments, signin, users
 from services.query_api.console.session import Sessions, SignOuts
 from services.query_api.signing import IMPORT_TOKENS, purpose_key
 from shared.settings import ApiSettings, ConsoleSettings
@@ -28,21 +30,20 @@ def install(app: FastAPI, settings: ConsoleSettings, api: ApiSettings, outcome_r
     """Serve the console from `app` (create_app calls this when the console is enabled)."""
     secret = api.report_signing_secret.get_secret_value()
     sign_outs = SignOuts(lambda: app.state.resources.pool)
-    app.state.console = pages.Console(
+    app.state.console = Console(
         Sessions(secret, keys, int(settings.ui_session_hours * 3600), sign_outs),
         # An import's page is useful while its outcomes are kept, and no longer.
         ImportTokens(purpose_key(secret, IMPORT_TOKENS), max_age_seconds=outcome_retention),
         secure_cookies=(api.api_public_url or "").startswith("https://"))
-    app.include_router(pages.router)
+    for routes in (signin, segments, users, commands, imports):
+        app.include_router(routes.router)
     app.mount("/ui/static", StaticFiles(directory=STATIC), name="console-static")
 
-    async def explain(request: Request, error: pages.ConsoleError) -> Response:
-        visitor = await pages.visitor_of(request)
-        return pages.render(request, visitor, "error.html", status=error.status, error=error)
+    async def explain(request: Request, error: ConsoleError) -> Response:
+        return render(request, await visitor_of(request), "error.html", status=error.status, error=error)
 
-    async def sign_in_first(request: Request, needed: pages.SignInNeeded) -> Response:
-        visitor = await pages.visitor_of(request)
-        return pages.see_other(request, visitor, f"/ui/signin?{urlencode({'next': needed.then})}")
+    async def sign_in_first(request: Request, needed: SignInNeeded) -> Response:
+        return see_other(request, await visitor_of(request), f"/ui/signin?{urlencode({'next': needed.then})}")
 
-    app.add_exception_handler(pages.ConsoleError, explain)
-    app.add_exception_handler(pages.SignInNeeded, sign_in_first)
+    app.add_exception_handler(ConsoleError, explain)
+    app.add_exception_handler(SignInNeeded, sign_in_first)

@@ -14,7 +14,7 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from services.query_api.console.imports import ImportJob
+from services.query_api.console.import_tokens import ImportJob
 from services.query_api.reports import check_month_kept, stream_report
 from shared.kafka import kafka_options, start_client
 from shared.membership import unexpired

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from itsdangerous import URLSafeTimedSerializer
 
-from services.query_api.console.imports import ImportJob, ImportTokens
+from services.query_api.console.import_tokens import ImportJob, ImportTokens
 from services.query_api.reports import ReportLinkInvalid, ReportSigner
 from services.query_api.signing import (
     CONSOLE_SESSIONS,

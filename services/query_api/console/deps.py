@@ -1,0 +1,122 @@
+"""What the console's routes share: its state, its errors, who is looking and what they may do,
+checked forms, and publishing a command as the visitor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+from urllib.parse import quote
+
+import structlog
+from fastapi import Depends, Request
+from fastapi.responses import Response
+from pydantic import ValidationError
+from starlette.datastructures import FormData
+
+from services.query_api.console.import_tokens import ImportTokens
+from services.query_api.console.rendering import render, see_other
+from services.query_api.console.session import COOKIE, Sessions, Visitor
+from services.query_api.dependencies import Resources
+from shared.assignments import explain
+from shared.client import KafkaUnavailable
+
+log = structlog.get_logger("query_api")
+
+
+@dataclass
+class Console:
+    """The console's state, made once by create_app."""
+
+    sessions: Sessions
+    imports: ImportTokens
+    secure_cookies: bool  # API_PUBLIC_URL is https: cookies only over HTTPS
+
+
+class ConsoleError(Exception):
+    """A page that explains what went wrong, with its HTTP status."""
+
+    def __init__(self, status: int, title: str, message: str, details: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.title, self.message, self.details = status, title, message, details or []
+
+
+class SignInNeeded(Exception):
+    def __init__(self, then: str) -> None:
+        super().__init__(then)
+        self.then = then
+
+
+def console_of(request: Request) -> Console:
+    return request.app.state.console
+
+
+def resources_of(request: Request) -> Resources:
+    return request.app.state.resources
+
+
+async def visitor_of(request: Request) -> Visitor:
+    return await console_of(request).sessions.visitor(request.cookies.get(COOKIE))
+
+
+VisitorDep = Annotated[Visitor, Depends(visitor_of)]
+
+
+def _requiring(scope: str):
+    async def dependency(request: Request, visitor: VisitorDep) -> Visitor:
+        if not visitor.signed_in:
+            then = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            raise SignInNeeded(then)
+        if not visitor.can(scope):
+            raise ConsoleError(403, "Not allowed", f"The key {visitor.name!r} does not have the scope {scope!r} "
+                                                   "this page needs. Ask for a key that has it.")
+        return visitor
+
+    return Depends(dependency)
+
+
+Reader = Annotated[Visitor, _requiring("read")]
+Writer = Annotated[Visitor, _requiring("write")]
+StatusReader = Annotated[Visitor, _requiring("status")]
+
+
+async def checked_form(request: Request, visitor: Visitor) -> FormData:
+    """The form of a state-changing request, refused unless it carries the session's CSRF token."""
+    form = await request.form()
+    token = form.get("csrf_token")
+    if not console_of(request).sessions.csrf_valid(visitor, token if isinstance(token, str) else None):
+        raise ConsoleError(403, "Form expired", "This form's security token does not match your session (it was "
+                                                "sent from another site, or your session changed). Reload the page "
+                                                "and send the form again.")
+    return form
+
+
+def field(form: FormData, name: str) -> str:
+    value = form.get(name)
+    return value.strip() if isinstance(value, str) else ""
+
+
+async def publish(request: Request, visitor: Visitor, command: dict[str, Any]) -> str:
+    """Publish `command` as the visitor; its command id."""
+    command["actor"] = visitor.name
+    try:
+        sent = await resources_of(request).publisher.publish(command, traceparent=request.headers.get("traceparent"))
+    except ValidationError as error:
+        raise ConsoleError(422, "The command is not valid", "Nothing was published.",
+                           [explain(error)]) from error
+    except KafkaUnavailable as error:
+        raise ConsoleError(503, "Kafka is unavailable", f"Nothing was published: {error}") from error
+    log.info("command published", command_id=sent.command_id, type=command["type"], actor=visitor.name,
+             topic=sent.topic, partition=sent.partition, offset=sent.offset, via="console")
+    return sent.command_id
+
+
+def command_page(command_id: str) -> str:
+    return f"/ui/commands/{quote(command_id, safe='')}"
+
+
+def published(request: Request, visitor: Visitor, command_id: str) -> Response:
+    """After an action: its command's page, where the outcome appears; a key without the `status`
+    scope cannot see outcomes, so it is told the command was published and no more."""
+    if visitor.can("status"):
+        return see_other(request, visitor, command_page(command_id))
+    return render(request, visitor, "published.html", status=202, command_id=command_id)

@@ -1,0 +1,100 @@
+"""A user: its segments now, its month of history, and the form that changes its segments."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from services.query_api import readmodel
+from services.query_api.console.deps import (
+    ConsoleError,
+    Reader,
+    Writer,
+    checked_form,
+    field,
+    publish,
+    published,
+    resources_of,
+)
+from services.query_api.console.queries import user_history
+from services.query_api.console.rendering import render, see_other
+from services.query_api.parameters import UserIdPath
+from services.query_api.reports import MonthDropped
+from shared.commands import MAX_USER_ID
+from shared.durations import parse_duration
+
+router = APIRouter(prefix="/ui", include_in_schema=False)
+
+
+HISTORY_ROWS_SHOWN = 500
+MONTH = re.compile(r"(\d{4})-(\d{2})")
+
+
+
+@router.get("/users")
+async def find_user(request: Request, visitor: Reader, user_id: str = "") -> Response:
+    if not user_id:
+        return render(request, visitor, "find_user.html")
+    if not re.fullmatch(r"[0-9]{1,19}", user_id.strip()) or not 1 <= int(user_id) <= MAX_USER_ID:
+        return render(request, visitor, "find_user.html", status=422, user_id=user_id,
+                      problem=f"{user_id!r} is not a user id: a whole number from 1 to {MAX_USER_ID}.")
+    return see_other(request, visitor, f"/ui/users/{int(user_id)}")
+
+
+def _month(text: str) -> tuple[int, int]:
+    found = MONTH.fullmatch(text)
+    if not found or not 1 <= int(found[2]) <= 12 or int(found[1]) < 1:
+        raise ConsoleError(422, "Not a month", f"{text!r} is not a month: write it as YYYY-MM, e.g. 2026-11.")
+    return int(found[1]), int(found[2])
+
+
+@router.get("/users/{user_id}")
+async def user_page(request: Request, user_id: UserIdPath, visitor: Reader, month: str = "") -> Response:
+    resources = resources_of(request)
+    now = datetime.now(UTC)
+    year, number = _month(month) if month else (now.year, now.month)
+    found = await resources.reads.memberships(user_id, None)
+    member_of = await readmodel.user_segments_list(found, resources.rollout, user_id)
+    registered = await resources.reads.read(lambda pool: readmodel.user(pool, user_id), replica_first=True)
+    live = await resources.reads.read(readmodel.live_segments, replica_first=True)
+    history, more, dropped, link = [], False, None, None
+    if visitor.can("reports"):
+        try:
+            history, more = await resources.reads.read(
+                lambda pool: user_history(pool, user_id, year, number, HISTORY_ROWS_SHOWN), replica_first=True)
+            link = resources.report_link(request, year, number, user_id)
+        except MonthDropped as error:
+            dropped = str(error)
+    return render(request, visitor, "user.html", user_id=user_id, segments=member_of, live=live,
+                  registered_at=registered["registered_at"] if registered else None,
+                  month=f"{year:04d}-{number:02d}", history=history, more=more, dropped=dropped, report_link=link,
+                  rows_shown=HISTORY_ROWS_SHOWN)
+
+
+def _slugs(text: str) -> list[str]:
+    return [slug for slug in re.split(r"[\s,]+", text) if slug]
+
+
+@router.post("/users/{user_id}/segments")
+async def change_user_segments(request: Request, user_id: UserIdPath, visitor: Writer) -> Response:
+    form = await checked_form(request, visitor)
+    add = _slugs(field(form, "add"))
+    remove = [value for value in form.getlist("remove") if isinstance(value, str) and value]
+    if not add and not remove:
+        raise ConsoleError(422, "Nothing to change", "Name segments to add, or tick segments to remove.")
+    command: dict[str, Any] = {"type": "update_user_segments", "user_id": user_id, "add": add, "remove": remove}
+    ttl = field(form, "ttl")
+    if ttl:
+        if not add:
+            raise ConsoleError(422, "The command is not valid", "Nothing was published.",
+                               ["ttl: a time to live only applies to segments being added"])
+        try:
+            command["ttl_seconds"] = parse_duration(ttl)
+        except ValueError as error:
+            raise ConsoleError(422, "The command is not valid", "Nothing was published.",
+                               [f"ttl: {error}"]) from None
+    return published(request, visitor, await publish(request, visitor, command))
