@@ -56,7 +56,7 @@ test-e2e: $(TEST_STAMP) ## end-to-end tests only
 	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
 
 bench: $(STAMP) ## run every benchmark in bench/ and print their ratios (about 15 minutes; reads need wrk)
-	for script in consumer_throughput read_throughput report_stream expiry rollout_create; do \
+	for script in consumer_throughput consumer_latency read_throughput report_stream expiry rollout_create; do \
 		$(BIN)/python -m bench.$$script || exit 1; done
 
 clean: ## remove the virtualenv and local data (as root also the embedded PostgreSQL's data under /var/lib)

@@ -30,7 +30,7 @@ from aiokafka import AIOKafkaProducer
 
 from bench import common
 from bench.common import bench_environment, spread
-from bench.consumer_throughput import seed_segments
+from bench.consumer_workload import seed_segments
 from devstack.processes import stop_process
 from shared.kafka import kafka_options
 

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaProducer
 
 from bench import common
 from bench.common import bench_environment
-from bench.consumer_throughput import seed_segments
+from bench.consumer_workload import seed_segments
 from services.command_consumer.bootstrap import build_consumer
 from services.expiry_worker.partitions import PartitionMaintainer
 from shared.kafka import kafka_options

@@ -1,7 +1,7 @@
 """schemathesis hooks for the HTTP fuzzing tests.
 
 A JSON Schema cannot say "in the future": a schema-valid `expires_at` in the past is refused with
-422 by design (tests/unit/test_commands.py and the API tests cover that). Generated past times are
+422 by design (tests/unit/shared/test_commands.py and the API tests cover that). Generated past times are
 moved to the future so the positive-data check judges the rest of the command.
 """
 

@@ -16,6 +16,7 @@ from services.query_api.app import create_app
 from services.query_api.replicas import parse_lsn
 from services.query_api.reports import ReportSigner, stream_report
 from shared.rollout import rollout_bucket
+from tests.buckets import user_in_buckets
 from tests.support import read_topic, running_consumer, wait_for_outcomes
 
 pytestmark = pytest.mark.integration
@@ -31,10 +32,6 @@ async def add_segment(pool, slug: str, percent: float = 0, deleted: bool = False
 async def add_membership(pool, user_id: int, segment_id: int, expires_at=None) -> None:
     await pool.execute("INSERT INTO users VALUES ($1, $2) ON CONFLICT DO NOTHING", user_id, NOW)
     await pool.execute("INSERT INTO memberships VALUES ($1, $2, $3, $4)", user_id, segment_id, NOW, expires_at)
-
-
-def user_with_bucket(slug: str, below: int, at_least: int = 0) -> int:
-    return next(u for u in range(1, 1_000_000) if at_least <= rollout_bucket(slug, u) < below)
 
 
 async def test_user_segments_combines_explicit_unexpired_and_rollout_minus_exclusions(api, pool):
@@ -66,8 +63,8 @@ async def test_user_segments_combines_explicit_unexpired_and_rollout_minus_exclu
 async def test_user_never_seen_is_covered_by_rollout(api, pool):
     await add_segment(pool, "HALF", 50)
     await api.app.state.resources.rollout.refresh()
-    covered = user_with_bucket("HALF", 5000)
-    outside = user_with_bucket("HALF", 10000, at_least=5000)
+    covered = user_in_buckets("HALF", 0, 5000)
+    outside = user_in_buckets("HALF", 5000, 10000)
     assert [s["slug"] for s in (await api.get(f"/users/{covered}/segments")).json()["segments"]] == ["HALF"]
     assert (await api.get(f"/users/{outside}/segments")).json()["segments"] == []
 

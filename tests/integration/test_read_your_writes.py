@@ -10,14 +10,10 @@ import httpx
 import pytest
 
 from services.query_api.app import create_app
-from shared.rollout import rollout_bucket
+from tests.buckets import user_in_buckets
 from tests.support import Publisher, running_consumer, wait_for_outcomes
 
 pytestmark = pytest.mark.integration
-
-
-def covered_at_50(slug: str) -> int:
-    return next(user for user in range(1, 100_000) if rollout_bucket(slug, user) < 2000)  # in from 20 %
 
 
 @contextlib.asynccontextmanager
@@ -35,7 +31,7 @@ async def slugs(api: httpx.AsyncClient, user_id: int, **params) -> list[str]:
 
 
 async def test_every_command_type_is_visible_to_the_next_read_in_every_worker(settings, pool):
-    user = covered_at_50("RYW")
+    user = user_in_buckets("RYW", 0, 2000)  # in from 20 %
     async with Publisher(settings) as publish, running_consumer(settings, pool), \
             api_worker(settings) as first, api_worker(settings) as second:
         workers = (first, second)

@@ -8,17 +8,11 @@ from urllib.parse import urlsplit
 import pytest
 
 from shared.rollout import rollout_bucket
+from tests.buckets import user_in_buckets
 from tests.support import Publisher, running_consumer, wait_for_outcomes
 
 pytestmark = pytest.mark.integration
 SLUG = "AVITO_VOICE_MESSAGES"
-
-
-def user_in_buckets(low: int, high: int, slug: str = SLUG, skip: int = 0) -> int:
-    found = (u for u in range(1, 10_000_000) if low <= rollout_bucket(slug, u) < high)
-    for _ in range(skip):
-        next(found)
-    return next(found)
 
 
 async def segments_of(api, user_id: int) -> list[tuple[str, str]]:
@@ -54,8 +48,8 @@ async def apply(publish, pool, *commands) -> dict:
 
 
 async def test_percent_raised_then_lowered_with_the_history_of_a_user_never_seen(settings, pool, api):
-    mover = user_in_buckets(1000, 3000)      # in at 30 %, out at 10 % and 5 %
-    stayer = user_in_buckets(0, 500)         # in all along
+    mover = user_in_buckets(SLUG, 1000, 3000)      # in at 30 %, out at 10 % and 5 %
+    stayer = user_in_buckets(SLUG, 0, 500)         # in all along
     async with Publisher(settings) as publish, running_consumer(settings, pool):
         await apply(publish, pool,
                     {"type": "create_segment", "slug": SLUG, "percent": 10, "command_id": "create"})
@@ -73,7 +67,7 @@ async def test_percent_raised_then_lowered_with_the_history_of_a_user_never_seen
 
 
 async def test_exclusion_holds_through_percent_changes_until_an_explicit_add(settings, pool, api):
-    user_id = user_in_buckets(0, 1000)  # covered at 10 %
+    user_id = user_in_buckets(SLUG, 0, 1000)  # covered at 10 %
     async with Publisher(settings) as publish, running_consumer(settings, pool):
         await apply(publish, pool,
                     {"type": "create_segment", "slug": SLUG, "percent": 10, "command_id": "create"},
@@ -100,9 +94,9 @@ async def test_exclusion_holds_through_percent_changes_until_an_explicit_add(set
 
 
 async def test_segment_deleted_while_covering_users(settings, pool, api):
-    covered = user_in_buckets(0, 5000)
-    explicit_and_covered = user_in_buckets(0, 5000, skip=1)
-    outside = user_in_buckets(5000, 10000)
+    covered = user_in_buckets(SLUG, 0, 5000)
+    explicit_and_covered = user_in_buckets(SLUG, 0, 5000, skip=1)
+    outside = user_in_buckets(SLUG, 5000, 10000)
     async with Publisher(settings) as publish, running_consumer(settings, pool):
         await apply(publish, pool,
                     {"type": "create_segment", "slug": SLUG, "percent": 50, "command_id": "create"},

@@ -17,7 +17,7 @@ import services.expiry_worker.worker
 import services.query_api.http_metrics  # noqa: F401  (registers the API's metrics)
 from shared.settings import SECTIONS, Settings
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 APP_SERVICES = {"command-consumer": "services.command_consumer", "query-api": "services.query_api",

@@ -15,14 +15,10 @@ from shared.membership import (
     rollout_move,
     user_segments,
 )
-from shared.rollout import rollout_bucket
+from tests.buckets import user_in_buckets
 
 NOW = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
 VOICE = Segment(1, "AVITO_VOICE_MESSAGES", Decimal(0))
-
-
-def user_in_bucket_range(slug: str, low: int, high: int) -> int:
-    return next(u for u in range(1, 1_000_000) if low <= rollout_bucket(slug, u) < high)
 
 
 def test_coverage_follows_the_contract_vectors():
@@ -35,8 +31,8 @@ def test_coverage_follows_the_contract_vectors():
 
 def test_member_when_explicit_or_covered_and_not_excluded():
     half = Segment(2, "HALF", Decimal(50))
-    inside = user_in_bucket_range("HALF", 0, 5000)
-    outside = user_in_bucket_range("HALF", 5000, 10_000)
+    inside = user_in_buckets("HALF", 0, 5000)
+    outside = user_in_buckets("HALF", 5000, 10_000)
     assert is_member(half, inside, explicit=False, excluded=False)
     assert not is_member(half, inside, explicit=False, excluded=True)  # removed explicitly
     assert not is_member(half, outside, explicit=False, excluded=False)
@@ -47,13 +43,13 @@ def test_member_when_explicit_or_covered_and_not_excluded():
 
 def test_an_expiry_is_an_exit_only_when_the_rollout_does_not_cover_the_user():
     half = Segment(2, "HALF", Decimal(50))
-    assert not leaves_at_expiry(half, user_in_bucket_range("HALF", 0, 5000))
-    assert leaves_at_expiry(half, user_in_bucket_range("HALF", 5000, 10_000))
+    assert not leaves_at_expiry(half, user_in_buckets("HALF", 0, 5000))
+    assert leaves_at_expiry(half, user_in_buckets("HALF", 5000, 10_000))
     assert leaves_at_expiry(VOICE, 1000)
 
 
 def test_a_rollout_change_moves_only_the_users_between_its_thresholds():
-    mover = user_in_bucket_range("S", 1000, 3000)
+    mover = user_in_buckets("S", 1000, 3000)
     assert rollout_move("S", mover, 0, 3000) == "I"
     assert rollout_move("S", mover, 3000, 1000) == "D"
     assert rollout_move("S", mover, 3000, 5000) is None  # in before and after
@@ -91,7 +87,7 @@ def test_an_expired_membership_is_reaped_at_its_expiry():
     assert not state.is_member(VOICE, NOW)
     assert state.reap_expired(VOICE, NOW) == HistoryRow(7, VOICE.slug, "D", expired_at, "manual", "ttl", None)
     assert state.changes().deletions == [(7, VOICE.id)]
-    covered = user_in_bucket_range("HALF", 0, 5000)
+    covered = user_in_buckets("HALF", 0, 5000)
     half = Segment(2, "HALF", Decimal(50))
     still_in = UserState(covered, explicit={half.id: expired_at})
     assert still_in.reap_expired(half, NOW) is None  # the rollout keeps it in: no exit

@@ -6,7 +6,7 @@ from decimal import Decimal
 from services.command_consumer.users import apply_update_user_segments
 from shared.commands import UpdateUserSegments
 from shared.membership import Segment, UserChanges, UserState
-from shared.rollout import rollout_bucket
+from tests.buckets import user_in_buckets
 
 NOW = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
 VOICE = Segment(1, "AVITO_VOICE_MESSAGES", Decimal(0))
@@ -62,13 +62,9 @@ def test_an_expired_membership_left_at_its_expiry():
         ("D", expired_at, "ttl"), ("I", NOW, "manual")]
 
 
-def _user_covered_at(percent_threshold: int, slug: str) -> int:
-    return next(u for u in range(1, 100_000) if rollout_bucket(slug, u) < percent_threshold)
-
-
 def test_removing_a_covered_user_excludes_it_until_an_explicit_add():
     rollout = Segment(3, "ROLLOUT", Decimal(50))
-    user_id = _user_covered_at(5000, "ROLLOUT")
+    user_id = user_in_buckets("ROLLOUT", 0, 5000)
     state = UserState(user_id, registered=True)
     assert state.is_member(rollout, NOW)
     command = UpdateUserSegments(type="update_user_segments", user_id=user_id, remove=["ROLLOUT"])
