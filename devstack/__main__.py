@@ -29,6 +29,7 @@ def run(stack: Stack) -> int:
     try:
         stack.start_servers()
         stack.prepare()
+        stack.write_stack_file()
         stack.start_services()
         stack.wait_ready()
         print(stack.summary(), flush=True)
@@ -67,8 +68,10 @@ def main() -> None:
     settings = get_settings()
     if args.command == "clean":
         postgres = EmbeddedPostgres(settings.data_dir / "postgres")
-        postgres.remove()
-        print(f"removed the embedded PostgreSQL data in {postgres.data_dir}")
+        if postgres.remove():
+            print(f"removed the embedded PostgreSQL data in {postgres.data_dir}")
+        else:
+            print(f"no embedded PostgreSQL data to remove (looked in {postgres.data_dir})")
         return
     if args.command == "provision":
         applied = apply_migrations(settings.require_database_url())
@@ -82,7 +85,7 @@ def main() -> None:
         else:
             stack = Stack(settings)
             try:
-                stack.start_servers(kafka=False)
+                stack.start_servers(kafka=False, services=False)
                 applied = apply_migrations(stack.env["DATABASE_URL"])
             finally:
                 stack.close()

@@ -162,10 +162,13 @@ class EmbeddedPostgres:
         self.stop()
         self.start()
 
-    def remove(self) -> None:
-        """Stop the server and delete its data (and, as root, its home under ROOT_STATE_DIR)."""
+    def remove(self) -> bool:
+        """Stop the server and delete its data (and, as root, its home under ROOT_STATE_DIR);
+        whether there was any."""
+        existed = self.data_dir.exists()
         self.stop("immediate")
         self.home.remove()
+        return existed
 
 
 def url_on_port(database_url: str, port: int) -> str:

@@ -10,19 +10,51 @@ import socket
 import subprocess
 import threading
 
+import psutil
+
+
+def _probe() -> socket.socket:
+    # SO_REUSEADDR, as every server here sets it: a port whose old connections wait in TIME-WAIT
+    # after a server stopped is free for the next one, and must look free.
+    probe = socket.socket()
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    return probe
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with _probe() as probe:
+        try:
+            probe.bind((host, port))
+            return True
+        except OSError:
+            return False
+
 
 def free_port(preferred: int | None = None) -> int:
     """The preferred port when nothing listens on it, else any free one."""
-    if preferred:
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", preferred))
-                return preferred
-            except OSError:
-                pass
-    with socket.socket() as probe:
+    if preferred and port_is_free(preferred):
+        return preferred
+    with _probe() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def port_holder(port: int) -> str | None:
+    """Who listens on `port`, as "PID 123 (command line)", where the system lets us see it."""
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except (psutil.Error, OSError):
+        return None
+    for connection in connections:
+        if connection.status == psutil.CONN_LISTEN and connection.laddr and connection.laddr.port == port:
+            if connection.pid is None:
+                return None
+            try:
+                command = " ".join(psutil.Process(connection.pid).cmdline()) or psutil.Process(connection.pid).name()
+            except psutil.Error:
+                command = "?"
+            return f"PID {connection.pid} ({command[:100]})"
+    return None
 
 
 def die_with_parent() -> None:

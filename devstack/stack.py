@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,13 +15,17 @@ from pathlib import Path
 import psutil
 
 from devstack.embedded import EmbeddedKafka, EmbeddedPostgres
-from devstack.processes import die_with_parent, free_port, run_coroutine, stop_process
+from devstack.processes import die_with_parent, port_holder, port_is_free, run_coroutine, stop_process
 from shared.db import apply_migrations
 from shared.kafka import ensure_topics
 from shared.settings import Settings
-from shared.settings.base import redact
+from shared.settings.base import STACK_FILE, redact
 
 SERVICES = ("command_consumer", "query_api", "expiry_worker")
+
+
+class PortTaken(SystemExit):
+    """A port the stack is documented to use is held by another program; nothing was started."""
 
 
 class Stack:
@@ -43,19 +48,27 @@ class Stack:
         self.postgres: EmbeddedPostgres | None = None
         self.services: dict[str, subprocess.Popen] = {}
         self._pid_file = self.data_dir / "stack.pids"
+        self.stack_file = self.data_dir / STACK_FILE
         self._exit = ExitStack()
 
     # -- servers ---------------------------------------------------------------------------
-    def start_servers(self, kafka: bool = True) -> None:
+    def start_servers(self, kafka: bool = True, services: bool = True) -> None:
+        """The embedded servers the settings do not replace, on their documented ports; first, the
+        strays of a killed earlier run are stopped and every port is checked (`services`: the
+        ports of the services to start after), so a taken port stops everything before it starts."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._stop_strays()
         if not self.settings.database_url:
-            self.postgres = EmbeddedPostgres(self.data_dir / "postgres", port=free_port(55432))
+            self.postgres = EmbeddedPostgres(self.data_dir / "postgres", port=self.settings.embedded_postgres_port)
+            self.postgres.stop_stray()
+        if kafka and not self.settings.kafka_bootstrap_servers:
+            self.kafka = EmbeddedKafka(port=self.settings.embedded_kafka_port, log_path=self.log_dir / "kafka.log")
+        self.check_ports(services)
+        if self.postgres:
             self.env["DATABASE_URL"] = self.postgres.start()
             self._exit.callback(self.postgres.stop)
-        if kafka and not self.settings.kafka_bootstrap_servers:
-            self.kafka = EmbeddedKafka(port=free_port(9092), log_path=self.log_dir / "kafka.log")
+        if self.kafka:
             self.env["KAFKA_BOOTSTRAP_SERVERS"] = self.kafka.start()
             self._exit.callback(self.kafka.stop)
         self.settings = self.settings.model_copy(update={
@@ -68,6 +81,38 @@ class Stack:
         self.say(f"migrations: {', '.join(applied) if applied else 'up to date'}")
         created = run_coroutine(ensure_topics(self.settings))
         self.say(f"topics: {', '.join(created) if created else 'present'}")
+
+    def ports(self, services: bool = True) -> list[tuple[int, str, str]]:
+        """(port, what listens there, the variable that moves it) for everything about to start."""
+        wanted = []
+        if self.postgres:
+            wanted.append((self.postgres.port, "the embedded PostgreSQL", "EMBEDDED_POSTGRES_PORT"))
+        if self.kafka:
+            wanted.append((self.kafka.port, "the embedded Kafka broker", "EMBEDDED_KAFKA_PORT"))
+        if services:
+            wanted += [(self.settings.api_port, "the query API", "API_PORT"),
+                       (self.settings.consumer_metrics_port, "the consumer's /metrics", "CONSUMER_METRICS_PORT"),
+                       (self.settings.expiry_metrics_port, "the expiry worker's /metrics", "EXPIRY_METRICS_PORT")]
+        return [(port, what, variable) for port, what, variable in wanted if port]
+
+    def check_ports(self, services: bool = True) -> None:
+        taken = [(port, what, variable) for port, what, variable in self.ports(services) if not port_is_free(port)]
+        if taken:
+            lines = []
+            for port, what, variable in taken:
+                holder = port_holder(port)
+                lines.append(f"  port {port}, for {what}, is taken" + (f" by {holder}" if holder else "")
+                             + f": stop it, or set {variable} to another port")
+            raise PortTaken("Nothing was started: a port this stack uses is taken.\n" + "\n".join(lines))
+
+    def write_stack_file(self) -> None:
+        """Where everything is, for the tools run from this checkout (shared.settings.base.running_stack)."""
+        written = {"pid": os.getpid(), "settings": {
+            "kafka_bootstrap_servers": self.env.get("KAFKA_BOOTSTRAP_SERVERS"),
+            "database_url": self.env.get("DATABASE_URL"),
+            "segmentctl_api_url": self.api_url()}}
+        self.stack_file.write_text(json.dumps(written, indent=2) + "\n", encoding="utf-8")
+        self._exit.callback(self.stack_file.unlink, missing_ok=True)
 
     # -- services --------------------------------------------------------------------------
     def start_services(self) -> None:
@@ -156,6 +201,10 @@ class Stack:
             f"  PostgreSQL       {redact(database)}" + (" (embedded, data in "
                                                       f"{self.postgres.data_dir})" if self.postgres else ""),
             f"  logs             {self.log_dir}",
+            "Try it:",
+            f"  curl -s -XPOST {api}/commands -d '{{\"type\": \"create_segment\", \"slug\": \"MY_FIRST\"}}'",
+            "  .venv/bin/segmentctl user update 1000 --add MY_FIRST --wait",
+            *([f"  open {api}/ui in a browser"] if self.settings.console_enabled else []),
             "Press Ctrl-C to stop everything.",
         ])
 

@@ -26,16 +26,21 @@ from shared.commands import command_adapter
 from shared.durations import parse_duration
 from shared.kafka import KafkaSetupError
 from shared.query_client import QueryApiError, QueryClient
-from shared.settings import Settings
+from shared.settings import CliSettings, KafkaSettings, Settings
 from shared.settings import explain as explain_settings
 
-EXIT_REJECTED, EXIT_BAD_INPUT, EXIT_UNAVAILABLE = 1, 2, 3
+# Each failure a person or a script acts on differently has its own code.
+EXIT_REJECTED, EXIT_BAD_INPUT, EXIT_UNAVAILABLE, EXIT_UNAUTHORIZED, EXIT_TIMED_OUT = 1, 2, 3, 4, 5
 err = Console(stderr=True)
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Publish segmentation commands to Kafka and follow their outcomes.\n\n"
-                       "Exit codes: 0 applied (or published without --wait), 1 rejected or invalid, "
-                       "2 bad input, 3 Kafka or the API unreachable, or no outcome in time.")
+                       "Without options it finds a `make run` of this checkout (DATA_DIR/stack.json); "
+                       "KAFKA_BOOTSTRAP_SERVERS, SEGMENTCTL_API_URL and SEGMENTCTL_API_KEY, or the options, "
+                       "win over it.\n\n"
+                       "Exit codes: 0 applied (or published without --wait); 1 rejected or invalid; "
+                       "2 bad input; 3 Kafka or the query API unreachable; 4 the API key is missing, not "
+                       "valid, or lacks the scope (named in the message); 5 no outcome within --timeout.")
 segment_app = typer.Typer(no_args_is_help=True, help="Segment commands (topic segments.commands, keyed by slug).")
 user_app = typer.Typer(no_args_is_help=True, help="User commands (topic assignments.commands, keyed by user id).")
 app.add_typer(segment_app, name="segment")
@@ -44,40 +49,50 @@ app.add_typer(user_app, name="user")
 
 @dataclass
 class Config:
-    settings: Settings
+    settings: KafkaSettings
     api_url: str
     api_key: str | None
     timeout: float
 
 
 WaitOption = Annotated[bool, typer.Option("--wait", "-w", help="Wait for the outcome and print it.")]
-CommandIdOption = Annotated[str | None, typer.Option(
+CommandIdOption = Annotated[str | None, typer.Option(metavar="ID",
     help="Command id (1-64 chars); publishing the same id again changes nothing. Default: a random one.")]
-ActorOption = Annotated[str | None, typer.Option(help="Who issues the command, kept in the audit trail. "
-                                                      "Default: segmentctl:<login name>.")]
-SlugArgument = Annotated[str, typer.Argument(help="Segment slug, e.g. AVITO_VOICE_MESSAGES.")]
-UserIdArgument = Annotated[int, typer.Argument(help="User id, 1 … 2^63-1.", min=1)]
+ActorOption = Annotated[str | None, typer.Option(
+    metavar="NAME", help="Who issues the command, kept in the audit trail. Default: segmentctl:<login name>.")]
+SlugArgument = Annotated[str, typer.Argument(metavar="SLUG", help="Segment slug, e.g. AVITO_VOICE_MESSAGES.")]
+UserIdArgument = Annotated[int, typer.Argument(metavar="USER_ID", help="User id, 1 … 2^63-1.", min=1)]
 
 
 @app.callback()
 def options(
     ctx: typer.Context,
-    bootstrap_servers: Annotated[str, typer.Option(
-        envvar="KAFKA_BOOTSTRAP_SERVERS", help="Kafka bootstrap servers.")] = "localhost:9092",
-    api_url: Annotated[str, typer.Option(
-        envvar="SEGMENTCTL_API_URL", help="Query API base URL (for `status`).")] = "http://127.0.0.1:8080",
+    bootstrap_servers: Annotated[str | None, typer.Option(
+        metavar="HOST:PORT", show_default=False,
+        help="Kafka bootstrap servers (default: KAFKA_BOOTSTRAP_SERVERS, else the running `make run`'s broker, "
+             "else localhost:9092).")] = None,
+    api_url: Annotated[str | None, typer.Option(
+        metavar="URL", show_default=False,
+        help="Query API base URL, for `status` and `user segments` (default: SEGMENTCTL_API_URL, else the "
+             "running `make run`'s API, else http://127.0.0.1:8080).")] = None,
     api_key: Annotated[str | None, typer.Option(
-        envvar="SEGMENTCTL_API_KEY", show_default=False,
-        help="API key for the query API, when it has access control on (`status` needs the scope status).")] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for Kafka, the API or an outcome.", min=0.1)] = 30.0,
+        metavar="KEY", show_default=False,
+        help="API key for the query API when it has access control on (default: SEGMENTCTL_API_KEY).")] = None,
+    timeout: Annotated[float, typer.Option(metavar="SECONDS", min=0.1,
+                                           help="Seconds to wait for Kafka, the API or an outcome.")] = 30.0,
 ) -> None:
     """Topic names and the Kafka connection (KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_*, KAFKA_SSL_*) come
     from the same settings as the services."""
     try:
-        settings = Settings(kafka_bootstrap_servers=bootstrap_servers)
+        settings = Settings()
+        cli = CliSettings()
     except ValidationError as error:
         raise _fail(explain_settings(error), EXIT_BAD_INPUT) from None
-    ctx.obj = Config(settings, api_url.rstrip("/"), api_key, timeout)
+    bootstrap = bootstrap_servers or settings.kafka_bootstrap_servers or f"localhost:{settings.embedded_kafka_port}"
+    settings = settings.model_copy(update={"kafka_bootstrap_servers": bootstrap})
+    key = api_key or (cli.segmentctl_api_key.get_secret_value() if cli.segmentctl_api_key else None)
+    url = api_url or cli.segmentctl_api_url or f"http://127.0.0.1:{settings.api_port}"
+    ctx.obj = Config(settings.section(KafkaSettings), url.rstrip("/"), key, timeout)
 
 
 def _print_json(value: Any) -> None:
@@ -87,6 +102,12 @@ def _print_json(value: Any) -> None:
 def _fail(message: str, code: int) -> typer.Exit:
     err.print(f"[red]error:[/red] {escape(shown(message))}", highlight=False)  # messages quote the wire
     return typer.Exit(code)
+
+
+def _exit_code(error: QueryApiError) -> int:
+    if error.status in (401, 403):
+        return EXIT_UNAUTHORIZED
+    return EXIT_BAD_INPUT if error.status == 422 else EXIT_UNAVAILABLE
 
 
 def _envelope(command: dict[str, Any], command_id: str | None, actor: str | None) -> dict[str, Any]:
@@ -111,7 +132,7 @@ def _send(config: Config, command: dict[str, Any], wait: bool) -> None:
                 found = await outcomes.wait_for([sent.command_id], config.timeout)
         if sent.command_id not in found:
             raise _fail(f"published {sent.command_id} to {sent.topic}[{sent.partition}]@{sent.offset}, but no "
-                        f"outcome within {config.timeout:g}s (is the command consumer running?)", EXIT_UNAVAILABLE)
+                        f"outcome within {config.timeout:g}s (is the command consumer running?)", EXIT_TIMED_OUT)
         outcome = found[sent.command_id]
         _print_json(outcome)
         return 0 if outcome["status"] == "applied" else EXIT_REJECTED
@@ -135,9 +156,9 @@ def _run(coroutine) -> Any:
 @segment_app.command("create")
 def segment_create(
     ctx: typer.Context, slug: SlugArgument,
-    percent: Annotated[float, typer.Option(help="Share of all users covered automatically, 0-100.", min=0,
-                                           max=100)] = 0,
-    description: Annotated[str | None, typer.Option(help="What the segment is for.")] = None,
+    percent: Annotated[float, typer.Option(metavar="PERCENT", min=0, max=100,
+                                           help="Share of all users covered automatically, 0-100.")] = 0,
+    description: Annotated[str | None, typer.Option(metavar="TEXT", help="What the segment is for.")] = None,
     wait: WaitOption = False, command_id: CommandIdOption = None, actor: ActorOption = None,
 ) -> None:
     """Create a segment, optionally covering a percent of all users."""
@@ -148,8 +169,9 @@ def segment_create(
 @segment_app.command("update")
 def segment_update(
     ctx: typer.Context, slug: SlugArgument,
-    percent: Annotated[float | None, typer.Option(help="New rollout percent, 0-100.", min=0, max=100)] = None,
-    description: Annotated[str | None, typer.Option(help="New description.")] = None,
+    percent: Annotated[float | None, typer.Option(metavar="PERCENT", help="New rollout percent, 0-100.", min=0,
+                                                 max=100)] = None,
+    description: Annotated[str | None, typer.Option(metavar="TEXT", help="New description.")] = None,
     wait: WaitOption = False, command_id: CommandIdOption = None, actor: ActorOption = None,
 ) -> None:
     """Change a segment's rollout percent and/or description."""
@@ -176,10 +198,12 @@ def user_create(ctx: typer.Context, user_id: UserIdArgument, wait: WaitOption = 
 @user_app.command("update")
 def user_update(
     ctx: typer.Context, user_id: UserIdArgument,
-    add: Annotated[str | None, typer.Option(help="Segments to add, comma-separated: A,B.")] = None,
-    remove: Annotated[str | None, typer.Option(help="Segments to remove, comma-separated.")] = None,
-    ttl: Annotated[str | None, typer.Option(help="Added segments expire after this: 90s, 15m, 2h, 2d, 1w.")] = None,
-    expires_at: Annotated[str | None, typer.Option(help="Added segments expire at this RFC 3339 time.")] = None,
+    add: Annotated[str | None, typer.Option(metavar="SLUGS", help="Segments to add, comma-separated: A,B.")] = None,
+    remove: Annotated[str | None, typer.Option(metavar="SLUGS", help="Segments to remove, comma-separated.")] = None,
+    ttl: Annotated[str | None, typer.Option(metavar="DURATION",
+                                            help="Added segments expire after this: 90s, 15m, 2h, 2d, 1w.")] = None,
+    expires_at: Annotated[str | None, typer.Option(
+        metavar="TIME", help="Added segments expire at this RFC 3339 time.")] = None,
     wait: WaitOption = False, command_id: CommandIdOption = None, actor: ActorOption = None,
 ) -> None:
     """Add and remove a user's segments in one atomic command."""
@@ -197,7 +221,8 @@ def user_update(
 
 
 @app.command()
-def status(ctx: typer.Context, command_id: Annotated[str, typer.Argument(help="The command's id.")]) -> None:
+def status(ctx: typer.Context,
+           command_id: Annotated[str, typer.Argument(metavar="COMMAND_ID", help="The command's id.")]) -> None:
     """Print a command's stored outcome (from the query API)."""
     config: Config = ctx.obj
 
@@ -208,7 +233,7 @@ def status(ctx: typer.Context, command_id: Annotated[str, typer.Argument(help="T
     try:
         outcome = asyncio.run(fetch())
     except QueryApiError as error:
-        raise _fail(str(error), EXIT_UNAVAILABLE) from None
+        raise _fail(str(error), _exit_code(error)) from None
     if outcome is None:
         raise _fail(f"{command_id}: not processed (yet)", EXIT_REJECTED)
     _print_json(outcome)
@@ -220,8 +245,8 @@ def status(ctx: typer.Context, command_id: Annotated[str, typer.Argument(help="T
 def user_segments(
     ctx: typer.Context, user_id: UserIdArgument,
     token: Annotated[str | None, typer.Option(
-        "--token", help="An outcome's consistency_token (printed by --wait): the answer reflects that command, "
-                        "even when the API reads from replicas.")] = None,
+        "--token", metavar="TOKEN", help="An outcome's consistency_token (printed by --wait): the answer "
+                                         "reflects that command, even when the API reads from replicas.")] = None,
 ) -> None:
     """Print the segments a user is in now (from the query API; needs the scope read)."""
     config: Config = ctx.obj
@@ -233,7 +258,7 @@ def user_segments(
     try:
         _print_json({"user_id": user_id, "segments": asyncio.run(fetch())})
     except QueryApiError as error:
-        raise _fail(str(error), EXIT_BAD_INPUT if error.status == 422 else EXIT_UNAVAILABLE) from None
+        raise _fail(str(error), _exit_code(error)) from None
 
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys of the query API (API_KEYS_FILE).")
@@ -242,8 +267,9 @@ app.add_typer(keys_app, name="keys")
 
 @keys_app.command("create")
 def keys_create(
-    name: Annotated[str, typer.Option(help="Who uses the key; the actor of the commands it publishes.")],
-    scopes: Annotated[str, typer.Option(help=f"Comma-separated, of: {', '.join(SCOPES)}.")],
+    name: Annotated[str, typer.Option(metavar="NAME",
+                                      help="Who uses the key; the actor of the commands it publishes.")],
+    scopes: Annotated[str, typer.Option(metavar="SCOPES", help=f"Comma-separated, of: {', '.join(SCOPES)}.")],
 ) -> None:
     """Make a new key: prints the key (give it to its user; it is not stored anywhere) and the line to
     add to API_KEYS_FILE (it holds the key's SHA-256 only). The API picks the line up within a second."""
@@ -266,9 +292,10 @@ def outcome_line(outcome: dict[str, Any]) -> str:
 def tail(
     ctx: typer.Context,
     from_beginning: Annotated[bool, typer.Option(help="Start at the oldest outcome kept by Kafka.")] = False,
-    only_status: Annotated[str | None, typer.Option("--status", help="Only applied, rejected or invalid.")] = None,
-    only_type: Annotated[str | None, typer.Option("--type", help="Only this command type.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Stop after this many outcomes.", min=1)] = None,
+    only_status: Annotated[str | None, typer.Option("--status", metavar="STATUS",
+                                                    help="Only applied, rejected or invalid.")] = None,
+    only_type: Annotated[str | None, typer.Option("--type", metavar="TYPE", help="Only this command type.")] = None,
+    limit: Annotated[int | None, typer.Option(metavar="COUNT", help="Stop after this many outcomes.", min=1)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON outcome per line.")] = False,
 ) -> None:
     """Follow outcomes on the results topic as they are published (Ctrl-C to stop)."""
@@ -299,7 +326,8 @@ def tail(
 @app.command("import")
 def import_csv(
     ctx: typer.Context,
-    file: Annotated[Path, typer.Argument(help="CSV with a header: user_id,segment_slug[,action][,ttl]; action is "
+    file: Annotated[Path, typer.Argument(metavar="FILE",
+                                         help="CSV with a header: user_id,segment_slug[,action][,ttl]; action is "
                                               "add (default) or remove, ttl like 2d.", exists=True, dir_okay=False)],
     wait: Annotated[bool, typer.Option(help="Wait for every outcome and summarise them.")] = True,
     skip_invalid: Annotated[bool, typer.Option(help="Publish the valid rows even if some are invalid.")] = False,

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from shared.commands import command_adapter
 from shared.durations import parse_duration
+from shared.validation import sentence
 
 REQUIRED_COLUMNS = ("user_id", "segment_slug")
 ACTIONS = ("add", "remove")
@@ -103,7 +104,10 @@ def _command(row: dict[str, str | None], command_id: str, actor: str | None) -> 
 
 
 def explain(error: ValueError) -> str:
-    """One line per problem, naming the field (pydantic's errors) or the message (others)."""
+    """A row's problems in words, naming the file's column where a command field came from one."""
     if isinstance(error, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'command'}: {e['msg']}" for e in error.errors())
+        text = sentence(error)
+        for field in ("add[0]", "remove[0]"):
+            text = text.replace(f"{field}: ", "segment_slug: ")
+        return text
     return str(error)

@@ -9,6 +9,7 @@ user's segments, with the caller's API key.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -41,16 +42,16 @@ class QueryClient:
 
     async def command_outcome(self, command_id: str) -> dict[str, Any] | None:
         """The stored outcome, or None while the command has not been processed."""
-        response = await self._get(f"/commands/{command_id}", missing_ok=True)
+        response = await self._get(f"/commands/{quote(command_id, safe='')}", "status", missing_ok=True)
         return None if response is None else response.json()
 
     async def user_segments(self, user_id: int, consistency_token: str | None = None) -> list[dict[str, Any]]:
         """A user's segments; with an outcome's `consistency_token`, as of that command or later
         (even when the API reads from replicas)."""
         headers = {CONSISTENCY_HEADER: consistency_token} if consistency_token else None
-        return (await self._get(f"/users/{user_id}/segments", headers=headers)).json()["segments"]
+        return (await self._get(f"/users/{user_id}/segments", "read", headers=headers)).json()["segments"]
 
-    async def _get(self, path: str, missing_ok: bool = False,
+    async def _get(self, path: str, scope: str, missing_ok: bool = False,
                    headers: dict[str, str] | None = None) -> httpx.Response | None:
         try:
             response = await self._http.get(path, headers=headers)
@@ -59,8 +60,8 @@ class QueryClient:
         if response.status_code == 404 and missing_ok:
             return None
         if response.status_code in (401, 403):
-            raise QueryApiError(f"the query API refused the API key: {_detail(response)} "
-                                "(set SEGMENTCTL_API_KEY to a key with the scope this needs)", response.status_code)
+            raise QueryApiError(f"the query API refused the API key: {_detail(response)}; this needs a key with "
+                                f"the scope {scope!r} (SEGMENTCTL_API_KEY or --api-key)", response.status_code)
         if response.status_code != 200:
             raise QueryApiError(f"the query API answered {response.status_code}: {_detail(response)}",
                                 response.status_code)

@@ -17,6 +17,7 @@ from shared.commands import (
     plain_text,
 )
 from shared.outcomes import ErrorCode
+from shared.validation import sentence
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +65,6 @@ def _derived_command_id(raw: object, record: RecordRef) -> str:
     return record.default_command_id
 
 
-def _describe(error: ValidationError) -> str:
-    problems = []
-    for item in error.errors(include_url=False)[:5]:
-        location = ".".join(str(part) for part in item["loc"][1:]) or "command"
-        problems.append(f"{location}: {item['msg']}")
-    return "; ".join(problems)
 
 
 def parse_record(record: RecordRef, segments_topic: str, max_bytes: int) -> ParsedRecord:
@@ -111,5 +106,5 @@ def _explain_invalid(record: RecordRef, value: bytes, segments_topic: str) -> Pa
     try:
         command = command_adapter.validate_python(raw)
     except ValidationError as error:
-        return InvalidRecord(record, command_id, command_type, ErrorCode.INVALID_FIELD, _describe(error))
+        return InvalidRecord(record, command_id, command_type, ErrorCode.INVALID_FIELD, sentence(error))
     return ValidCommand(record, command.command_id or record.default_command_id, command)

@@ -10,6 +10,8 @@ from contextlib import asynccontextmanager
 
 import structlog
 from fastapi import FastAPI, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from services.query_api import console
@@ -31,6 +33,7 @@ from shared.client import CommandPublisher, KafkaUnavailable
 from shared.db import TRANSIENT_DB_ERRORS, create_pool
 from shared.kafka import KafkaSetupError
 from shared.settings import ApiSettings, ConsoleSettings, KafkaSettings, Settings, get_settings
+from shared.validation import field_name, rule
 
 log = structlog.get_logger("query_api")
 DESCRIPTION = """
@@ -67,6 +70,12 @@ def key_ring(settings: ApiSettings) -> KeyRing:
         return KeyRing(settings.api_keys_file)
     except (OSError, KeyFileError) as error:
         raise SystemExit(f"API_KEYS_FILE={settings.api_keys_file}: {error}") from None
+
+
+async def invalid_request(request, error: RequestValidationError) -> Response:
+    """FastAPI's structured 422, with every problem also in words (the field and its rule)."""
+    message = "; ".join(f"{field_name(item['loc'])}: {rule(item)}" for item in error.errors())
+    return JSONResponse({"detail": jsonable_encoder(error.errors()), "message": message}, status_code=422)
 
 
 async def database_unavailable(request, error) -> Response:
@@ -170,6 +179,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         settings.outcome_retention, keys)
     for error in TRANSIENT_DB_ERRORS:
         app.add_exception_handler(error, database_unavailable)
+    app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     app.add_middleware(MetricsMiddleware)
     return app

@@ -2,7 +2,8 @@
 
 Clients send `Authorization: Bearer <key>`. The file is read again when it changes (checked every
 second) or on SIGHUP, so a key is revoked without a restart; a file that no longer parses keeps
-the keys in force and says why.
+the keys in force and says why, once for each change of the file, in the log, in /readyz and in
+the metric segmentation_api_keys_reload_failed.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
+from prometheus_client import Gauge
 
 from shared.api_keys import ApiKey, KeyFileError, key_hash, parse_keys
 
 log = structlog.get_logger("query_api")
+RELOAD_FAILED = Gauge("segmentation_api_keys_reload_failed",
+                      "1 while the API keys file's last change could not be read (the keys before it stay in force)",
+                      multiprocess_mode="max")
 
 
 class KeyRing:
@@ -27,8 +32,10 @@ class KeyRing:
         self._known: dict[str, ApiKey] = {}  # keys already verified, by the key itself: no hash per request
         self._seen: tuple[int, int] | None = None  # the file's (mtime_ns, size) when last read
         self._watcher: asyncio.Task | None = None
+        self.reload_error: str | None = None  # why the file's last change was not taken, if it was not
         if path is not None:
             self._keys = self._read()
+            RELOAD_FAILED.set(0)
 
     @property
     def enabled(self) -> bool:
@@ -47,28 +54,34 @@ class KeyRing:
         return self._keys.get(digest)
 
     def reload(self) -> None:
-        """Read the file again; on an error keep the keys in force."""
+        """Read the file again; on an error keep the keys in force. A file that fails is not read
+        again until it changes, so its error is reported once."""
         try:
             keys = self._read()
         except (OSError, KeyFileError) as error:
+            self.reload_error = str(error)
+            RELOAD_FAILED.set(1)
             log.error("API keys not reloaded; the keys in force stay", file=str(self.path), error=str(error))
             return
+        self.reload_error = None
+        RELOAD_FAILED.set(0)
         if keys != self._keys:
             log.info("API keys reloaded", file=str(self.path), keys=len(keys))
         self._keys, self._known = keys, {}
 
     def _read(self) -> dict[str, ApiKey]:
-        info = self.path.stat()
-        keys = parse_keys(self.path.read_text(encoding="utf-8"))
-        self._seen = (info.st_mtime_ns, info.st_size)
-        return keys
+        self._seen = self._stamp()  # this version of the file, read once whether it parses or not
+        return parse_keys(self.path.read_text(encoding="utf-8"))
 
-    def _changed(self) -> bool:
+    def _stamp(self) -> tuple[int, int] | None:
         try:
             info = self.path.stat()
         except OSError:
-            return False
-        return (info.st_mtime_ns, info.st_size) != self._seen
+            return None
+        return (info.st_mtime_ns, info.st_size)
+
+    def _changed(self) -> bool:
+        return self._stamp() != self._seen
 
     async def watch(self, interval: float = 1.0) -> None:
         """Reload whenever the file changes, until cancelled."""

@@ -63,7 +63,8 @@ class Published(BaseModel):
 
 class Problem(BaseModel):
     model_config = _example({"detail": "user 1000 has never been seen"})
-    detail: str | list = Field(description="what is wrong")
+    detail: str | list = Field(description="what is wrong (for a 422: each problem with its location and type)")
+    message: str | None = Field(None, description="for a 422: every problem in words, field by field")
 
 
 class Health(BaseModel):

@@ -58,11 +58,12 @@ class ConfigurationError(SystemExit):
 
 def explain(error: ValidationError) -> str:
     """A settings error as one line per problem, naming the variables, never echoing a value."""
+    from shared.validation import rule  # the same words as every other refusal
+
     problems = []
-    for item in error.errors(include_url=False, include_input=False, include_context=False):
+    for item in error.errors(include_url=False, include_input=False):
         variable = ".".join(str(part) for part in item["loc"]).upper()
-        message = item["msg"].removeprefix("Value error, ")
-        problems.append(f"{variable}: {message}" if variable else message)
+        problems.append(f"{variable}: {rule(item)}" if variable else rule(item))
     return "invalid configuration: " + "; ".join(problems)
 
 

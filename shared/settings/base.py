@@ -3,13 +3,41 @@ from files too, shown without them, and handed to child processes as the variabl
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
+import psutil
 from pydantic import SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 S = TypeVar("S", bound="Section")
+STACK_FILE = "stack.json"  # in DATA_DIR: the addresses a running `make run` chose
+
+
+def running_stack(data_dir: Path | None = None) -> dict[str, Any]:
+    """The settings `make run` wrote for the tools of this checkout (its servers' and services'
+    addresses), while the launcher that wrote them is alive; {} otherwise."""
+    path = (data_dir or Path(os.environ.get("DATA_DIR") or ".data")) / STACK_FILE
+    try:
+        written = json.loads(path.read_text(encoding="utf-8"))
+        alive = psutil.pid_exists(int(written["pid"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return written.get("settings", {}) if alive else {}
+
+
+class RunningStackSource(PydanticBaseSettingsSource):
+    """The lowest-priority source: a running `make run`'s addresses. Anything the user sets (the
+    environment, `.env`, arguments) wins over it."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {name: value for name, value in running_stack().items() if name in self.settings_cls.model_fields}
 
 
 class Section(BaseSettings):
@@ -37,6 +65,11 @@ class Section(BaseSettings):
             setattr(self, name, value if name == "database_url" else SecretStr(value))
             setattr(self, f"{name}_file", None)  # read once; the value is what other processes get
         return self
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return init_settings, env_settings, dotenv_settings, file_secret_settings, RunningStackSource(settings_cls)
 
     def __repr_args__(self):  # a URL's password, like the SecretStr fields, is never shown
         for name, value in super().__repr_args__():

@@ -241,7 +241,11 @@ class LocalStackSettings(Section):
     title = "Local stack (`make run`, the tests, the benchmarks)"
 
     data_dir: Path = Field(Path(".data"), description=(
-        "Embedded PostgreSQL data, logs, and the addresses `make run` chose (`stack.json`)."))
+        "Embedded PostgreSQL data, logs, and the addresses of a running `make run` (`stack.json`), which "
+        "segmentctl, the Python client and the benchmarks read when no variable names the servers."))
+    embedded_kafka_port: int = Field(9092, ge=1, le=65535, description="Where `make run` puts its embedded broker.")
+    embedded_postgres_port: int = Field(55432, ge=1, le=65535, description=(
+        "Where `make run` puts its embedded PostgreSQL."))
     embedded_postgres_root_dir: Path = Field(Path("/var/lib/segmentation-service"), description=(
         "As root only: where the embedded PostgreSQL's own account keeps its binaries and data."))
 

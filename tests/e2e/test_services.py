@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -156,3 +157,52 @@ def _run_kill_and_rerun_the_launcher(tmp_path: Path, postgres: EmbeddedPostgres)
             launcher.kill()
             launcher.wait()
     return started
+
+
+def test_ctrl_c_then_an_immediate_make_run_keeps_its_addresses_and_tools_find_them(tmp_path):
+    """Connections left in TIME-WAIT by the first run must not move the second run's ports; and
+    segmentctl, with no variable naming a server, finds the running stack."""
+    api_port = free_port()
+    env = launcher_env(tmp_path, api_port)
+    expected = {"kafka_bootstrap_servers": f"127.0.0.1:{env['EMBEDDED_KAFKA_PORT']}",
+                "postgres_port": env["EMBEDDED_POSTGRES_PORT"]}
+    tool_env = {key: value for key, value in env.items()
+                if not key.startswith(("KAFKA_", "SEGMENTCTL_", "DATABASE_URL"))}
+    postgres = EmbeddedPostgres(tmp_path / "data" / "postgres")
+    try:
+        for round_number in (1, 2):
+            launcher = subprocess.Popen([sys.executable, "-m", "devstack", "run"], env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True)
+            try:
+                wait_ready(f"http://127.0.0.1:{api_port}", launcher)
+                written = orjson.loads((tmp_path / "data" / "stack.json").read_bytes())["settings"]
+                assert written["kafka_bootstrap_servers"] == expected["kafka_bootstrap_servers"]
+                assert f":{expected['postgres_port']}/" in written["database_url"]
+                done = subprocess.run([str(Path(sys.executable).parent / "segmentctl"), "--timeout", "60", "segment",
+                                       "create", f"FOUND_{round_number}", "--wait"], env=tool_env,
+                                      capture_output=True, text=True, timeout=120)
+                assert done.returncode == 0, done.stdout + done.stderr
+                assert '"status": "applied"' in done.stdout
+            finally:
+                launcher.send_signal(signal.SIGINT)  # Ctrl-C, and at once the next round
+                output, _ = launcher.communicate(timeout=60)
+            assert launcher.returncode == 0 and expected["kafka_bootstrap_servers"] in output, output
+        assert not (tmp_path / "data" / "stack.json").exists()  # gone with the stack
+    finally:
+        postgres.remove()
+
+
+def test_a_taken_port_stops_make_run_before_anything_starts(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {**launcher_env(tmp_path, free_port()), "EMBEDDED_KAFKA_PORT": str(port)}
+        done = subprocess.run([sys.executable, "-m", "devstack", "run"], env=env, capture_output=True, text=True,
+                              timeout=120)
+    said = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert f"port {port}, for the embedded Kafka broker, is taken by PID {os.getpid()}" in said, said
+    assert "set EMBEDDED_KAFKA_PORT to another port" in said
+    assert "migrations" not in said and "is running" not in said  # nothing started
+    assert postgres_of(EmbeddedPostgres(tmp_path / "data" / "postgres").data_dir) == []

@@ -62,6 +62,7 @@ async def secured(settings, keys):
     app = create_app(settings.model_copy(update={"api_keys_file": keys.path}))
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as client:
+            client.app = app
             yield client
 
 
@@ -223,3 +224,12 @@ async def test_a_fast_path_token_is_checked_as_the_route_checks_it(secured, keys
         response = await secured.get("/users/1/segments", headers={**keys.header("reader"),
                                                                    "X-Consistency-Token": token})
         assert response.status_code == 422, (token[:20], response.status_code)
+
+
+async def test_readyz_shows_a_key_file_whose_last_change_was_not_taken(secured, keys):
+    assert (await secured.get("/readyz")).json()["checks"]["api_keys"] == "ok"
+    keys.path.write_text("not a key line\n")
+    secured.app.state.resources.keys.reload()
+    ready = await secured.get("/readyz")
+    assert ready.status_code == 200  # the keys before the change stay in force
+    assert ready.json()["checks"]["api_keys"].startswith("the last change of the file was not taken")

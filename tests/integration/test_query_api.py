@@ -305,3 +305,23 @@ async def test_documentation_pages_load_only_pinned_assets_with_integrity_hashes
     for tag in scripts:
         assert re.search(r'integrity="sha384-[A-Za-z0-9+/=]{64}" crossorigin="anonymous"', tag), tag
         assert re.search(r"@\d+\.\d+\.\d+/", tag), tag  # an exact version, never a range
+
+
+async def test_a_status_read_can_wait_for_its_outcome(api, settings, pool):
+    assert (await api.get("/commands/later", params={"wait": 0})).status_code == 404  # at once: not yet
+    async with running_consumer(settings, pool):
+        published = await api.post("/commands", json={"type": "create_user", "user_id": 5, "command_id": "later"})
+        assert published.status_code == 202
+        waited = await api.get("/commands/later", params={"wait": 20})  # no retry loop on the caller's side
+    assert waited.status_code == 200 and waited.json()["status"] == "applied"
+    assert (await api.get("/commands/later", params={"wait": 31})).status_code == 422
+
+
+async def test_a_422_says_each_problem_in_words_beside_its_structure(api):
+    bad = await api.post("/commands", json={"type": "update_user_segments", "user_id": 0, "add": [""]})
+    assert bad.status_code == 422
+    assert bad.json()["message"] == "user_id: must be at least 1; add[0]: must not be empty"
+    assert {tuple(problem["loc"]) for problem in bad.json()["detail"]} == {
+        ("update_user_segments", "user_id"), ("update_user_segments", "add", 0)}
+    month = await api.get("/reports/history", params={"year": 2026, "month": 13})
+    assert month.status_code == 422 and month.json()["message"] == "month: must be at most 12"

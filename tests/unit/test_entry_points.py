@@ -24,3 +24,10 @@ def test_help_prints_usage_and_exits_0(name):
     done = subprocess.run([*COMMANDS[name], "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "usage:" in done.stdout.lower() and done.stderr == ""
+
+
+def test_segmentctl_help_shows_no_type_tags():
+    done = subprocess.run([*COMMANDS["segmentctl"], "tail", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and "<bool>" not in done.stdout and "<str>" not in done.stdout, done.stdout
+    assert "--status STATUS" in done.stdout

@@ -17,8 +17,8 @@ from services.query_api.console.import_tokens import ImportTokens
 from services.query_api.console.rendering import render, see_other
 from services.query_api.console.session import COOKIE, Sessions, Visitor
 from services.query_api.dependencies import Resources
-from shared.assignments import explain
 from shared.client import KafkaUnavailable
+from shared.validation import in_words
 
 log = structlog.get_logger("query_api")
 
@@ -102,7 +102,7 @@ async def publish(request: Request, visitor: Visitor, command: dict[str, Any]) -
         sent = await resources_of(request).publisher.publish(command, traceparent=request.headers.get("traceparent"))
     except ValidationError as error:
         raise ConsoleError(422, "The command is not valid", "Nothing was published.",
-                           [explain(error)]) from error
+                           in_words(error)) from error
     except KafkaUnavailable as error:
         raise ConsoleError(503, "Kafka is unavailable", f"Nothing was published: {error}") from error
     log.info("command published", command_id=sent.command_id, type=command["type"], actor=visitor.name,

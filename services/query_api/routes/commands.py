@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from typing import Annotated
+
 import orjson
 import structlog
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
@@ -16,8 +20,12 @@ from shared.client import KafkaUnavailable
 from shared.commands import command_adapter, command_json_schema
 from shared.durations import format_duration
 from shared.outcomes import Outcome
+from shared.validation import sentence
 
 log = structlog.get_logger("query_api")
+MAX_WAIT_SECONDS = 30
+WAIT_POLL_SECONDS = 0.05  # a long poll looks again this often: an outcome is seen within it of being stored
+
 router = APIRouter(tags=["commands"], responses=AUTH_RESPONSES)
 
 COMMAND_EXAMPLES = {
@@ -33,9 +41,15 @@ COMMAND_EXAMPLES = {
 
 @router.get("/commands/{command_id}", response_model=Outcome, responses={404: {"model": Problem}},
             summary="The outcome of a consumed command")
-async def get_command(command_id: CommandIdPath,
-                      resources: ResourcesDep, _key: StatusKey) -> Response:
-    found = await readmodel.command_outcome(resources.pool, command_id)  # the primary: the latest write
+async def get_command(command_id: CommandIdPath, resources: ResourcesDep, _key: StatusKey,
+                      wait: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS, description=(
+                          "Seconds to wait for the outcome if it is not stored yet (a long poll); 0: answer "
+                          "at once"))] = 0) -> Response:
+    deadline = time.monotonic() + wait
+    while (found := await readmodel.command_outcome(resources.pool, command_id)) is None:  # the primary
+        if time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(WAIT_POLL_SECONDS)
     if found is None:
         window = format_duration(resources.outcome_retention)
         raise HTTPException(404, f"command {command_id} has no outcome: it has not been processed (yet), or it "
@@ -70,7 +84,7 @@ async def post_command(request: Request, resources: ResourcesDep, key: WriteKey)
     except ValidationError as error:
         problems = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
                     for e in error.errors(include_url=False, include_context=False, include_input=False)]
-        raise HTTPException(422, problems) from error
+        return JSONResponse({"detail": problems, "message": sentence(error, limit=None)}, status_code=422)
     except KafkaUnavailable as error:
         raise HTTPException(503, str(error)) from error
     log.info("command published", command_id=sent.command_id, type=raw.get("type"), actor=raw.get("actor"),

@@ -38,6 +38,9 @@ async def readyz(resources: ResourcesDep):
         checks["kafka"] = f"unavailable: {error}"
     ready = all(value == "ok" for value in checks.values())
     checks.update(resources.reads.describe())  # shown, not required: reads fall back to the primary
+    if resources.keys.enabled:  # shown, not required: the keys before the failed change stay in force
+        error = resources.keys.reload_error
+        checks["api_keys"] = "ok" if error is None else f"the last change of the file was not taken: {error}"
     return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks},
                         status_code=200 if ready else 503)
 

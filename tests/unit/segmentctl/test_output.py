@@ -28,3 +28,20 @@ def test_json_lines_stay_json_and_carry_no_raw_controls():
     text = json_text({"command_id": HOSTILE})
     assert orjson.loads(text) == {"command_id": HOSTILE}  # the same value, read back
     assert not any(character in text for character in "\n\x1b\x9b\u202e")
+
+
+async def test_a_refused_key_is_its_own_exit_code_and_names_the_scope():
+    import httpx
+    import pytest
+
+    from segmentctl.cli import EXIT_UNAUTHORIZED, EXIT_UNAVAILABLE, _exit_code
+    from shared.query_client import QueryApiError, QueryClient
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(403, json={"detail": "the key 'w' does not have the scope 'status' this needs"})
+
+    async with QueryClient("http://api.test", "k", transport=httpx.MockTransport(refuse)) as api:
+        with pytest.raises(QueryApiError) as refused:
+            await api.command_outcome("c-1")
+    assert "scope 'status'" in str(refused.value) and _exit_code(refused.value) == EXIT_UNAUTHORIZED
+    assert _exit_code(QueryApiError("unreachable")) == EXIT_UNAVAILABLE
