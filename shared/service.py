@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import signal
@@ -25,6 +26,13 @@ def bootstrap(service: str) -> Settings:
         log.info("tracing on", exporter=environment.otel_traces_exporter or "otlp",
                  sampler=environment.otel_traces_sampler or "parentbased_always_on")
     return settings
+
+
+def command_line(service: str, description: str) -> argparse.ArgumentParser:
+    """A service's --help: what it does, and where its settings are described."""
+    return argparse.ArgumentParser(prog=f"python -m services.{service}", description=description,
+                                   epilog="Configured by environment variables (or a .env file): every one is "
+                                          "described in docs/configuration.md.")
 
 
 def tune_gc() -> None:

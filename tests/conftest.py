@@ -19,6 +19,7 @@ from devstack.extra import embedded_package_dir
 from devstack.infra import Infra, fresh_database, start_infra
 from shared.kafka import ensure_topics
 from shared.settings import Settings
+from tests.tracing import spans  # noqa: F401 - the in-memory spans fixture, for every test
 
 TEMPLATE_DB = "segmentation_test_template"
 CHECKOUT = Path(__file__).resolve().parent.parent

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 
@@ -12,7 +11,7 @@ from services.command_consumer.bootstrap import build_consumer, open_pool
 from services.command_consumer.poison_guard import PoisonGuardTripped
 from services.command_consumer.retry import DatabaseUnavailable
 from shared.kafka import KafkaSetupError
-from shared.service import bootstrap, on_shutdown_signal, serve_metrics, tune_gc
+from shared.service import bootstrap, command_line, on_shutdown_signal, serve_metrics, tune_gc
 
 log = structlog.get_logger("command_consumer")
 
@@ -41,13 +40,8 @@ async def main() -> int:
 
 
 def cli() -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m services.command_consumer",
-        description="Consume segment and user commands from Kafka and apply them to PostgreSQL, "
-        "exactly once in effect, in per-key order. Configured by environment variables "
-        "(DATABASE_URL, KAFKA_BOOTSTRAP_SERVERS, ...; see docs/configuration.md).",
-    )
-    parser.parse_args()
+    command_line("command_consumer", "Consume segment and user commands from Kafka and apply them to "
+                 "PostgreSQL, exactly once in effect, in per-key order.").parse_args()
     sys.exit(asyncio.run(main()))
 
 

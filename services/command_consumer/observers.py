@@ -68,18 +68,18 @@ class Observations:
                  parsed: list[ParsedRecord]) -> None:
         self._each = [observer.observe(partitions, parsed) for observer in observers]
 
-    @contextlib.contextmanager
-    def applying(self) -> Iterator[None]:
-        with contextlib.ExitStack() as stack:
-            for observation in self._each:
-                stack.enter_context(observation.applying())
-            yield
+    def applying(self) -> contextlib.AbstractContextManager:
+        return self._all("applying")
+
+    def publishing(self) -> contextlib.AbstractContextManager:
+        return self._all("publishing")
 
     @contextlib.contextmanager
-    def publishing(self) -> Iterator[None]:
+    def _all(self, phase: str) -> Iterator[None]:
+        """Every observation's context of this phase, entered in order and left in reverse."""
         with contextlib.ExitStack() as stack:
             for observation in self._each:
-                stack.enter_context(observation.publishing())
+                stack.enter_context(getattr(observation, phase)())
             yield
 
     def applied(self, result: BatchResult) -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 
 from services.expiry_worker.partitions import PartitionMaintainer
 from services.expiry_worker.worker import ExpiryWorker
 from shared.db import create_pool
-from shared.service import bootstrap, on_shutdown_signal, serve_metrics
+from shared.service import bootstrap, command_line, on_shutdown_signal, serve_metrics
 from shared.settings import RetentionSettings
 
 
@@ -28,15 +27,9 @@ async def main() -> None:
 
 
 def cli() -> None:
-    argparse.ArgumentParser(
-        prog="python -m services.expiry_worker",
-        description="Remove explicit memberships whose expires_at has passed, recording history, and "
-        "maintain the partitions of the history and of the outcome inbox: make them ahead, drop them past "
-        "retention. Any number can run at once. Configured by environment variables (DATABASE_URL, "
-        "EXPIRY_BATCH_SIZE, EXPIRY_MAX_SLEEP_SECONDS, EXPIRY_CONCURRENCY, EXPIRY_METRICS_PORT, "
-        "OUTCOME_RETENTION, OUTCOME_PARTITION_INTERVAL, OUTCOME_PARTITIONS_AHEAD, HISTORY_RETENTION_MONTHS, "
-        "HISTORY_PARTITIONS_AHEAD, PARTITION_MAINTENANCE_INTERVAL).",
-    ).parse_args()
+    command_line("expiry_worker", "Remove explicit memberships whose expires_at has passed, recording "
+                 "history, and maintain the partitions of the history and of the outcome inbox: make them "
+                 "ahead, drop them past retention. Any number can run at once.").parse_args()
     asyncio.run(main())
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import os
 import shutil
@@ -10,7 +9,7 @@ import tempfile
 
 import uvicorn
 
-from shared.service import bootstrap
+from shared.service import bootstrap, command_line
 
 
 def app_factory():
@@ -24,12 +23,8 @@ def app_factory():
 
 
 def cli() -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m services.query_api",
-        description="Serve reads, reports, command status and the command gateway over HTTP. "
-        "Configured by environment variables (DATABASE_URL, KAFKA_BOOTSTRAP_SERVERS, API_HOST, API_PORT, ...; "
-        "see docs/configuration.md).",
-    )
+    parser = command_line("query_api", "Serve reads, reports, command status, the command gateway and the web "
+                          "console over HTTP.")
     parser.add_argument("--host", help="overrides API_HOST")
     parser.add_argument("--port", type=int, help="overrides API_PORT")
     parser.add_argument("--workers", type=int, help="overrides API_WORKERS")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import asyncpg
 from fastapi import Depends, Header, HTTPException, Query, Request
@@ -31,6 +31,13 @@ class Resources:
     publisher: CommandPublisher
     reads: ReadRouter  # where hot reads and reports go: the primary or a recent enough replica
     keys: KeyRing
+
+    async def read_one(self, query, missing: str) -> Any:
+        """A row from the primary (a replica when it is away), or 404 saying what is missing."""
+        found = await self.reads.read(query, replica_first=False)
+        if found is None:
+            raise HTTPException(404, missing)
+        return found
 
     def report_link(self, request: Request, year: int, month: int, user_id: int | None) -> str:
         """The absolute, signed link to a month's history CSV (of one user, or of all)."""

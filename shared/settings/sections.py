@@ -15,6 +15,14 @@ from shared.settings.base import Section, comma_separated, empty_is_unset
 DEVELOPMENT_REPORT_SECRET = "development-only-report-secret"
 
 
+def required(value: str | None, variable: str, what: str) -> str:
+    """A server's address the service cannot start without: missing, it says which variable sets it."""
+    if not value:
+        raise SystemExit(f"{variable} is not set. Point it at {what}, or start everything on embedded servers "
+                         "with `make run`.")
+    return value
+
+
 class DatabaseSettings(Section):
     title = "PostgreSQL"
     secrets = ("database_url",)
@@ -42,12 +50,7 @@ class DatabaseSettings(Section):
     _replicas_list = field_validator("read_database_urls", mode="before")(comma_separated)
 
     def require_database_url(self) -> str:
-        if not self.database_url:
-            raise SystemExit(
-                "DATABASE_URL is not set. Point it at PostgreSQL (postgresql://user:pass@host:port/db) "
-                "or start everything on embedded servers with `make run`."
-            )
-        return self.database_url
+        return required(self.database_url, "DATABASE_URL", "PostgreSQL (postgresql://user:pass@host:port/db)")
 
 
 class KafkaSettings(Section):
@@ -98,12 +101,8 @@ class KafkaSettings(Section):
         return (self.segments_commands_topic, self.assignments_commands_topic)
 
     def require_kafka(self) -> str:
-        if not self.kafka_bootstrap_servers:
-            raise SystemExit(
-                "KAFKA_BOOTSTRAP_SERVERS is not set. Point it at a Kafka broker (host:port[,host:port]) "
-                "or start everything on embedded servers with `make run`."
-            )
-        return self.kafka_bootstrap_servers
+        return required(self.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS",
+                        "a Kafka broker (host:port[,host:port])")
 
 
 class ConsumerSettings(Section):

@@ -10,9 +10,6 @@ import contextlib
 
 import httpx
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
 from services.query_api.app import create_app
@@ -22,23 +19,9 @@ from shared.db import create_pool
 from tests.support import Publisher, header, read_topic, running_consumer, wait_for_outcomes
 
 pytestmark = pytest.mark.integration
-EXPORTER = InMemorySpanExporter()
-PROVIDER = TracerProvider()
-PROVIDER.add_span_processor(SimpleSpanProcessor(EXPORTER))
 FOREIGN_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 FOREIGN_PARENT = "00f067aa0ba902b7"
 
-
-@pytest.fixture
-def spans():
-    """Tracing on, into the in-memory exporter, for one test."""
-    EXPORTER.clear()
-    tracing.enable(PROVIDER)
-    try:
-        yield EXPORTER
-    finally:
-        tracing.disable()
-        EXPORTER.clear()
 
 
 @contextlib.asynccontextmanager

@@ -15,7 +15,8 @@ from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 
 from services.query_api.auth import KeyRing
-from services.query_api.console.deps import Console, ConsoleError, SignInNeeded, visitor_of
+from services.query_api.console.access import SignInNeeded, visitor_of
+from services.query_api.console.deps import Console, ConsoleError
 from services.query_api.console.import_tokens import ImportTokens
 from services.query_api.console.rendering import render, see_other
 from services.query_api.console.routes import commands, imports, segments, signin, users

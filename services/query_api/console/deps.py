@@ -4,18 +4,18 @@ checked forms, and publishing a command as the visitor."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import quote
 
 import structlog
-from fastapi import Depends, Request
+from fastapi import Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.datastructures import FormData
 
 from services.query_api.console.import_tokens import ImportTokens
 from services.query_api.console.rendering import render, see_other
-from services.query_api.console.session import COOKIE, Sessions, Visitor
+from services.query_api.console.session import Sessions, Visitor
 from services.query_api.dependencies import Resources
 from shared.client import KafkaUnavailable
 from shared.validation import in_words
@@ -40,43 +40,12 @@ class ConsoleError(Exception):
         self.status, self.title, self.message, self.details = status, title, message, details or []
 
 
-class SignInNeeded(Exception):
-    def __init__(self, then: str) -> None:
-        super().__init__(then)
-        self.then = then
-
-
 def console_of(request: Request) -> Console:
     return request.app.state.console
 
 
 def resources_of(request: Request) -> Resources:
     return request.app.state.resources
-
-
-async def visitor_of(request: Request) -> Visitor:
-    return await console_of(request).sessions.visitor(request.cookies.get(COOKIE))
-
-
-VisitorDep = Annotated[Visitor, Depends(visitor_of)]
-
-
-def _requiring(scope: str):
-    async def dependency(request: Request, visitor: VisitorDep) -> Visitor:
-        if not visitor.signed_in:
-            then = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-            raise SignInNeeded(then)
-        if not visitor.can(scope):
-            raise ConsoleError(403, "Not allowed", f"The key {visitor.name!r} does not have the scope {scope!r} "
-                                                   "this page needs. Ask for a key that has it.")
-        return visitor
-
-    return Depends(dependency)
-
-
-Reader = Annotated[Visitor, _requiring("read")]
-Writer = Annotated[Visitor, _requiring("write")]
-StatusReader = Annotated[Visitor, _requiring("status")]
 
 
 async def checked_form(request: Request, visitor: Visitor) -> FormData:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Response
+from fastapi import APIRouter, Response
 
 from services.query_api import readmodel
 from services.query_api.dependencies import ReadKey, ResourcesDep
@@ -20,7 +20,5 @@ async def list_segments(resources: ResourcesDep, _key: ReadKey) -> Response:
 @router.get("/segments/{slug}", response_model=Segment, responses={404: {"model": Problem}},
             summary="One live segment")
 async def get_segment(slug: SlugPath, resources: ResourcesDep, _key: ReadKey) -> Response:
-    segment = await resources.reads.read(lambda pool: readmodel.live_segment(pool, slug), replica_first=False)
-    if segment is None:
-        raise HTTPException(404, f"no live segment {slug}")
-    return json_response(segment)
+    return json_response(await resources.read_one(lambda pool: readmodel.live_segment(pool, slug),
+                                                  f"no live segment {slug}"))

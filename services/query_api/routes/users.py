@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, Request, Response
 
 from services.query_api import readmodel, user_segments
 from services.query_api.dependencies import ConsistencyToken, ReadKey, ReportsKey, ResourcesDep
@@ -33,9 +33,7 @@ async def get_user_segments(user_id: UserIdPath, resources: ResourcesDep, _key: 
 @router.get("/users/{user_id}", response_model=User, responses={404: {"model": Problem}},
             summary="When the user was first seen")
 async def get_user(user_id: UserIdPath, resources: ResourcesDep, _key: ReadKey) -> Response:
-    row = await resources.reads.read(lambda pool: readmodel.user(pool, user_id), replica_first=False)
-    if row is None:
-        raise HTTPException(404, f"user {user_id} has never been seen")
+    row = await resources.read_one(lambda pool: readmodel.user(pool, user_id), f"user {user_id} has never been seen")
     return json_response({"user_id": row["user_id"], "registered_at": format_timestamp(row["registered_at"])})
 
 

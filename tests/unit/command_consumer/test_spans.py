@@ -7,36 +7,19 @@ from datetime import UTC, datetime
 
 import pytest
 from aiokafka import TopicPartition
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
 from services.command_consumer.batch import Processed
 from services.command_consumer.observers import BatchResult
 from services.command_consumer.parsing import RecordRef, ValidCommand
 from services.command_consumer.spans import TracingObserver
-from shared import tracing
 from shared.commands import CreateUser
 from shared.outcomes import OutcomeRow
 
 AT = datetime(2026, 12, 6, tzinfo=UTC)
 TOPIC = "assignments.commands"
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
-EXPORTER = InMemorySpanExporter()
-PROVIDER = TracerProvider()
-PROVIDER.add_span_processor(SimpleSpanProcessor(EXPORTER))
 
-
-@pytest.fixture
-def spans():
-    EXPORTER.clear()
-    tracing.enable(PROVIDER)
-    try:
-        yield EXPORTER
-    finally:
-        tracing.disable()
-        EXPORTER.clear()
 
 
 def processed(offset: int, traceparent: str | None, status: str = "applied") -> Processed:

@@ -9,11 +9,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from services.query_api import readmodel
-from services.query_api.console.deps import (
-    StatusReader,
-    command_page,
-    resources_of,
-)
+from services.query_api.console.access import StatusReader
+from services.query_api.console.deps import command_page, resources_of
 from services.query_api.console.queries import record_trace_id
 from services.query_api.console.rendering import POLL_DONE, render, see_other
 from services.query_api.parameters import CommandIdPath

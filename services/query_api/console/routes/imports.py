@@ -12,15 +12,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
-from services.query_api.console.deps import (
-    ConsoleError,
-    StatusReader,
-    Writer,
-    checked_form,
-    console_of,
-    field,
-    resources_of,
-)
+from services.query_api.console.access import StatusReader, Writer
+from services.query_api.console.deps import ConsoleError, checked_form, console_of, field, resources_of
 from services.query_api.console.import_tokens import ImportJob
 from services.query_api.console.queries import import_progress
 from services.query_api.console.rendering import POLL_DONE, render, see_other

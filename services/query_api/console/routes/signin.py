@@ -6,12 +6,8 @@ import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from services.query_api.console.deps import (
-    VisitorDep,
-    checked_form,
-    console_of,
-    field,
-)
+from services.query_api.console.access import VisitorDep
+from services.query_api.console.deps import checked_form, console_of, field
 from services.query_api.console.rendering import render, see_other
 
 log = structlog.get_logger("query_api")

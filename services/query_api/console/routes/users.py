@@ -10,16 +10,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from services.query_api import readmodel
-from services.query_api.console.deps import (
-    ConsoleError,
-    Reader,
-    Writer,
-    checked_form,
-    field,
-    publish,
-    published,
-    resources_of,
-)
+from services.query_api.console.access import Reader, Writer
+from services.query_api.console.deps import ConsoleError, checked_form, field, publish, published, resources_of
 from services.query_api.console.queries import user_history
 from services.query_api.console.rendering import render, see_other
 from services.query_api.parameters import UserIdPath
