@@ -97,11 +97,12 @@ def histogram_quantile(fraction: float, before: dict[float, float], after: dict[
 
 @contextlib.asynccontextmanager
 async def bench_environment(name: str, **overrides) -> AsyncIterator[tuple]:
-    """Servers (embedded unless DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS), then per call of
+    """Servers (DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS, else a running `make run`'s, else embedded
+    ones of its own), then per call of
     `new(label)` a migrated database and topics of its own. Services run in-process log as they
     would in production (JSON, here at WARNING so the figures stay readable)."""
     configure_logging("WARNING", "json")
-    infra = await asyncio.to_thread(start_infra)
+    infra = await asyncio.to_thread(start_infra, True)
     pools = []
     try:
         if infra.postgres is not None:  # a server of its own, never one it was given

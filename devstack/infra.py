@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from devstack.embedded import EmbeddedKafka, EmbeddedPostgres
+from shared.settings.base import running_stack
 
 KAFKA_IMAGE = os.environ.get("TEST_KAFKA_IMAGE", "apache/kafka:3.9.1")
 POSTGRES_IMAGE = os.environ.get("TEST_POSTGRES_IMAGE", "postgres:17-alpine")
@@ -33,13 +34,17 @@ class Infra:
         self._exit.close()
 
 
-def start_infra() -> Infra:
+def start_infra(running_stack_too: bool = False) -> Infra:
+    """The servers named by DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS, else (`running_stack_too`, for
+    tools a person runs beside `make run`) those of the running stack, else embedded ones of its own.
+    The test suite never takes a running stack's: its servers are its own or the ones it was given."""
     exit_stack = ExitStack()
     try:
         if os.environ.get("TEST_INFRA") == "docker":
             return _containers(exit_stack)
-        database_url = os.environ.get("DATABASE_URL")
-        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        running = running_stack() if running_stack_too else {}
+        database_url = os.environ.get("DATABASE_URL") or running.get("database_url")
+        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or running.get("kafka_bootstrap_servers")
         postgres = kafka = None
         if not database_url:
             work_dir = Path(tempfile.mkdtemp(prefix="segmentation-test-"))
