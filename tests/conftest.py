@@ -44,14 +44,16 @@ def pytest_configure(config):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Browser tests skipped for want of Chromium are said plainly at the end, never passed."""
+    """Tests skipped for want of a tool (Chromium, Prometheus) are said plainly at the end, never passed."""
     from tests.browser import BROWSER_MISSING
+    from tests.prometheus_server import PROMETHEUS_MISSING
 
-    skipped = [report for report in terminalreporter.stats.get("skipped", ())
-               if BROWSER_MISSING in str(getattr(report, "longrepr", ""))]
-    if skipped:
-        terminalreporter.write_sep("!", f"{len(skipped)} browser test(s) NOT RUN: {BROWSER_MISSING}", yellow=True,
-                                   bold=True)
+    for what, reason in (("browser", BROWSER_MISSING), ("alerting", PROMETHEUS_MISSING)):
+        skipped = [report for report in terminalreporter.stats.get("skipped", ())
+                   if reason in str(getattr(report, "longrepr", ""))]
+        if skipped:
+            terminalreporter.write_sep("!", f"{len(skipped)} {what} test(s) NOT RUN: {reason}", yellow=True,
+                                       bold=True)
 
 
 def outside_the_checkout() -> dict[str, tuple[int, int, int]]:

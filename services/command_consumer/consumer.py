@@ -115,6 +115,7 @@ class CommandConsumer:
         try:
             while not self.stopping.is_set():
                 self._reap()
+                self._pipeline.behind.report()
                 for helper in (leasing, self._committing):
                     if helper is not None and helper.done():
                         helper.result()  # raises what ended it: neither stops silently
@@ -273,8 +274,9 @@ class CommandConsumer:
     def _start(self, batches: dict[TopicPartition, list[Any]], barrier: Collection[asyncio.Task] = (),
                parsed: list[ParsedRecord] | None = None) -> None:
         task = asyncio.create_task(self._handle(batches, barrier, parsed))
-        for tp in batches:
+        for tp, records in batches.items():
             self._in_hand[tp] = task
+            self._pipeline.behind.fetched(tp, records[0].offset, records[0].timestamp)
 
     async def _handle(self, batches: dict[TopicPartition, list[Any]], barrier: Collection[asyncio.Task],
                       parsed: list[ParsedRecord] | None) -> None:

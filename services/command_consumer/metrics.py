@@ -2,6 +2,8 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from shared.outcomes import ErrorCode
+
 COMMANDS = Counter("segmentation_commands_total", "Commands consumed, by type and outcome status",
                    ["type", "status"])
 # Fine below a tenth of a second, where a consumer that keeps up is, so its quantiles read true there.
@@ -21,10 +23,23 @@ BATCH_SIZE = Histogram("segmentation_consumer_batch_size", "Records applied in o
                        buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000))
 BATCH_DURATION = Histogram("segmentation_consumer_batch_seconds", "Duration of one batch transaction")
 DLQ_RECORDS = Counter("segmentation_dlq_records_total", "Records sent to the DLQ, by reason", ["code"])
+# Every reason's series from 0, so that the first dead letter after a start is an increase an
+# alert sees (a series born at 1 shows none).
+for _code in (ErrorCode.INVALID_JSON, ErrorCode.NOT_AN_OBJECT, ErrorCode.UNKNOWN_TYPE, ErrorCode.WRONG_TOPIC,
+              ErrorCode.INVALID_FIELD, ErrorCode.TOO_LARGE):
+    DLQ_RECORDS.labels(_code.value)
 REPLAYED = Counter("segmentation_commands_replayed_total",
                    "Commands seen again (redelivery or repeated command id) whose stored outcome was re-published")
 DB_RETRIES = Counter("segmentation_consumer_db_retries_total", "Batch transactions retried after a database error")
 LAG = Gauge("segmentation_consumer_lag", "Records behind the partition's high watermark", ["topic", "partition"])
+TIME_BEHIND = Gauge("segmentation_consumer_time_behind_seconds",
+                    "Age of the oldest record of a partition fetched and not yet applied and published (0: none "
+                    "waiting); it grows while a batch is stuck", ["topic", "partition"])
+LAST_PROGRESS = Gauge("segmentation_consumer_last_progress_timestamp_seconds",
+                      "When this consumer last published a batch's outcomes (Unix time)")
+PUBLISH_FAILURES = Counter("segmentation_outcome_publish_failures_total",
+                           "Publishes of a batch's outcomes or dead letters that Kafka did not acknowledge (nothing "
+                           "of that batch is committed; the consumer stops and a restart publishes them again)")
 TOO_OLD = Counter("segmentation_commands_too_old_total",
                   "Commands rejected too_old: their record was older than OUTCOME_RETENTION, past what the inbox "
                   "can check, so they were not applied")

@@ -24,6 +24,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.command_consumer.batch import Processed, apply_batch
+from services.command_consumer.metrics import PUBLISH_FAILURES
 from services.command_consumer.observers import BatchObserver, BatchResult, Observations
 from services.command_consumer.offsets import OffsetCommitter
 from services.command_consumer.parsing import ParsedRecord, RecordRef, parse_record
@@ -62,6 +63,7 @@ class BatchPipeline:
         self._committer = committer
         self._guard = PoisonGuard(settings.poison_guard_window, settings.poison_guard_max_invalid_share)
         self._metrics = MetricsObserver(kafka_consumer.highwater)
+        self.behind = self._metrics.behind  # told of each batch fetched, reported every turn of the loop
         self._tracing = TracingObserver()
         self._publishing: dict[TopicPartition, asyncio.Task] = {}  # each partition's last publish, until it succeeds
 
@@ -111,7 +113,11 @@ class BatchPipeline:
 
     async def _publish(self, result: BatchResult, observations: Observations) -> None:
         with observations.publishing():
-            await self._publisher.publish(result.processed, result.token, observations.outcome_contexts())
+            try:
+                await self._publisher.publish(result.processed, result.token, observations.outcome_contexts())
+            except Exception:
+                PUBLISH_FAILURES.inc()
+                raise
         result.published_at = time.time()
         self._committer.hand_over(result.next_offsets)
         observations.published(result)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import time
 
 import structlog
 from aiokafka import TopicPartition
@@ -61,11 +62,36 @@ def retry(stalled: dict[str, int], attempt: int, error: BaseException) -> None:
     log.warning("batch transaction failed, will retry", stalled_at=stalled, attempt=attempt, error=repr(error))
 
 
+class TimeBehind:
+    """Per partition, the records fetched and not yet published, by the first offset and the
+    timestamp of each batch; `report()` sets each partition's gauge to the oldest one's age, so a
+    batch stuck in the database shows as a partition falling further behind while it waits."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[TopicPartition, dict[int, float]] = collections.defaultdict(dict)
+
+    def fetched(self, tp: TopicPartition, first_offset: int, timestamp_ms: int | None) -> None:
+        if timestamp_ms is not None:
+            self._waiting[tp].setdefault(first_offset, timestamp_ms / 1000)
+
+    def published(self, tp: TopicPartition, last_offset: int) -> None:
+        waiting = self._waiting[tp]
+        for first in [first for first in waiting if first <= last_offset]:
+            del waiting[first]
+
+    def report(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        for tp, waiting in self._waiting.items():
+            oldest = min(waiting.values(), default=None)
+            metrics.TIME_BEHIND.labels(tp.topic, str(tp.partition)).set(max(0.0, now - oldest) if oldest else 0.0)
+
+
 class MetricsObserver:
     """Counts and times every batch; lag is read from the consumer's view of each partition's end."""
 
-    def __init__(self, highwater) -> None:
+    def __init__(self, highwater, behind: TimeBehind | None = None) -> None:
         self._highwater = highwater  # TopicPartition -> the partition's end offset, or None
+        self.behind = behind or TimeBehind()
 
     def observe(self, partitions: list[TopicPartition], parsed: list[ParsedRecord]) -> MetricsObserver:
         return self  # nothing of its own per batch
@@ -85,6 +111,9 @@ class MetricsObserver:
         batch_applied(result.processed, result.applied_in, result.durable_at, result.published_at)
         for tp, next_offset in result.next_offsets.items():
             lag(tp, self._highwater(tp), next_offset)
+            self.behind.published(tp, next_offset - 1)
+        self.behind.report(result.published_at)
+        metrics.LAST_PROGRESS.set(result.published_at)
 
     def retrying(self, stalled: dict[str, int], attempt: int, error: BaseException) -> None:
         retry(stalled, attempt, error)

@@ -54,6 +54,11 @@ PARTITIONS = Gauge("segmentation_partitions", "Partitions of a partitioned table
 OLDEST = Gauge("segmentation_partition_oldest_seconds",
                "Start of the oldest range a table still holds (Unix time; the upper bound of a partition "
                "open below)", ["table"])
+AHEAD = Gauge("segmentation_partition_ahead_seconds",
+              "How far past now the newest partition of a table reaches (partitions made ahead of need)", ["table"])
+RETENTION = Gauge("segmentation_partition_retention_seconds",
+                  "How long a table keeps data (OUTCOME_RETENTION, HISTORY_RETENTION_MONTHS); absent when kept "
+                  "for ever", ["table"])
 DEFAULT_ROWS = Gauge("segmentation_partition_default_rows",
                      "Rows in a table's default partition: written where no partition was ready (0 normally)",
                      ["table"])
@@ -138,6 +143,9 @@ class PartitionMaintainer:
         self._pool = pool
         self._settings = settings
         self._clock = clock
+        RETENTION.labels(OUTCOMES.name).set(settings.outcome_retention)
+        if settings.history_retention_months:  # whole months, as retention drops them: 31 days each
+            RETENTION.labels(HISTORY.name).set(settings.history_retention_months * 31 * 86_400)
 
     async def run_once(self) -> MaintenanceRun:
         started = time.monotonic()
@@ -254,6 +262,8 @@ class PartitionMaintainer:
             existing = await partitions(conn, table)
             PARTITIONS.labels(table.name).set(len(existing))
             if existing:
-                oldest = existing[0]
+                oldest, newest = existing[0], existing[-1]
                 OLDEST.labels(table.name).set((oldest.lower or oldest.upper).timestamp())
+                if newest.upper is not None:
+                    AHEAD.labels(table.name).set((newest.upper - self._clock()).total_seconds())
             DEFAULT_ROWS.labels(table.name).set(await conn.fetchval(f"SELECT count(*) FROM {table.default}"))

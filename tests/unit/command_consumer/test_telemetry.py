@@ -50,3 +50,30 @@ def test_retries_are_counted():
     before = value("segmentation_consumer_db_retries_total")
     MetricsObserver(lambda tp: None).retrying({f"{TOPIC}:2": 41}, 1, ConnectionRefusedError())
     assert value("segmentation_consumer_db_retries_total") == before + 1
+
+
+def test_a_partition_falls_behind_while_its_batch_waits_and_catches_up_when_published():
+    from services.command_consumer.telemetry import TimeBehind
+
+    behind, tp = TimeBehind(), TopicPartition(TOPIC, 5)
+    behind.fetched(tp, 100, 1_700_000_000_000)
+    behind.fetched(tp, 110, 1_700_000_030_000)  # the next batch, fetched while the first waits
+    behind.report(now=1_700_000_090.0)
+    assert value("segmentation_consumer_time_behind_seconds", topic=TOPIC, partition="5") == 90
+    behind.published(tp, 109)  # the first batch's outcomes are out
+    behind.report(now=1_700_000_090.0)
+    assert value("segmentation_consumer_time_behind_seconds", topic=TOPIC, partition="5") == 60
+    behind.published(tp, 120)
+    behind.report(now=1_700_000_090.0)
+    assert value("segmentation_consumer_time_behind_seconds", topic=TOPIC, partition="5") == 0
+
+
+def test_publishing_records_when_the_consumer_last_made_progress():
+    MetricsObserver(lambda tp: None).published(result())
+    assert value("segmentation_consumer_last_progress_timestamp_seconds") == 1_700_000_000.6
+
+
+def test_every_dead_letter_reason_is_counted_from_zero():
+    """A series born at 1 shows no increase, so the first dead letter after a start would not alert."""
+    for code in ("invalid_json", "not_an_object", "unknown_type", "wrong_topic", "invalid_field", "too_large"):
+        assert REGISTRY.get_sample_value("segmentation_dlq_records_total", {"code": code}) is not None, code
