@@ -1,5 +1,6 @@
-"""The README's walk-through, run as a new user would: every block between its walkthrough markers,
-in order, against a fresh `make run` on the documented ports, exactly as written."""
+"""The README's walk-through, run as a new user would: every block between walkthrough markers, in
+the README and then in the docs a reader is told to run, in order, against a fresh `make run` on
+the documented ports, exactly as written."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 BLOCK = re.compile(r"^```(sh|python)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 # What each block must print, in order (a block that prints something else has gone stale).
-EXPECTED = [
+README = [
     ['"command_id":"try-1"', '"command_id":"try-3"', '"status":"applied"',
      '"segments":[{"slug":"AVITO_VOICE_MESSAGES","source":"manual","expires_at":"'],
     ['{"user_id":1001,"segments":[{"slug":"AVITO_DISCOUNT_30","source":"auto","expires_at":null}]}'],
@@ -26,17 +27,28 @@ EXPECTED = [
     ['"slug": "AVITO_ONBOARDING"', '"added": [\n      "AVITO_ONBOARDING"', '"command_id": "try-3"'],
     ["applied ['AVITO_VOICE_MESSAGES']"],
 ]
+OPERATIONS = [
+    ['"command_id": "docs-1"', '"percent": 25.0', '"created": true', '"added": [\n      "AVITO_PHOTO_SEARCH"',
+     "applied", "applied 2, rejected 0, invalid 0", '"explicit_members_removed": 3', "key:  ", "line: checkout:"],
+    ["assignments.commands ", "applied {'added': [], 'removed': [], 'unchanged': ['AVITO_X']"],
+]
+PAGES = {"README.md": README, "docs/operations.md": OPERATIONS}
 
 
-def walkthrough() -> list[tuple[str, str]]:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    start, end = text.index("<!-- walkthrough -->"), text.index("<!-- /walkthrough -->")
-    return BLOCK.findall(text[start:end])
+def walkthrough(page: str) -> list[tuple[str, str]]:
+    """The fenced blocks of every walkthrough section of `page`, in order."""
+    text, blocks = (ROOT / page).read_text(encoding="utf-8"), []
+    for section in text.split("<!-- walkthrough -->")[1:]:
+        blocks += BLOCK.findall(section.split("<!-- /walkthrough -->")[0])
+    return blocks
 
 
 def test_the_readme_walkthrough_works_as_written(tmp_path):
-    blocks = walkthrough()
-    assert len(blocks) == len(EXPECTED), "a block was added or removed: say what it prints in EXPECTED"
+    blocks = []
+    for page, expected in PAGES.items():
+        found = walkthrough(page)
+        assert len(found) == len(expected), f"{page}: a block was added or removed: say what it prints here"
+        blocks += zip(found, expected, strict=True)
     if not (ROOT / ".venv" / "bin" / "segmentctl").exists():
         pytest.fail("the walk-through runs .venv/bin/segmentctl: install the project with `make install-test`")
     env = {key: value for key, value in os.environ.items()
@@ -47,7 +59,7 @@ def test_the_readme_walkthrough_works_as_written(tmp_path):
                                 stderr=subprocess.STDOUT, text=True)
     try:
         wait_ready("http://127.0.0.1:8080", launcher, timeout=90)
-        for (language, code), expected in zip(blocks, EXPECTED, strict=True):
+        for (language, code), expected in blocks:
             command = ["bash", "-euo", "pipefail", "-c", code] if language == "sh" else [sys.executable, "-c", code]
             done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
             assert done.returncode == 0, f"{code}\nexited {done.returncode}:\n{done.stdout}\n{done.stderr}"

@@ -187,6 +187,8 @@ def test_ctrl_c_then_an_immediate_make_run_keeps_its_addresses_and_tools_find_th
                 launcher.send_signal(signal.SIGINT)  # Ctrl-C, and at once the next round
                 output, _ = launcher.communicate(timeout=60)
             assert launcher.returncode == 0 and expected["kafka_bootstrap_servers"] in output, output
+            # The first screen says how to try it and how to stop it.
+            assert "Try it:" in output and "segmentctl user update" in output and "Press Ctrl-C" in output
         assert not (tmp_path / "data" / "stack.json").exists()  # gone with the stack
     finally:
         postgres.remove()
