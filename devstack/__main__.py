@@ -13,6 +13,7 @@ from devstack.stack import SERVICES, Stack
 from shared.db import apply_migrations
 from shared.kafka import ensure_topics
 from shared.settings import get_settings
+from shared.settings.base import running_launcher
 
 RESTART_LIMIT = 5
 
@@ -65,6 +66,10 @@ def main() -> None:
     sub.add_parser("clean", help="stop the embedded PostgreSQL of DATA_DIR and delete its data, wherever it "
                    "keeps it (as root: under EMBEDDED_POSTGRES_ROOT_DIR); what `make clean` calls")
     args = parser.parse_args()
+    if args.command in (None, "run", "clean") and (launcher := running_launcher()) is not None:
+        # Two launchers on one data directory would share its PostgreSQL data; clean would delete it.
+        raise SystemExit(f"`make run` is already running from this checkout (PID {launcher}); stop it first "
+                         "(Ctrl-C in its terminal), or set DATA_DIR to run another stack beside it.")
     settings = get_settings()
     if args.command == "clean":
         postgres = EmbeddedPostgres(settings.data_dir / "postgres")

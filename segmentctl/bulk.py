@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from shared.assignments import ParsedFile, parse_assignments
 from shared.client import CommandPublisher, OutcomeReader
-from shared.settings import Settings
+from shared.settings import KafkaSettings
 
 
 def read_assignments(path: Path, actor: str | None = None) -> ParsedFile:
@@ -24,7 +24,7 @@ def read_assignments(path: Path, actor: str | None = None) -> ParsedFile:
         raise ValueError(f"{path}: {error}") from error
 
 
-async def publish_all(settings: Settings, commands: list[dict[str, Any]], wait: bool, timeout: float,
+async def publish_all(settings: KafkaSettings, commands: list[dict[str, Any]], wait: bool, timeout: float,
                       console: Console) -> dict[str, dict[str, Any]]:
     """Publish every command (pipelined, in order per key) with progress bars on `console`; with
     `wait`, collect their outcomes until all have arrived or none came for `timeout` seconds."""

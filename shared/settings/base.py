@@ -17,16 +17,28 @@ S = TypeVar("S", bound="Section")
 STACK_FILE = "stack.json"  # in DATA_DIR: the addresses a running `make run` chose
 
 
-def running_stack(data_dir: Path | None = None) -> dict[str, Any]:
-    """The settings `make run` wrote for the tools of this checkout (its servers' and services'
-    addresses), while the launcher that wrote them is alive; {} otherwise."""
+def _stack_file(data_dir: Path | None) -> tuple[int, dict[str, Any]] | None:
+    """The launcher's pid and the settings it wrote, while that launcher is alive."""
     path = (data_dir or Path(os.environ.get("DATA_DIR") or ".data")) / STACK_FILE
     try:
         written = json.loads(path.read_text(encoding="utf-8"))
-        alive = psutil.pid_exists(int(written["pid"]))
+        pid = int(written["pid"])
     except (OSError, ValueError, KeyError, TypeError):
-        return {}
-    return written.get("settings", {}) if alive else {}
+        return None
+    return (pid, written.get("settings", {})) if psutil.pid_exists(pid) else None
+
+
+def running_stack(data_dir: Path | None = None) -> dict[str, Any]:
+    """The settings `make run` wrote for the tools of this checkout (its servers' and services'
+    addresses), while the launcher that wrote them is alive; {} otherwise."""
+    found = _stack_file(data_dir)
+    return found[1] if found else {}
+
+
+def running_launcher(data_dir: Path | None = None) -> int | None:
+    """The pid of a live `make run` of this data directory, if one runs."""
+    found = _stack_file(data_dir)
+    return found[0] if found else None
 
 
 class RunningStackSource(PydanticBaseSettingsSource):

@@ -3,6 +3,7 @@ whom and what moves it; `make clean` says only what it removed."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -37,3 +38,13 @@ def test_clean_with_nothing_to_remove_says_so(tmp_path):
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("no embedded PostgreSQL data to remove") and "removed" not in done.stdout
+
+
+@pytest.mark.parametrize("command", ["run", "clean"])
+def test_a_second_launcher_on_the_same_data_refuses_to_start(tmp_path, command):
+    (tmp_path / "stack.json").write_text(json.dumps({"pid": os.getpid(), "settings": {}}))  # a live launcher
+    env = {**os.environ, "DATA_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "devstack", command], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode != 0
+    assert f"already running from this checkout (PID {os.getpid()})" in done.stderr
