@@ -4,13 +4,16 @@ the documented ports, exactly as written."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from tests.e2e.launcher import wait_ready
@@ -55,19 +58,36 @@ def test_the_readme_walkthrough_works_as_written(tmp_path):
            if not key.startswith(("DATABASE_URL", "KAFKA_", "SEGMENTCTL_", "API_", "EMBEDDED_", "CONSUMER_",
                                   "EXPIRY_"))}
     env["DATA_DIR"] = str(tmp_path / "data")  # the only difference from a user's shell: a fresh stack
+    try:
+        with _make_run(env):
+            for (language, code), expected in blocks:
+                command = ["bash", "-euo", "pipefail", "-c", code] if language == "sh" else [sys.executable, "-c", code]
+                done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+                assert done.returncode == 0, f"{code}\nexited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+                for wanted in expected:
+                    assert wanted in done.stdout, f"{code}\nprinted:\n{done.stdout}\nwithout {wanted!r}"
+        # Ctrl-C, and at once `make run` again: the same documented addresses, found with no variable.
+        with _make_run(env):
+            written = orjson.loads((tmp_path / "data" / "stack.json").read_bytes())["settings"]
+            assert written["kafka_bootstrap_servers"] == "127.0.0.1:9092"
+            assert "@127.0.0.1:55432/" in written["database_url"]
+            plain = subprocess.run([".venv/bin/segmentctl", "user", "update", "1000", "--add", "AVITO_DISCOUNT_30",
+                                    "--wait"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+            assert plain.returncode == 0 and '"status": "applied"' in plain.stdout, plain.stdout + plain.stderr
+    finally:
+        subprocess.run([sys.executable, "-m", "devstack", "clean"], cwd=ROOT, env=env, capture_output=True,
+                       timeout=120)
+
+
+@contextlib.contextmanager
+def _make_run(env: dict[str, str]) -> Iterator[None]:
+    """`make run` until Ctrl-C, which ends the block."""
     launcher = subprocess.Popen([sys.executable, "-m", "devstack", "run"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
     try:
         wait_ready("http://127.0.0.1:8080", launcher, timeout=90)
-        for (language, code), expected in blocks:
-            command = ["bash", "-euo", "pipefail", "-c", code] if language == "sh" else [sys.executable, "-c", code]
-            done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-            assert done.returncode == 0, f"{code}\nexited {done.returncode}:\n{done.stdout}\n{done.stderr}"
-            for wanted in expected:
-                assert wanted in done.stdout, f"{code}\nprinted:\n{done.stdout}\nwithout {wanted!r}"
+        yield
     finally:
         launcher.send_signal(signal.SIGINT)
         output, _ = launcher.communicate(timeout=60)
-        subprocess.run([sys.executable, "-m", "devstack", "clean"], cwd=ROOT, env=env, capture_output=True,
-                       timeout=120)
-    assert "stopped" in output
+    assert launcher.returncode == 0 and "stopped" in output, output
