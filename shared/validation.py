@@ -30,6 +30,8 @@ def rule(error: dict[str, Any]) -> str:
     kind, context = error["type"], error.get("ctx") or {}
     if kind == "missing":
         return "is required"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return "must be a whole number"
     if kind == "string_too_short":
         return "must not be empty" if context.get("min_length") == 1 else \
             f"must be at least {context.get('min_length')} characters"

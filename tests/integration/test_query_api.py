@@ -325,3 +325,8 @@ async def test_a_422_says_each_problem_in_words_beside_its_structure(api):
         ("update_user_segments", "user_id"), ("update_user_segments", "add", 0)}
     month = await api.get("/reports/history", params={"year": 2026, "month": 13})
     assert month.status_code == 422 and month.json()["message"] == "month: must be at most 12"
+
+
+async def test_a_bad_path_parameter_is_said_in_words(api):
+    response = await api.get("/users/abc/segments")  # the route answers what the fast path does not take
+    assert response.status_code == 422 and response.json()["message"] == "user_id: must be a whole number"
