@@ -42,13 +42,13 @@ _sampled_first = None  # the SampledFirst of the enabled provider
 
 def configure(service: str) -> bool:
     """What every entrypoint calls: tracing on when the environment asks for it (TracingSettings)."""
-    if not TracingSettings().wanted:
+    environment = TracingSettings()
+    if not environment.wanted:
         return False
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    environment = TracingSettings()
     attributes = {} if environment.otel_service_name else {SERVICE_NAME: f"segmentation-{service}"}
     provider = TracerProvider(resource=Resource.create(attributes))  # the sampler comes from OTEL_TRACES_SAMPLER
     provider.add_span_processor(BatchSpanProcessor(_exporter(environment)))

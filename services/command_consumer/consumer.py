@@ -115,7 +115,7 @@ class CommandConsumer:
         try:
             while not self.stopping.is_set():
                 self._reap()
-                self._pipeline.behind.report()
+                self._pipeline.behind.report_now_and_then()
                 for helper in (leasing, self._committing):
                     if helper is not None and helper.done():
                         helper.result()  # raises what ended it: neither stops silently

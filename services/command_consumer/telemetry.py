@@ -67,8 +67,11 @@ class TimeBehind:
     timestamp of each batch; `report()` sets each partition's gauge to the oldest one's age, so a
     batch stuck in the database shows as a partition falling further behind while it waits."""
 
+    REPORT_EVERY = 1.0  # seconds: the loop turns far more often than a scrape or an alert needs
+
     def __init__(self) -> None:
         self._waiting: dict[TopicPartition, dict[int, float]] = collections.defaultdict(dict)
+        self._reported_at = 0.0
 
     def fetched(self, tp: TopicPartition, first_offset: int, timestamp_ms: int | None) -> None:
         if timestamp_ms is not None:
@@ -79,7 +82,13 @@ class TimeBehind:
         for first in [first for first in waiting if first <= last_offset]:
             del waiting[first]
 
+    def report_now_and_then(self) -> None:
+        """`report()` at most once every REPORT_EVERY seconds: what the consumer's loop calls."""
+        if time.monotonic() - self._reported_at >= self.REPORT_EVERY:
+            self.report()
+
     def report(self, now: float | None = None) -> None:
+        self._reported_at = time.monotonic()
         now = time.time() if now is None else now
         for tp, waiting in self._waiting.items():
             oldest = min(waiting.values(), default=None)

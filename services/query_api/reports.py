@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 import asyncpg
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
+from services.query_api.signing import REPORT_LINKS
 from shared.membership import rollout_move
 from shared.rollout import rollout_threshold
 
@@ -33,7 +34,7 @@ class ReportSigner:
     """Link tokens carry only the report's query, signed with HMAC and timestamped (itsdangerous)."""
 
     def __init__(self, key: str | bytes, ttl_seconds: int) -> None:
-        self._serializer = URLSafeTimedSerializer(key, salt="history-report-v1")
+        self._serializer = URLSafeTimedSerializer(key, salt=REPORT_LINKS)
         self.ttl_seconds = ttl_seconds
 
     def sign(self, year: int, month: int, user_id: int | None) -> str:

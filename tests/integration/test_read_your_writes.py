@@ -31,7 +31,7 @@ async def slugs(api: httpx.AsyncClient, user_id: int, **params) -> list[str]:
 
 
 async def test_every_command_type_is_visible_to_the_next_read_in_every_worker(settings, pool):
-    user = user_in_buckets("RYW", 0, 2000)  # in from 20 %
+    user = user_in_buckets("RYW", 0, 2000)  # covered once the percent reaches 20
     async with Publisher(settings) as publish, running_consumer(settings, pool), \
             api_worker(settings) as first, api_worker(settings) as second:
         workers = (first, second)

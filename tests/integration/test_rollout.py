@@ -48,7 +48,7 @@ async def apply(publish, pool, *commands) -> dict:
 
 
 async def test_percent_raised_then_lowered_with_the_history_of_a_user_never_seen(settings, pool, api):
-    mover = user_in_buckets(SLUG, 1000, 3000)      # in at 30 %, out at 10 % and 5 %
+    mover = user_in_buckets(SLUG, 1000, 3000)      # covered at percent 30, not at 10 or 5
     stayer = user_in_buckets(SLUG, 0, 500)         # in all along
     async with Publisher(settings) as publish, running_consumer(settings, pool):
         await apply(publish, pool,
@@ -67,7 +67,7 @@ async def test_percent_raised_then_lowered_with_the_history_of_a_user_never_seen
 
 
 async def test_exclusion_holds_through_percent_changes_until_an_explicit_add(settings, pool, api):
-    user_id = user_in_buckets(SLUG, 0, 1000)  # covered at 10 %
+    user_id = user_in_buckets(SLUG, 0, 1000)  # covered from percent 10
     async with Publisher(settings) as publish, running_consumer(settings, pool):
         await apply(publish, pool,
                     {"type": "create_segment", "slug": SLUG, "percent": 10, "command_id": "create"},

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
+from services.query_api.signing import IMPORT_TOKENS
 from shared.assignments import command_id
 
 
@@ -35,7 +36,7 @@ def _ranges(lines: list[int]) -> list[list[int]]:
 
 class ImportTokens:
     def __init__(self, key: bytes, max_age_seconds: int) -> None:
-        self._serializer = URLSafeTimedSerializer(key, salt="console-import-v1")  # compresses what repeats
+        self._serializer = URLSafeTimedSerializer(key, salt=IMPORT_TOKENS)  # compresses what repeats
         self.max_age_seconds = max_age_seconds
 
     def dumps(self, job: ImportJob) -> str:
