@@ -62,7 +62,7 @@ class BatchPipeline:
         self._publisher = publisher
         self._committer = committer
         self._guard = PoisonGuard(settings.poison_guard_window, settings.poison_guard_max_invalid_share)
-        self._metrics = MetricsObserver(kafka_consumer.highwater)
+        self._metrics = MetricsObserver(self._highwater)
         self.behind = self._metrics.behind  # told of each batch fetched, reported every turn of the loop
         self._tracing = TracingObserver()
         self._publishing: dict[TopicPartition, asyncio.Task] = {}  # each partition's last publish, until it succeeds
@@ -121,6 +121,11 @@ class BatchPipeline:
         result.published_at = time.time()
         self._committer.hand_over(result.next_offsets)
         observations.published(result)
+
+    def _highwater(self, tp: TopicPartition) -> int | None:
+        """The partition's end as last fetched; None once it is no longer assigned here (a rebalance
+        can take it while its last batch's outcomes are still being acknowledged)."""
+        return self._kafka_consumer.highwater(tp) if tp in self._kafka_consumer.assignment() else None
 
     def _observers(self) -> list[BatchObserver]:
         """Metrics always; tracing while it is on (it can be turned on after the pipeline is made)."""
