@@ -116,7 +116,7 @@ async def bench_environment(name: str, **overrides) -> AsyncIterator[tuple]:
                                 assignments_commands_topic=f"{prefix}.assignments.commands",
                                 results_topic=f"{prefix}.results", dlq_topic=f"{prefix}.dlq",
                                 consumer_group=f"{prefix}-group", consumer_metrics_port=0,
-                                expiry_metrics_port=0, **overrides)
+                                expiry_metrics_port=0, publisher_metrics_port=0, **overrides)
             await ensure_topics(settings)
             pool = await create_pool(url, min_size=1, max_size=12)
             pools.append(pool)

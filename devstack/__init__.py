@@ -1,2 +1,2 @@
 """Runs the whole system on embedded defaults: a real Kafka-protocol broker and a real PostgreSQL
-from PyPI, the migrations, the topics and the three services."""
+from PyPI, the migrations, the topics and the four services."""

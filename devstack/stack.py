@@ -1,4 +1,4 @@
-"""Starts the whole system: embedded servers unless configured, migrations, topics, three services."""
+"""Starts the whole system: embedded servers unless configured, migrations, topics, four services."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from shared.kafka import ensure_topics
 from shared.settings import Settings
 from shared.settings.base import STACK_FILE, redact
 
-SERVICES = ("command_consumer", "query_api", "expiry_worker")
+SERVICES = ("command_consumer", "query_api", "expiry_worker", "change_publisher")
 
 
 class PortTaken(SystemExit):
@@ -92,7 +92,9 @@ class Stack:
         if services:
             wanted += [(self.settings.api_port, "the query API", "API_PORT"),
                        (self.settings.consumer_metrics_port, "the consumer's /metrics", "CONSUMER_METRICS_PORT"),
-                       (self.settings.expiry_metrics_port, "the expiry worker's /metrics", "EXPIRY_METRICS_PORT")]
+                       (self.settings.expiry_metrics_port, "the expiry worker's /metrics", "EXPIRY_METRICS_PORT"),
+                       (self.settings.publisher_metrics_port, "the change publisher's /metrics",
+                        "PUBLISHER_METRICS_PORT")]
         return [(port, what, variable) for port, what, variable in wanted if port]
 
     def check_ports(self, services: bool = True) -> None:
@@ -196,6 +198,7 @@ class Stack:
             f"  API metrics      {api}/metrics",
             f"  consumer metrics {_metrics_url(self.settings.consumer_metrics_port)}",
             f"  expiry metrics   {_metrics_url(self.settings.expiry_metrics_port)}",
+            f"  changes metrics  {_metrics_url(self.settings.publisher_metrics_port)}",
             f"  Kafka            {self.env.get('KAFKA_BOOTSTRAP_SERVERS')}"
             + (" (embedded, in memory)" if self.kafka else ""),
             f"  PostgreSQL       {redact(database)}" + (" (embedded, data in "
@@ -204,6 +207,7 @@ class Stack:
             "Try it:",
             f"  curl -s -XPOST {api}/commands -d '{{\"type\": \"create_segment\", \"slug\": \"MY_FIRST\"}}'",
             "  .venv/bin/segmentctl user update 1000 --add MY_FIRST --wait",
+            "  .venv/bin/segmentctl watch          # every entry and exit, live",
             *([f"  open {api}/ui in a browser"] if self.settings.console_enabled else []),
             "Press Ctrl-C to stop everything.",
         ])

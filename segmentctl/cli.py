@@ -19,6 +19,7 @@ from rich.markup import escape
 
 from segmentctl.bulk import publish_all, read_assignments
 from segmentctl.output import json_text, shown
+from segmentctl.watch import watch
 from shared.api_keys import SCOPES, KeyFileError, new_key
 from shared.assignments import explain
 from shared.client import CommandPublisher, KafkaUnavailable, OutcomeReader
@@ -384,6 +385,9 @@ def _percent(value: float | None) -> float | int | None:
         return None
     number = Decimal(repr(value))
     return int(number) if number == number.to_integral_value() else float(number)
+
+
+app.command()(watch)
 
 
 def main() -> None:

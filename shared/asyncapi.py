@@ -22,6 +22,7 @@ from faststream.specification.asyncapi.site import get_asyncapi_html
 from faststream.specification.base import Specification
 from pydantic import Field
 
+from shared.changes import MembershipChange, RolloutChange
 from shared.commands import CreateSegment, CreateUser, DeleteSegment, UpdateSegment, UpdateUserSegments
 from shared.outcomes import Outcome
 from shared.settings import KafkaSettings
@@ -34,6 +35,10 @@ UserCommand = Annotated[CreateUser | UpdateUserSegments, Field(discriminator="ty
 
 RESULT_HEADERS = ("Headers `command-id`, `command-type`, `status`; the command's `traceparent` header "
                   "is copied over.")
+CHANGE_HEADERS = ("Headers `event-kind` (`membership` or `rollout`) and `event-id`. Published by the change "
+                  "publisher from the outbox each change writes in its own transaction: only committed changes, "
+                  "each at least once with a stable `event_id` (deduplicate by it), one user's events in the "
+                  "order they committed.")
 DLQ_HEADERS = ("Key and value are the original record's bytes. String headers: `x-error-code`, "
                "`x-error-message`, `x-original-topic`, `x-original-partition`, `x-original-offset`.")
 
@@ -65,11 +70,18 @@ def build_app(settings: KafkaSettings) -> FastStream:
                                        description=description)
         results(dead_letters(subscriber(handler)))
 
+    changes = settings.membership_changes_topic
+    for schema, kind, key in ((MembershipChange, "MembershipChange", "the user id as a decimal string"),
+                              (RolloutChange, "RolloutChange", "`segment:<slug>`")):
+        broker.publisher(changes, schema=schema, title=f"{changes}:{kind}",
+                         description=f"{schema.__doc__} Keyed by {key}. {CHANGE_HEADERS}")
+
     return FastStream(broker, specification=AsyncAPI(
-        title="User segmentation service: command topics",
+        title="User segmentation service: command and membership-change topics",
         version="1.0.0",
         description="Producers publish commands; the command consumer applies each exactly once in effect "
-                    "and publishes its outcome. Invalid records go to the DLQ.",
+                    "and publishes its outcome. Invalid records go to the DLQ. Every entry, exit and rollout "
+                    "change is published on the membership-changes topic.",
     ))
 
 
@@ -81,6 +93,8 @@ def specification(settings: KafkaSettings) -> Specification:
             message.correlationId.location = "$message.header#/command-id"
         elif name.startswith(f"{settings.dlq_topic}:"):
             message.correlationId = None
+        elif name.startswith(f"{settings.membership_changes_topic}:"):
+            message.correlationId.location = "$message.header#/event-id"
         else:
             message.correlationId.location = "$message.payload#/command_id"
     return spec

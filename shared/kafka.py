@@ -24,6 +24,7 @@ from aiokafka.errors import (
     SaslAuthenticationFailed,
     UnsupportedSaslMechanismError,
 )
+from aiokafka.partitioner import DefaultPartitioner
 
 from shared.settings import KafkaSettings
 
@@ -151,6 +152,7 @@ async def ensure_topics(settings: KafkaSettings) -> list[str]:
             settings.assignments_commands_topic,
             settings.results_topic,
             settings.dlq_topic,
+            settings.membership_changes_topic,
         ]
         missing = [name for name in wanted if name not in existing]
         if missing:
@@ -164,3 +166,27 @@ async def ensure_topics(settings: KafkaSettings) -> list[str]:
         return missing
     finally:
         await admin.close()
+
+
+async def send_batched(producer: AIOKafkaProducer, topic: str,
+                       records: list[tuple[bytes, bytes, list[tuple[str, bytes]]]]) -> list[asyncio.Future]:
+    """Hands (key, value, headers) records to the producer as one record batch per partition (by
+    the key's murmur2, as the default partitioner places them), in order within each partition;
+    returns the deliveries to await. A few produce calls and futures per batch of thousands,
+    where a `send` each would cost one future and one queue slot per record."""
+    partitions = sorted(await producer.partitions_for(topic))
+    partitioner = DefaultPartitioner()
+    builders: dict[int, Any] = {}
+    deliveries = []
+    for key, value, headers in records:
+        partition = partitioner(key, partitions, partitions)
+        builder = builders.get(partition)
+        if builder is None or builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
+            if builder is not None:  # full, and so closed by the builder: send it, start the next
+                deliveries.append(await producer.send_batch(builder, topic, partition=partition))
+            builder = builders[partition] = producer.create_batch()
+            builder.append(key=key, value=value, timestamp=None, headers=headers)
+    for partition, builder in builders.items():
+        builder.close()  # a closed batch is sent at once instead of waiting out the linger
+        deliveries.append(await producer.send_batch(builder, topic, partition=partition))
+    return deliveries

@@ -89,6 +89,7 @@ class HistoryRow(NamedTuple):  # a tuple: built for every entry and exit, so che
     source: str
     reason: str
     command_id: str | None
+    expires_at: datetime | None = None  # the membership's expiry at the change (the event carries it)
 
 
 HISTORY_COLUMNS = HistoryRow._fields  # the columns of membership_history that rows are copied into
@@ -154,7 +155,7 @@ class UserState:
         self.drop_explicit(segment.id)
         if self.is_member(segment, expires_at):
             return None
-        return HistoryRow(self.user_id, segment.slug, "D", expires_at, "manual", "ttl", None)
+        return HistoryRow(self.user_id, segment.slug, "D", expires_at, "manual", "ttl", None, expires_at)
 
     def changes(self, into: UserChanges | None = None) -> UserChanges:
         """What changed since the state was loaded, as the rows to write (added to `into`)."""

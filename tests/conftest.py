@@ -117,12 +117,14 @@ async def settings(infra: Infra, database_url: str) -> Settings:
         assignments_commands_topic=f"{prefix}.assignments.commands",
         results_topic=f"{prefix}.segments.command-results",
         dlq_topic=f"{prefix}.segments.commands.dlq",
+        membership_changes_topic=f"{prefix}.segments.membership-changes",
         consumer_group=f"{prefix}-consumer",
         topic_partitions=4,
         consumer_session_timeout_ms=6000,
         consumer_heartbeat_interval_ms=500,
         consumer_metrics_port=0,
         expiry_metrics_port=0,
+        publisher_metrics_port=0,
         db_retry_max_backoff_seconds=1.0,
         # A secret of the run's own: the public development value is refused once a test turns
         # access control on.

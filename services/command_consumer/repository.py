@@ -124,10 +124,10 @@ excluded AS (
 history AS (
     INSERT INTO membership_history ({', '.join(HISTORY_COLUMNS)})
     SELECT * FROM unnest($12::bigint[], $13::text[], $14::text[], $15::timestamptz[], $16::text[], $17::text[],
-                         $18::text[]))
+                         $18::text[], $19::timestamptz[]))
 INSERT INTO command_outcomes ({', '.join(OUTCOME_COLUMNS)})
-SELECT * FROM unnest($19::text[], $20::text[], $21::text[], $22::jsonb[], $23::jsonb[], $24::timestamptz[],
-                     $25::text[], $26::integer[], $27::bigint[], $28::text[], $29::timestamptz[])
+SELECT * FROM unnest($20::text[], $21::text[], $22::text[], $23::jsonb[], $24::jsonb[], $25::timestamptz[],
+                     $26::text[], $27::integer[], $28::bigint[], $29::text[], $30::timestamptz[])
 """
 
 # What a batch of user commands sends: each connection prepares them as the pool opens it.
@@ -209,12 +209,14 @@ async def delete_segment(conn: asyncpg.Connection, segment_id: int, slug: str, n
     await conn.execute("DELETE FROM rollout_exclusions WHERE segment_id = $1", segment_id)
     status = await conn.execute(
         """WITH gone AS (DELETE FROM memberships WHERE segment_id = $1 RETURNING user_id, expires_at)
-           INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, reason, command_id)
+           INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, reason, command_id,
+                                           expires_at)
            SELECT user_id, $2, 'D',
                   CASE WHEN expires_at <= $3 THEN expires_at ELSE $3 END,
                   'manual',
                   CASE WHEN expires_at <= $3 THEN 'ttl' ELSE 'segment_deleted' END,
-                  CASE WHEN expires_at <= $3 THEN NULL ELSE $4 END
+                  CASE WHEN expires_at <= $3 THEN NULL ELSE $4 END,
+                  expires_at
            FROM gone""",
         segment_id, slug, now, command_id,
     )

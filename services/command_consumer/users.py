@@ -56,7 +56,7 @@ def apply_update_user_segments(command: UpdateUserSegments, state: UserState,
         state.set_explicit(segment.id, expires_at)
         state.lift_exclusion(segment.id)
         if not was_member:
-            history.append(HistoryRow(state.user_id, slug, "I", now, "manual", "manual", command_id))
+            history.append(HistoryRow(state.user_id, slug, "I", now, "manual", "manual", command_id, expires_at))
         added.append(slug)
     for slug in remove:
         segment = segments.get(slug)
@@ -66,11 +66,12 @@ def apply_update_user_segments(command: UpdateUserSegments, state: UserState,
         if expired := state.reap_expired(segment, now):
             history.append(expired)
         was_member = state.is_member(segment, now)
+        had_expiry = state.explicit.get(segment.id)
         state.drop_explicit(segment.id)
         if state.covered(segment):
             state.exclude(segment.id)
         if was_member:
-            history.append(HistoryRow(state.user_id, slug, "D", now, "manual", "manual", command_id))
+            history.append(HistoryRow(state.user_id, slug, "D", now, "manual", "manual", command_id, had_expiry))
             removed.append(slug)
         else:
             unchanged.append(slug)

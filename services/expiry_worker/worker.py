@@ -47,8 +47,8 @@ WITH due AS (
     WHERE m.ctid = ANY(ARRAY(SELECT ctid FROM due)) AND s.id = m.segment_id AND m.expires_at <= now()
     RETURNING m.user_id, m.segment_id, s.slug, s.percent, m.expires_at
 ), recorded AS (
-    INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, reason)
-    SELECT user_id, slug, 'D', expires_at, 'manual', 'ttl' FROM gone WHERE percent = 0
+    INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, reason, expires_at)
+    SELECT user_id, slug, 'D', expires_at, 'manual', 'ttl', expires_at FROM gone WHERE percent = 0
 )
 SELECT count(*) AS removed,
        array_agg(EXTRACT(EPOCH FROM clock_timestamp() - expires_at)::float8) AS lags,
@@ -77,7 +77,7 @@ async def expire_batch(conn: asyncpg.Connection, batch_size: int) -> BatchResult
                            batch["rollout_slugs"] or (),
                            batch["rollout_percents"] or (), batch["rollout_expiries"] or (), strict=True)
         # A user the segment's rollout still covers stays in: no exit to record.
-        history = [HistoryRow(user_id, slug, "D", expires_at, "manual", "ttl", None)
+        history = [HistoryRow(user_id, slug, "D", expires_at, "manual", "ttl", None, expires_at)
                    for user_id, segment_id, slug, percent, expires_at in rollout_rows
                    if leaves_at_expiry(Segment(segment_id, slug, percent), user_id)]
         if history:

@@ -23,6 +23,7 @@ from shared.settings.sections import (
     KafkaSettings,
     LocalStackSettings,
     ObservabilitySettings,
+    PublisherSettings,
     RetentionSettings,
     TracingSettings,
 )
@@ -30,13 +31,14 @@ from shared.settings.sections import (
 __all__ = [
     "DEVELOPMENT_REPORT_SECRET", "SECTIONS", "ApiSettings", "CliSettings", "ConfigurationError", "ConsoleSettings",
     "ConsumerSettings", "DatabaseSettings", "DockerComposeSettings", "ExpirySettings", "KafkaSettings",
-    "LocalStackSettings", "ObservabilitySettings", "RetentionSettings", "Settings", "TracingSettings", "explain",
+    "LocalStackSettings", "ObservabilitySettings", "PublisherSettings", "RetentionSettings", "Settings",
+    "TracingSettings", "explain",
     "get_settings",
 ]
 
 
 class Settings(DatabaseSettings, KafkaSettings, ConsumerSettings, ApiSettings, ConsoleSettings, ExpirySettings,
-               RetentionSettings, ObservabilitySettings, LocalStackSettings):
+               PublisherSettings, RetentionSettings, ObservabilitySettings, LocalStackSettings):
     """Every section the services read, for entry points, the launcher and the tests."""
 
     secrets = DatabaseSettings.secrets + KafkaSettings.secrets + ApiSettings.secrets
@@ -48,8 +50,8 @@ class Settings(DatabaseSettings, KafkaSettings, ConsumerSettings, ApiSettings, C
 
 # In the order the configuration docs list them.
 SECTIONS = (DatabaseSettings, KafkaSettings, ConsumerSettings, ApiSettings, ConsoleSettings, ExpirySettings,
-            RetentionSettings, ObservabilitySettings, LocalStackSettings, TracingSettings, CliSettings,
-            DockerComposeSettings)
+            PublisherSettings, RetentionSettings, ObservabilitySettings, LocalStackSettings, TracingSettings,
+            CliSettings, DockerComposeSettings)
 
 
 class ConfigurationError(SystemExit):

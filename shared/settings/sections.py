@@ -76,6 +76,9 @@ class KafkaSettings(Section):
     assignments_commands_topic: str = Field("assignments.commands", description="User commands, keyed by user id.")
     results_topic: str = Field("segments.command-results", description="One outcome per command, keyed by its id.")
     dlq_topic: str = Field("segments.commands.dlq", description="Records that could not be parsed or validated.")
+    membership_changes_topic: str = Field("segments.membership-changes", description=(
+        "Every entry and exit, keyed by user id, and every rollout change, keyed by `segment:<slug>` "
+        "(docs/contract.md, Membership changes)."))
     consumer_group: str = Field("segments-command-consumer", description="The command consumer's group.")
     topic_partitions: int = Field(8, ge=1, description="Partitions of the topics the service creates.")
     max_command_bytes: int = Field(1_048_576, ge=1024, description=(
@@ -191,6 +194,18 @@ class ExpirySettings(Section):
     expiry_max_sleep_seconds: float = Field(1.0, gt=0, description="Longest sleep between polls when nothing is due.")
     expiry_concurrency: int = Field(2, ge=1, description="Batches one worker runs at once.")
     expiry_metrics_port: int = Field(9102, description="The expiry worker's /metrics port (0: none).")
+
+
+class PublisherSettings(Section):
+    title = "Change publisher (the membership-changes stream)"
+
+    publisher_batch_size: int = Field(1_000, ge=1, le=50_000, description=(
+        "Changes read from the outbox, sent and acknowledged as one batch."))
+    publisher_poll_interval_seconds: float = Field(0.01, gt=0, le=10, description=(
+        "Pause between outbox reads while it is empty: the bound on a change's wait before its batch."))
+    publisher_standby_retry_seconds: float = Field(1.0, gt=0, description=(
+        "How often a standby publisher tries to take over from the active one."))
+    publisher_metrics_port: int = Field(9103, description="The change publisher's /metrics port (0: none).")
 
 
 class RetentionSettings(Section):

@@ -1,4 +1,4 @@
-"""The three services as processes on the session's broker and a fresh database."""
+"""The four services as processes on the session's broker and a fresh database."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from shared.api_keys import SCOPES, new_key
 
 @pytest.fixture
 def stack(settings, tmp_path):
-    """A started Stack (consumer, API, expiry worker) configured like `settings`; stopped afterwards."""
+    """A started Stack (the four services) configured like `settings`; stopped afterwards."""
     yield from started_stack(settings, tmp_path)
 
 
@@ -30,7 +30,8 @@ def started_stack(settings, tmp_path, **env: str):
     """Stack started like `settings`, with `env` added to the services' environment."""
     settings = settings.model_copy(update={"api_port": free_port(), "data_dir": tmp_path,
                                            "consumer_metrics_port": free_port(),
-                                           "expiry_metrics_port": free_port()})
+                                           "expiry_metrics_port": free_port(),
+                                           "publisher_metrics_port": free_port()})
     stack = Stack(settings, say=lambda *_: None)
     stack.env.update({name: value for name, value in settings.to_env().items()  # as make run, but these servers
                       if name != "DATA_DIR" and name not in Stack.SERVICE_DEFAULTS}, **env)

@@ -18,7 +18,8 @@ def launcher_env(tmp_path: Path, api_port: int) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items()
            if key not in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS")}
     env.update(DATA_DIR=str(tmp_path / "data"), API_PORT=str(api_port), CONSUMER_METRICS_PORT=str(free_port()),
-               EXPIRY_METRICS_PORT=str(free_port()), EMBEDDED_KAFKA_PORT=str(free_port()),
+               EXPIRY_METRICS_PORT=str(free_port()), PUBLISHER_METRICS_PORT=str(free_port()),
+               EMBEDDED_KAFKA_PORT=str(free_port()),
                EMBEDDED_POSTGRES_PORT=str(free_port()))
     return env
 

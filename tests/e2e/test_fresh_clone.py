@@ -56,7 +56,7 @@ def test_the_launcher_in_a_private_clone_runs_stops_and_changes_nothing_outside_
         try:
             ready_after = wait_ready(f"http://127.0.0.1:{api_port}", launcher, timeout=90)
             started = descendants(launcher.pid) + postgres_of(postgres.data_dir)
-            assert len(started) >= 5  # broker, three services, PostgreSQL
+            assert len(started) >= 6  # broker, four services, PostgreSQL
             launcher.send_signal(signal.SIGINT)
             output, _ = launcher.communicate(timeout=60)
         finally:

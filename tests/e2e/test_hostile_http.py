@@ -94,7 +94,8 @@ def test_report_paths_that_try_to_escape_get_nothing(stack):
 def test_with_a_public_url_a_forged_host_header_cannot_move_report_links(settings, tmp_path):
     settings = settings.model_copy(update={"api_port": free_port(), "data_dir": tmp_path,
                                            "api_public_url": "https://segments.example.com",
-                                           "consumer_metrics_port": 0, "expiry_metrics_port": 0})
+                                           "consumer_metrics_port": 0, "expiry_metrics_port": 0,
+                                           "publisher_metrics_port": 0})
     stack = Stack(settings, say=lambda *_: None)
     stack.env.update({key.upper(): str(value) for key, value in settings.model_dump().items()
                       if value is not None and key != "data_dir"})

@@ -99,3 +99,35 @@ def test_segmentctl_creates_updates_imports_waits_and_reports_status(stack, tmp_
     tail = segmentctl(stack, "tail", "--from-beginning", "--status", "rejected", "--limit", "11", "--json")
     assert tail.returncode == 0
     assert len([orjson.loads(line) for line in tail.stdout.splitlines()]) == 11  # 10 import rows + one update
+
+
+def test_segmentctl_watch_follows_changes_live_and_from_a_time(stack):
+    started = datetime.now(UTC)
+    env = service_env(stack.settings, SEGMENTCTL_API_URL=stack.api_url())
+    live = subprocess.Popen([SEGMENTCTL, "--timeout", "20", "watch", "--user", "1000", "--json", "--limit", "3"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)  # watching from the end of the topic before anything changes
+        assert segmentctl(stack, "segment", "create", "WATCHED", "--percent", "100", "-w").returncode == 0
+        assert segmentctl(stack, "segment", "create", "OTHER", "-w").returncode == 0
+        assert segmentctl(stack, "user", "update", "1000", "--add", "OTHER", "--ttl", "1h", "-w").returncode == 0
+        assert segmentctl(stack, "user", "update", "2000", "--add", "OTHER", "-w").returncode == 0
+        assert segmentctl(stack, "user", "update", "1000", "--remove", "WATCHED,OTHER", "-w").returncode == 0
+        output, errors = live.communicate(timeout=60)
+    finally:
+        if live.poll() is None:
+            live.kill()
+            live.communicate()
+    assert live.returncode == 0, errors
+    events = [orjson.loads(line) for line in output.splitlines()]
+    # WATCHED's rollout covers every bucket, so user 1000 entered by it; then its own entries and exits.
+    assert [(e["kind"], e.get("operation"), e["segment"]) for e in events] == [
+        ("rollout", None, "WATCHED"), ("membership", "I", "OTHER"), ("membership", "D", "WATCHED")]
+    assert events[0]["buckets_entered"] == [0, 10000] and events[1]["expires_at"] is not None
+
+    replayed = segmentctl(stack, "watch", "--from", started.isoformat(), "--segment", "OTHER", "--limit", "3")
+    assert replayed.returncode == 0, replayed.stderr
+    lines = replayed.stdout.splitlines()
+    assert len(lines) == 3 and sum("user 2000 entered OTHER, manual" in line for line in lines) == 1
+    of_1000 = [line for line in lines if "user 1000" in line]  # one user's changes in the order they committed
+    assert "user 1000 entered OTHER until" in of_1000[0] and "user 1000 left OTHER, manual" in of_1000[1]

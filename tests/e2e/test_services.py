@@ -1,4 +1,4 @@
-"""The three services as real processes, the way `make run` starts them."""
+"""The four services as real processes, the way `make run` starts them."""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def _run_kill_and_rerun_the_launcher(tmp_path: Path, postgres: EmbeddedPostgres)
         ready_after = wait_ready(url, launcher)
         print(f"make run: API ready after {ready_after:.1f}s")
         started = descendants(launcher.pid) + postgres_of(postgres.data_dir)
-        assert len(started) >= 5  # broker, three services, PostgreSQL (and its workers)
+        assert len(started) >= 6  # broker, four services, PostgreSQL (and its workers)
         response = httpx.post(f"{url}/commands", json={"type": "create_segment", "slug": "S", "percent": 100})
         assert response.status_code == 202
         deadline = time.monotonic() + 30

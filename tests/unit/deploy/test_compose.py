@@ -12,6 +12,7 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
+import services.change_publisher.publisher
 import services.command_consumer.metrics
 import services.expiry_worker.worker
 import services.query_api.http_metrics  # noqa: F401  (registers the API's metrics)
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[3]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 APP_SERVICES = {"command-consumer": "services.command_consumer", "query-api": "services.query_api",
-                "expiry-worker": "services.expiry_worker"}
+                "expiry-worker": "services.expiry_worker", "change-publisher": "services.change_publisher"}
 ONE_SHOT = {"provision"}
 SETTINGS_VARIABLES = {name.upper() for name in Settings.model_fields}
 
@@ -80,6 +81,7 @@ def test_each_app_service_runs_its_module_and_its_health_check_hits_its_port():
         assert service["command"][:3] == ["python", "-m", module]
         env = env_of(service)
         port = {"command-consumer": env.get("CONSUMER_METRICS_PORT"), "expiry-worker": env.get("EXPIRY_METRICS_PORT"),
+                "change-publisher": env.get("PUBLISHER_METRICS_PORT"),
                 "query-api": env.get("API_PORT", str(Settings.model_fields["api_port"].default))}[name]
         assert port and f":{port}/" in " ".join(service["healthcheck"]["test"]), name
         assert env["METRICS_HOST"] == "0.0.0.0" or name == "query-api"
@@ -105,6 +107,7 @@ def test_prometheus_scrapes_every_app_service_on_its_metrics_port():
                for target in static["targets"]}
     expected = {f"command-consumer:{env_of(SERVICES['command-consumer'])['CONSUMER_METRICS_PORT']}",
                 f"expiry-worker:{env_of(SERVICES['expiry-worker'])['EXPIRY_METRICS_PORT']}",
+                f"change-publisher:{env_of(SERVICES['change-publisher'])['PUBLISHER_METRICS_PORT']}",
                 f"query-api:{Settings.model_fields['api_port'].default}"}
     assert targets == expected
     mount = SERVICES["prometheus"]["volumes"][0]
@@ -142,7 +145,8 @@ def test_every_dashboard_panel_queries_metrics_the_code_exports(panel):
 def test_dashboard_covers_what_operators_watch_and_is_provisioned():
     titles = " | ".join(panel["title"].lower() for panel in PANELS)
     for topic in ("commands/s by type and status", "outcome latency p50 / p99", "lag per partition", "dlq",
-                  "api requests/s", "api latency", "expiry backlog", "expiry lag"):
+                  "api requests/s", "api latency", "expiry backlog", "expiry lag",
+                  "changes published", "commit to publish", "oldest unpublished change"):
         assert topic in titles, topic
     ids = [panel["id"] for panel in DASHBOARD["panels"]]
     assert len(ids) == len(set(ids))

@@ -24,7 +24,8 @@ def test_a_taken_port_is_named_with_its_holder_and_the_variable_that_moves_it(tm
         listener.listen()
         port = listener.getsockname()[1]
         settings = Settings(_env_file=None, data_dir=tmp_path, api_port=port, consumer_metrics_port=0,
-                            expiry_metrics_port=0, database_url="postgresql://x/y", kafka_bootstrap_servers="x:1")
+                            expiry_metrics_port=0, publisher_metrics_port=0, database_url="postgresql://x/y",
+                            kafka_bootstrap_servers="x:1")
         with pytest.raises(PortTaken) as stopped:
             Stack(settings, say=lambda *_: None).check_ports()
     message = str(stopped.value)

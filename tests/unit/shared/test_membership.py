@@ -85,7 +85,8 @@ def test_an_expired_membership_is_reaped_at_its_expiry():
     expired_at = NOW - timedelta(minutes=5)
     state = UserState(7, explicit={VOICE.id: expired_at})
     assert not state.is_member(VOICE, NOW)
-    assert state.reap_expired(VOICE, NOW) == HistoryRow(7, VOICE.slug, "D", expired_at, "manual", "ttl", None)
+    assert state.reap_expired(VOICE, NOW) == HistoryRow(7, VOICE.slug, "D", expired_at, "manual", "ttl", None,
+                                                        expired_at)
     assert state.changes().deletions == [(7, VOICE.id)]
     covered = user_in_buckets("HALF", 0, 5000)
     half = Segment(2, "HALF", Decimal(50))

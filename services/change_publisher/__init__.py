@@ -1,0 +1,1 @@
+"""The change publisher: sends the membership-changes outbox to Kafka (docs/design.md, Membership changes)."""
