@@ -115,6 +115,7 @@ async def bench_environment(name: str, **overrides) -> AsyncIterator[tuple]:
                                 segments_commands_topic=f"{prefix}.segments.commands",
                                 assignments_commands_topic=f"{prefix}.assignments.commands",
                                 results_topic=f"{prefix}.results", dlq_topic=f"{prefix}.dlq",
+                                membership_changes_topic=f"{prefix}.changes",
                                 consumer_group=f"{prefix}-group", consumer_metrics_port=0,
                                 expiry_metrics_port=0, publisher_metrics_port=0, **overrides)
             await ensure_topics(settings)

@@ -9,6 +9,7 @@ connect, says why in words: an untrusted or expired certificate, a wrong passwor
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from typing import Any
 
@@ -24,7 +25,7 @@ from aiokafka.errors import (
     SaslAuthenticationFailed,
     UnsupportedSaslMechanismError,
 )
-from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import murmur2
 
 from shared.settings import KafkaSettings
 
@@ -168,6 +169,13 @@ async def ensure_topics(settings: KafkaSettings) -> list[str]:
         await admin.close()
 
 
+@functools.lru_cache(maxsize=65_536)
+def _key_hash(key: bytes) -> int:
+    """The default partitioner's hash of a key (murmur2, positive), remembered: aiokafka's is pure
+    Python, and the same keys (users, segments) come back batch after batch."""
+    return murmur2(key) & 0x7FFFFFFF
+
+
 async def send_batched(producer: AIOKafkaProducer, topic: str,
                        records: list[tuple[bytes, bytes, list[tuple[str, bytes]]]]) -> list[asyncio.Future]:
     """Hands (key, value, headers) records to the producer as one record batch per partition (by
@@ -175,11 +183,10 @@ async def send_batched(producer: AIOKafkaProducer, topic: str,
     returns the deliveries to await. A few produce calls and futures per batch of thousands,
     where a `send` each would cost one future and one queue slot per record."""
     partitions = sorted(await producer.partitions_for(topic))
-    partitioner = DefaultPartitioner()
     builders: dict[int, Any] = {}
     deliveries = []
     for key, value, headers in records:
-        partition = partitioner(key, partitions, partitions)
+        partition = partitions[_key_hash(key) % len(partitions)]
         builder = builders.get(partition)
         if builder is None or builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
             if builder is not None:  # full, and so closed by the builder: send it, start the next

@@ -108,8 +108,10 @@ async def wait_for_count(pool: asyncpg.Pool, query: str, at_least: int, timeout:
             await asyncio.sleep(0.05)
 
 
-async def read_topic(settings: Settings, topic: str, count: int, timeout: float = 20.0) -> list:
-    """Every record of a topic from the beginning, until `count` have arrived."""
+async def read_topic(settings: Settings, topic: str, count: int, timeout: float = 20.0, quiet: float | None = None
+                     ) -> list:
+    """Every record of a topic from the beginning, until `count` have arrived (or, with `quiet`,
+    until none has for that many seconds: a topic nothing writes to any more, read to its end)."""
     consumer = AIOKafkaConsumer(**kafka_options(settings), enable_auto_commit=False,
                                 auto_offset_reset="earliest", fetch_max_wait_ms=50,
                                 max_partition_fetch_bytes=8 * 1024 * 1024)
@@ -120,10 +122,14 @@ async def read_topic(settings: Settings, topic: str, count: int, timeout: float 
         await consumer.seek_to_beginning(*partitions)
         records = []
         deadline = time.monotonic() + timeout
+        last = time.monotonic()
         while len(records) < count and time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=200)
             for items in batch.values():
                 records.extend(items)
+                last = time.monotonic()
+            if quiet is not None and time.monotonic() - last > quiet:
+                break
         return records
     finally:
         await consumer.stop()

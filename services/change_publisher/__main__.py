@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import os
 import sys
 from datetime import UTC, datetime
 
@@ -13,7 +14,7 @@ import asyncpg
 from services.change_publisher.publisher import ChangePublisher
 from services.change_publisher.replay import replay
 from shared.kafka import create_producer, start_client
-from shared.service import bootstrap, command_line, on_shutdown_signal, serve_metrics
+from shared.service import bootstrap, command_line, on_shutdown_signal, serve_metrics, tune_gc
 from shared.settings import KafkaSettings, get_settings
 
 
@@ -22,6 +23,11 @@ async def publish() -> None:
     producer = create_producer(settings.section(KafkaSettings))
     await start_client(producer, settings.section(KafkaSettings))
     serve_metrics(settings.publisher_metrics_port, settings.metrics_host)
+    tune_gc()
+    # Publishing yields the CPU to applying changes: it catches up after a burst (its lag is
+    # what the alerts watch), where competing would slow every writer on a shared host.
+    if settings.publisher_nice:
+        os.nice(settings.publisher_nice)
     publisher = ChangePublisher(
         functools.partial(asyncpg.connect, settings.require_database_url(), command_timeout=60),
         producer, settings.membership_changes_topic, batch_size=settings.publisher_batch_size,

@@ -2,8 +2,9 @@
 then deletes it: a change leaves the outbox only once the broker has acknowledged it, so a crash
 of anything at any moment at worst publishes a change again, with the same event id.
 
-Order: each read takes the committed outbox rows in `seq` order and the next read starts only
-after their acknowledgement, so a row is published after every row that was visible before it.
+Order: each read takes the committed outbox entries (one per writing statement) in `seq` order,
+and the next read starts only after their acknowledgement, so a change is published after every
+change that was visible before it.
 Two changes of one membership are numbered in commit order (the trigger runs after the row lock
 is taken), and a user's commands are applied one transaction after another, so a user's events
 reach the topic in the order their changes committed; records of one key go to one partition in
@@ -26,7 +27,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Gauge, Histogram
 
-from shared.changes import OUTBOX_COLUMNS, encode, from_outbox
+from shared.changes import OUTBOX_COLUMNS, entry_changes, record_of
 from shared.db import TRANSIENT_DB_ERRORS, Backoff
 from shared.kafka import send_batched
 from shared.metrics import observe_all
@@ -47,21 +48,30 @@ ACTIVE = Gauge("segmentation_change_publisher_active", "1 while this publisher h
 FAILURES = Counter("segmentation_change_publisher_failures_total",
                    "Batches not published for now, by what failed (they are retried)", ["stage"])
 
-FETCH_SQL = f"SELECT {', '.join(OUTBOX_COLUMNS)} FROM membership_changes_outbox ORDER BY seq LIMIT $1"
+# The first entries, in order, up to about $1 changes (always the first entry, however large):
+# sized by the `changes` column, so entries past the batch are not read out of storage.
+FETCH_SQL = f"""
+SELECT {', '.join(f'o.{column}' for column in OUTBOX_COLUMNS)}
+FROM (SELECT seq, sum(changes) OVER (ORDER BY seq) - changes AS before
+      FROM membership_changes_outbox ORDER BY seq LIMIT $2) AS head
+JOIN membership_changes_outbox o USING (seq)
+WHERE head.before < $1
+ORDER BY seq"""
+ENTRIES_PER_BATCH = 1_000
 DELETE_SQL = "DELETE FROM membership_changes_outbox WHERE seq = ANY($1::bigint[])"
 
 
 class ChangePublisher:
     def __init__(self, connect: Callable[[], asyncpg.Connection], producer: AIOKafkaProducer, topic: str, *,
                  batch_size: int = 1_000, poll_interval: float = 0.01, standby_retry: float = 1.0,
-                 on_published: Callable[[list[asyncpg.Record], float], None] | None = None) -> None:
+                 on_published: Callable[[list[float]], None] | None = None) -> None:
         self._connect = connect  # a coroutine function opening a new connection
         self._producer = producer
         self._topic = topic
         self._batch_size = batch_size
         self._poll_interval = poll_interval
         self._standby_retry = standby_retry
-        self._on_published = on_published  # (rows, acknowledged at epoch seconds), for benchmarks
+        self._on_published = on_published  # each published change's lag, for benchmarks
         self.stopping = asyncio.Event()
 
     def stop(self) -> None:
@@ -92,6 +102,9 @@ class ChangePublisher:
             except TRANSIENT_DB_ERRORS as error:
                 FAILURES.labels("database").inc()
                 await self._pause(backoff.next(), "database unavailable, retrying", error)
+            except asyncpg.UndefinedTableError as error:
+                raise SystemExit(f"the database has no membership_changes_outbox ({error}): apply the migrations "
+                                 "first (`python -m devstack migrate`, or the `provision` job)") from error
             finally:
                 ACTIVE.set(0)
                 await _close(conn)
@@ -100,15 +113,16 @@ class ChangePublisher:
     async def _publish(self, conn: asyncpg.Connection) -> None:
         backoff = Backoff(5.0)
         while not self.stopping.is_set():
-            rows = await conn.fetch(FETCH_SQL, self._batch_size)
+            rows = await conn.fetch(FETCH_SQL, self._batch_size, ENTRIES_PER_BATCH)
             if not rows:
                 OLDEST.set(0)
                 await self._pause(self._poll_interval)
                 continue
             OLDEST.set(max(0.0, time.time() - rows[0]["written_at"].timestamp()))
+            changes = [change for row in rows for change in entry_changes(row)]
             try:
                 await asyncio.gather(*await send_batched(self._producer, self._topic,
-                                                         [encode(from_outbox(row)) for row in rows]))
+                                                         [record_of(change) for change in changes]))
             except KafkaError as error:  # nothing deleted: the same rows go again
                 FAILURES.labels("kafka").inc()
                 await self._pause(backoff.next(), "Kafka unavailable, retrying", error)
@@ -116,15 +130,16 @@ class ChangePublisher:
             acknowledged = time.time()
             await conn.execute(DELETE_SQL, [row["seq"] for row in rows])
             backoff.reset()
-            self._observe(rows, acknowledged)
+            self._observe(rows, changes, acknowledged)
 
-    def _observe(self, rows: list[asyncpg.Record], acknowledged: float) -> None:
-        memberships = sum(1 for row in rows if row["kind"] == "membership")
+    def _observe(self, rows: list[asyncpg.Record], changes: list[dict], acknowledged: float) -> None:
+        memberships = sum(1 for change in changes if change["kind"] == "membership")
         PUBLISHED.labels("membership").inc(memberships)
-        PUBLISHED.labels("rollout").inc(len(rows) - memberships)
-        observe_all(LAG, [acknowledged - row["written_at"].timestamp() for row in rows])
+        PUBLISHED.labels("rollout").inc(len(changes) - memberships)
+        lags = [acknowledged - row["written_at"].timestamp() for row in rows for _ in row["source_ids"]]
+        observe_all(LAG, lags)
         if self._on_published:
-            self._on_published(rows, acknowledged)
+            self._on_published(lags)
 
     async def _pause(self, seconds: float, message: str | None = None, error: BaseException | None = None) -> None:
         if message:

@@ -29,12 +29,19 @@ FROM rollout_events WHERE executed_at >= $1 AND executed_at < $2
 
 COUNT_SQL = f"SELECT count(*) FROM ({_SOURCES}) AS changes"
 
-# seq from $3 up, below every row already waiting, so the publisher sends these first.
+# Outbox entries of up to CHUNK changes each, numbered from $3 up: below every entry already
+# waiting, so the publisher sends these first.
+CHUNK = 5_000
 QUEUE_SQL = f"""
-INSERT INTO membership_changes_outbox (seq, kind, source_id, user_id, segment_slug, operation, executed_at, source,
-                                       reason, command_id, expires_at, from_percent, to_percent)
-SELECT $3 + row_number() OVER (ORDER BY executed_at, kind, source_id) - 1, *
-FROM ({_SOURCES}) AS changes
+INSERT INTO membership_changes_outbox (seq, changes, kinds, source_ids, user_ids, segment_slugs, operations, executed_ats,
+                                       sources, reasons, command_ids, expires_ats, from_percents, to_percents)
+SELECT $3 + chunk, count(*), array_agg(kind), array_agg(source_id), array_agg(user_id), array_agg(segment_slug),
+       array_agg(operation::text), array_agg(executed_at), array_agg(source), array_agg(reason), array_agg(command_id),
+       array_agg(expires_at), array_agg(from_percent), array_agg(to_percent)
+FROM (SELECT *, (row_number() OVER (ORDER BY executed_at, kind, source_id) - 1) / {CHUNK} AS chunk
+      FROM ({_SOURCES}) AS changes
+      ORDER BY executed_at, kind, source_id) AS numbered
+GROUP BY chunk
 """
 
 
@@ -59,12 +66,13 @@ async def replay(conn: asyncpg.Connection, start: datetime, end: datetime, progr
         await conn.execute("SELECT pg_advisory_xact_lock($1)", REPLAY_LOCK_KEY)
         counts = [await conn.fetchval(COUNT_SQL, lower, upper) for lower, upper in ranges]
         total = sum(counts)
+        entries = sum(-(-count // CHUNK) for count in counts)
         lowest = await conn.fetchval("SELECT min(seq) FROM membership_changes_outbox")
-        seq = min(lowest if lowest is not None else 1, 1) - total - 1
+        seq = min(lowest if lowest is not None else 1, 1) - entries - 1
         done = 0
         for (lower, upper), count in zip(ranges, counts, strict=True):
             await conn.execute(QUEUE_SQL, lower, upper, seq)
-            seq += count
+            seq += -(-count // CHUNK)
             done += count
             if progress:
                 progress(done, total)

@@ -199,12 +199,15 @@ class ExpirySettings(Section):
 class PublisherSettings(Section):
     title = "Change publisher (the membership-changes stream)"
 
-    publisher_batch_size: int = Field(1_000, ge=1, le=50_000, description=(
-        "Changes read from the outbox, sent and acknowledged as one batch."))
+    publisher_batch_size: int = Field(5_000, ge=1, le=100_000, description=(
+        "Changes read from the outbox, sent and acknowledged as one batch (more when one statement wrote more)."))
     publisher_poll_interval_seconds: float = Field(0.01, gt=0, le=10, description=(
         "Pause between outbox reads while it is empty: the bound on a change's wait before its batch."))
     publisher_standby_retry_seconds: float = Field(1.0, gt=0, description=(
         "How often a standby publisher tries to take over from the active one."))
+    publisher_nice: int = Field(10, ge=0, le=19, description=(
+        "CPU niceness the publisher adds to itself: on a host it shares with the writers or the database, a "
+        "burst of changes is applied first and published right after (0: same priority)."))
     publisher_metrics_port: int = Field(9103, description="The change publisher's /metrics port (0: none).")
 
 

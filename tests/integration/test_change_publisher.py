@@ -190,7 +190,8 @@ async def test_replay_publishes_old_changes_first_with_their_ids(settings, pool)
     async with pool.acquire() as conn:
         queued = await replay(conn, now - timedelta(days=37, hours=12), now + timedelta(minutes=1))
     assert queued == 3 + 1  # and the live row's own history row, recorded after the start
-    order = await pool.fetch("SELECT user_id, source_id FROM membership_changes_outbox ORDER BY seq")
+    order = await pool.fetch("SELECT user_id FROM membership_changes_outbox, unnest(user_ids) WITH ORDINALITY "
+                             "AS change(user_id, position) ORDER BY seq, position")
     assert [row["user_id"] for row in order] == [3, 4, 5, 99, 99]  # in the report's order, ahead of the live one
     async with running_publisher(settings):
         await outbox_empty(pool)
@@ -198,3 +199,17 @@ async def test_replay_publishes_old_changes_first_with_their_ids(settings, pool)
     assert {e.user_id for e in events} == {3, 4, 5, 99}
     live_ids = [e.event_id for e in events if e.user_id == 99]
     assert len(live_ids) == 2 and len(set(live_ids)) == 1  # replayed and live: one id, a duplicate readers drop
+
+
+async def test_a_batch_takes_whole_statements_until_it_holds_the_batch_size(settings, pool):
+    for users in ([1], [2, 3, 4, 5, 6], [7]):  # three statements: 1, 5 and 1 changes
+        await pool.execute("INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, "
+                           "reason) SELECT u, 'X', 'I', now(), 'manual', 'manual' FROM unnest($1::bigint[]) AS u",
+                           users)
+    assert await pool.fetchval("SELECT count(*) FROM membership_changes_outbox") == 3
+    batches: list[int] = []
+    async with running_publisher(settings, batch_size=2, on_published=lambda lags: batches.append(len(lags))):
+        await outbox_empty(pool)
+    assert batches == [6, 1]  # the first entry and the second (it starts below 2), then the third
+    events = [decode(record.value) for record in await published(settings, 7)]
+    assert sorted(event.user_id for event in events) == list(range(1, 8))

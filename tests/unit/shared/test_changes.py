@@ -18,7 +18,9 @@ from shared.changes import (
     decode,
     describe,
     encode,
+    entry_changes,
     from_outbox,
+    record_of,
 )
 from shared.rollout import rollout_bucket
 
@@ -93,3 +95,17 @@ def test_a_record_that_is_not_an_event_is_refused():
         decode(b'{"kind": "membership", "user_id": 1}')
     with pytest.raises(ValidationError):
         decode(b"not json")
+
+
+def test_an_outbox_entry_holds_its_statements_changes_in_order_and_the_fast_encoding_equals_the_models():
+    entry = {"seq": 5, "kinds": ["membership", "membership", "rollout"], "source_ids": [41, 42, 7],
+             "user_ids": [1000, 1001, None], "segment_slugs": ["A", "A", "B"], "operations": ["I", "D", None],
+             "executed_ats": [AT, AT, AT], "sources": ["manual", "manual", None],
+             "reasons": ["manual", "ttl", "percent_changed"], "command_ids": ["c-1", None, "c-7"],
+             "expires_ats": [AT, AT, None], "from_percents": [None, None, Decimal("12.5")],
+             "to_percents": [None, None, Decimal(0)], "written_at": AT}
+    changes = entry_changes(entry)
+    assert [(c["kind"], c["source_id"], c["user_id"]) for c in changes] == [
+        ("membership", 41, 1000), ("membership", 42, 1001), ("rollout", 7, None)]
+    for change in changes:
+        assert record_of(change) == encode(from_outbox(change))
