@@ -33,8 +33,9 @@ COUNT_SQL = f"SELECT count(*) FROM ({_SOURCES}) AS changes"
 # waiting, so the publisher sends these first.
 CHUNK = 5_000
 QUEUE_SQL = f"""
-INSERT INTO membership_changes_outbox (seq, changes, kinds, source_ids, user_ids, segment_slugs, operations, executed_ats,
-                                       sources, reasons, command_ids, expires_ats, from_percents, to_percents)
+INSERT INTO membership_changes_outbox (seq, changes, kinds, source_ids, user_ids, segment_slugs, operations,
+                                       executed_ats, sources, reasons, command_ids, expires_ats, from_percents,
+                                       to_percents)
 SELECT $3 + chunk, count(*), array_agg(kind), array_agg(source_id), array_agg(user_id), array_agg(segment_slug),
        array_agg(operation::text), array_agg(executed_at), array_agg(source), array_agg(reason), array_agg(command_id),
        array_agg(expires_at), array_agg(from_percent), array_agg(to_percent)
