@@ -7,17 +7,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import signal
 import time
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
 
+from devstack.embedded import EmbeddedKafka
 from services.change_publisher.publisher import ChangePublisher
 from services.change_publisher.replay import replay
 from services.expiry_worker.worker import expire_batch
 from shared.changes import ID_HEADER, KIND_HEADER, MembershipChange, RolloutChange, decode
-from shared.kafka import create_producer
+from shared.client import ChangeReader
+from shared.kafka import create_producer, ensure_topics
 from shared.rollout import rollout_bucket
 from tests.support import Publisher, create_segments, header, read_topic, running_consumer, wait_for_outcomes
 
@@ -213,3 +216,60 @@ async def test_a_batch_takes_whole_statements_until_it_holds_the_batch_size(sett
     assert batches == [6, 1]  # the first entry and the second (it starts below 2), then the third
     events = [decode(record.value) for record in await published(settings, 7)]
     assert sorted(event.user_id for event in events) == list(range(1, 8))
+
+
+async def insert_history(pool, users: list[int], segment: str = "X") -> None:
+    """One statement's entries, as a batch writes them."""
+    await pool.execute("INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, "
+                       "reason) SELECT u, $2, 'I', now(), 'manual', 'manual' FROM unnest($1::bigint[]) AS u",
+                       users, segment)
+
+
+async def test_changes_made_while_the_broker_is_away_wait_and_are_published_when_it_is_back(settings, pool):
+    broker = EmbeddedKafka()  # one this test may freeze: SIGSTOP, as a broker that stops answering
+    await asyncio.to_thread(broker.start)
+    try:
+        own = settings.model_copy(update={"kafka_bootstrap_servers": broker.bootstrap_servers})
+        await ensure_topics(own)
+        async with running_publisher(own):
+            await insert_history(pool, [1])
+            await outbox_empty(pool)
+            broker.process.send_signal(signal.SIGSTOP)
+            try:
+                await insert_history(pool, [2, 3, 4])
+                await asyncio.sleep(12)  # past the producer's request timeout: the send fails and is retried
+                assert await pool.fetchval("SELECT sum(changes) FROM membership_changes_outbox") == 3
+            finally:
+                broker.process.send_signal(signal.SIGCONT)
+            await outbox_empty(pool, timeout=90)
+        records = await read_topic(own, own.membership_changes_topic, 10, timeout=10)
+        events = {decode(record.value).event_id: decode(record.value) for record in records}
+        assert sorted(event.user_id for event in events.values()) == [1, 2, 3, 4]  # copies share their id
+    finally:
+        await asyncio.to_thread(broker.stop)
+
+
+async def test_the_change_reader_filters_and_yields_a_change_published_twice_once(settings, pool):
+    await insert_history(pool, [1, 2], "A")
+    await insert_history(pool, [1], "B")
+    async with running_publisher(settings):
+        await outbox_empty(pool)
+        async with pool.acquire() as conn:  # the same changes queued again: published twice
+            hour = timedelta(hours=1)
+            assert await replay(conn, datetime.now(UTC) - hour, datetime.now(UTC) + hour) == 3
+        await outbox_empty(pool)
+    assert len(await published(settings, 6)) == 6
+
+    async def read(**filters) -> list:
+        found = []
+        async with ChangeReader(settings, from_beginning=True, **filters) as changes:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(3):
+                    async for change in changes:
+                        found.append(change)
+        return found
+
+    assert len({change.event_id for change in await read()}) == len(await read()) == 3
+    assert sorted((c.user_id, c.segment) for c in await read(user_id=1)) == [(1, "A"), (1, "B")]
+    assert sorted(c.user_id for c in await read(segment="A")) == [1, 2]
+    assert await read(since=datetime.now(UTC) + timedelta(minutes=5)) == []
