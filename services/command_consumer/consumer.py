@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from services.command_consumer.leases import PartitionLeases
 from services.command_consumer.metrics import SHARED_BATCH_SPLITS
 from services.command_consumer.offsets import OffsetCommitter
+from services.command_consumer.ordering import SegmentBarrier
 from services.command_consumer.parsing import ParsedRecord
 from services.command_consumer.pipeline import BatchPipeline, SharedBatchBlocked
 from services.command_consumer.publishing import OutcomePublisher
@@ -67,6 +68,7 @@ class CommandConsumer:
         self.stopping = asyncio.Event()
         self._in_hand: dict[TopicPartition, asyncio.Task] = {}  # at most one batch per partition
         self._freed = asyncio.Event()  # a partition finished its batch
+        self._segment_batches = SegmentBarrier()  # what user batches may wait for
         self.kafka_consumer = AIOKafkaConsumer(
             **kafka_options(kafka),
             group_id=kafka.consumer_group,
@@ -241,8 +243,9 @@ class CommandConsumer:
 
     def _dispatch(self, fetched: dict[TopicPartition, list[Any]]) -> None:
         """Start batches for the fetched records: segment batches first, and user batches wait for
-        the segment batches in hand (a segment and a user command fetched together apply in that
-        order; there is no order across topics, but this is the one producers expect).
+        the segment batches in hand that name a segment they name (a segment and a user command
+        fetched together apply in that order; there is no order across topics, but this is the
+        one producers expect; services/command_consumer/ordering.py).
 
         User partitions fetched together share a batch while their records add up to at most
         CONSUMER_COMBINE_RECORDS: under light load a fetch brings a few records of many
@@ -253,30 +256,31 @@ class CommandConsumer:
         Segment commands are few: each segment partition keeps a batch of its own."""
         segments_topic = self.kafka.segments_commands_topic
         for tp in sorted(tp for tp in fetched if tp.topic == segments_topic):
-            self._start({tp: fetched[tp]})
-        barrier = {task for held, task in self._in_hand.items() if held.topic == segments_topic}
+            self._segment_batches.started(self._start({tp: fetched[tp]}), fetched[tp])
         limit = self.settings.consumer_combine_records
         shared: dict[TopicPartition, list[Any]] = {}
         size = 0  # records in `shared`
         for tp in sorted(tp for tp in fetched if tp.topic != segments_topic):
             records = fetched[tp]
-            if len(records) > limit:
+            barrier = self._segment_batches.for_users(records)
+            if len(records) > limit or barrier:  # alone: a partition that waits holds back no other
                 self._start({tp: records}, barrier)
                 continue
             if shared and size + len(records) > limit:
-                self._start(shared, barrier)
+                self._start(shared)
                 shared, size = {}, 0
             shared[tp] = records
             size += len(records)
         if shared:
-            self._start(shared, barrier)
+            self._start(shared)
 
     def _start(self, batches: dict[TopicPartition, list[Any]], barrier: Collection[asyncio.Task] = (),
-               parsed: list[ParsedRecord] | None = None) -> None:
+               parsed: list[ParsedRecord] | None = None) -> asyncio.Task:
         task = asyncio.create_task(self._handle(batches, barrier, parsed))
         for tp, records in batches.items():
             self._in_hand[tp] = task
             self._pipeline.behind.fetched(tp, records[0].offset, records[0].timestamp)
+        return task
 
     async def _handle(self, batches: dict[TopicPartition, list[Any]], barrier: Collection[asyncio.Task],
                       parsed: list[ParsedRecord] | None) -> None:

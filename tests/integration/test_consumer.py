@@ -516,3 +516,45 @@ async def test_batches_hand_their_outcomes_to_the_producer_one_at_a_time_and_clo
     assert closed and all(closed)
     results = await read_topic(settings, settings.results_topic, len(commands), timeout=60)
     assert sorted(record.key.decode() for record in results) == sorted(c["command_id"] for c in commands)
+
+
+@contextlib.asynccontextmanager
+async def segment_row_locked(settings, slug: str):
+    """A live segment's row locked from another connection, as a long transaction would hold it:
+    a segment command on it (here a deletion) waits, its batch in hand."""
+    import asyncpg
+
+    blocker = await asyncpg.connect(settings.database_url)
+    try:
+        async with blocker.transaction():
+            await blocker.execute("SELECT 1 FROM segments WHERE slug = $1 AND deleted_at IS NULL FOR UPDATE", slug)
+            yield
+    finally:
+        await blocker.close()
+
+
+async def test_user_commands_wait_only_for_segment_commands_naming_their_segments(settings, pool):
+    async with Publisher(settings) as publish, running_consumer(settings, pool):
+        await publish.segment({"type": "create_segment", "slug": "BIG", "command_id": "big"})
+        await publish.segment({"type": "create_segment", "slug": "OTHER", "command_id": "other"})
+        await publish.user({"type": "update_user_segments", "user_id": 1, "add": ["BIG"], "command_id": "in-big"})
+        await wait_for_outcomes(pool, ["big", "other", "in-big"])
+        async with segment_row_locked(settings, "BIG"):  # the deletion stays in hand, as a long one would
+            await publish.segment({"type": "delete_segment", "slug": "BIG", "command_id": "delete-big"})
+            await asyncio.sleep(0.5)  # fetched and started: its batch waits on the row lock
+            await publish.user({"type": "update_user_segments", "user_id": 2, "add": ["BIG"], "command_id": "late"})
+            waiting = _partition_of(b"2", settings.topic_partitions)  # keeps its order: behind "late"
+            unrelated = [{"type": "update_user_segments", "user_id": user, "add": ["OTHER"], "command_id": f"o{user}"}
+                         for user in range(3, 40) if _partition_of(str(user).encode(), settings.topic_partitions)
+                         != waiting]
+            for command in unrelated:
+                await publish.user(command)
+            await publish.user({"type": "create_user", "user_id": 99, "command_id": "new-user"})
+            outcomes = await wait_for_outcomes(pool, [c["command_id"] for c in unrelated] + ["new-user"], timeout=15)
+            assert all(outcome["status"] == "applied" for outcome in outcomes.values())
+            # A command naming the segment being deleted waits for the deletion, as fetched together.
+            assert await pool.fetchval("SELECT count(*) FROM command_outcomes WHERE command_id = ANY($1::text[])",
+                                       ["delete-big", "late"]) == 0
+        outcomes = await wait_for_outcomes(pool, ["delete-big", "late"])
+    assert outcomes["delete-big"]["result"]["explicit_members_removed"] == 1
+    assert outcomes["late"]["error"]["code"] == "segment_not_found"  # applied after the deletion, in order
