@@ -28,6 +28,7 @@ README = [
     ['{"user_id":1001,"segments":[{"slug":"AVITO_DISCOUNT_30","source":"auto","expires_at":null}]}'],
     ["user_id,segment_slug,operation,executed_at,source,reason\n", "\n1000,AVITO_VOICE_MESSAGES,I,"],
     ['"slug": "AVITO_ONBOARDING"', '"added": [\n      "AVITO_ONBOARDING"', '"command_id": "try-3"'],
+    ["user 1000 entered AVITO_VOICE_MESSAGES until ", ", manual (command try-3)\n", "AVITO_ONBOARDING"],
     ["applied ['AVITO_VOICE_MESSAGES']"],
 ]
 OPERATIONS = [
@@ -56,7 +57,7 @@ def test_the_readme_walkthrough_works_as_written(tmp_path):
         pytest.fail("the walk-through runs .venv/bin/segmentctl: install the project with `make install-test`")
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("DATABASE_URL", "KAFKA_", "SEGMENTCTL_", "API_", "EMBEDDED_", "CONSUMER_",
-                                  "EXPIRY_"))}
+                                  "EXPIRY_", "PUBLISHER_"))}
     env["DATA_DIR"] = str(tmp_path / "data")  # the only difference from a user's shell: a fresh stack
     try:
         with _make_run(env):
