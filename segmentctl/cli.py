@@ -14,25 +14,27 @@ from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
-from rich.markup import escape
 
 from segmentctl.bulk import publish_all, read_assignments
+from segmentctl.failures import (
+    EXIT_BAD_INPUT,
+    EXIT_REJECTED,
+    EXIT_TIMED_OUT,
+    EXIT_UNAUTHORIZED,
+    EXIT_UNAVAILABLE,
+    err,
+    fail,
+    run_async,
+)
 from segmentctl.output import json_text, shown
 from segmentctl.watch import watch
 from shared.api_keys import SCOPES, KeyFileError, new_key
-from shared.assignments import explain
-from shared.client import CommandPublisher, KafkaUnavailable, OutcomeReader
+from shared.client import CommandPublisher, OutcomeReader
 from shared.commands import command_adapter
 from shared.durations import parse_duration
-from shared.kafka import KafkaSetupError
 from shared.query_client import QueryApiError, QueryClient
 from shared.settings import CliSettings, KafkaSettings, Settings
 from shared.settings import explain as explain_settings
-
-# Each failure a person or a script acts on differently has its own code.
-EXIT_REJECTED, EXIT_BAD_INPUT, EXIT_UNAVAILABLE, EXIT_UNAUTHORIZED, EXIT_TIMED_OUT = 1, 2, 3, 4, 5
-err = Console(stderr=True)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Publish segmentation commands to Kafka and follow their outcomes.\n\n"
@@ -88,7 +90,7 @@ def options(
         settings = Settings()
         cli = CliSettings()
     except ValidationError as error:
-        raise _fail(explain_settings(error), EXIT_BAD_INPUT) from None
+        raise fail(explain_settings(error), EXIT_BAD_INPUT) from None
     bootstrap = bootstrap_servers or settings.kafka_bootstrap_servers or f"localhost:{settings.embedded_kafka_port}"
     settings = settings.model_copy(update={"kafka_bootstrap_servers": bootstrap})
     key = api_key or (cli.segmentctl_api_key.get_secret_value() if cli.segmentctl_api_key else None)
@@ -98,11 +100,6 @@ def options(
 
 def _print_json(value: Any) -> None:
     sys.stdout.write(json_text(value, indent=True) + "\n")
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[red]error:[/red] {escape(shown(message))}", highlight=False)  # messages quote the wire
-    return typer.Exit(code)
 
 
 def _exit_code(error: QueryApiError) -> int:
@@ -132,26 +129,15 @@ def _send(config: Config, command: dict[str, Any], wait: bool) -> None:
                 sent = await publisher.publish(command)
                 found = await outcomes.wait_for([sent.command_id], config.timeout)
         if sent.command_id not in found:
-            raise _fail(f"published {sent.command_id} to {sent.topic}[{sent.partition}]@{sent.offset}, but no "
+            raise fail(f"published {sent.command_id} to {sent.topic}[{sent.partition}]@{sent.offset}, but no "
                         f"outcome within {config.timeout:g}s (is the command consumer running?)", EXIT_TIMED_OUT)
         outcome = found[sent.command_id]
         _print_json(outcome)
         return 0 if outcome["status"] == "applied" else EXIT_REJECTED
 
-    code = _run(run())
+    code = run_async(run())
     if code:
         raise typer.Exit(code)
-
-
-def _run(coroutine) -> Any:
-    try:
-        return asyncio.run(coroutine)
-    except ValidationError as error:
-        raise _fail(f"invalid command: {explain(error)}", EXIT_BAD_INPUT) from None
-    except KafkaUnavailable as error:
-        raise _fail(str(error), EXIT_UNAVAILABLE) from None
-    except KafkaSetupError as error:
-        raise _fail(str(error), EXIT_BAD_INPUT) from None
 
 
 @segment_app.command("create")
@@ -177,7 +163,7 @@ def segment_update(
 ) -> None:
     """Change a segment's rollout percent and/or description."""
     if percent is None and description is None:
-        raise _fail("give --percent and/or --description", EXIT_BAD_INPUT)
+        raise fail("give --percent and/or --description", EXIT_BAD_INPUT)
     _send(ctx.obj, _envelope({"type": "update_segment", "slug": slug, "percent": _percent(percent),
                               "description": description}, command_id, actor), wait)
 
@@ -209,13 +195,13 @@ def user_update(
 ) -> None:
     """Add and remove a user's segments in one atomic command."""
     if not add and not remove:
-        raise _fail("give --add and/or --remove", EXIT_BAD_INPUT)
+        raise fail("give --add and/or --remove", EXIT_BAD_INPUT)
     if ttl and expires_at:
-        raise _fail("give --ttl or --expires-at, not both", EXIT_BAD_INPUT)
+        raise fail("give --ttl or --expires-at, not both", EXIT_BAD_INPUT)
     try:
         ttl_seconds = parse_duration(ttl) if ttl else None
     except ValueError as error:
-        raise _fail(f"--ttl: {error}", EXIT_BAD_INPUT) from None
+        raise fail(f"--ttl: {error}", EXIT_BAD_INPUT) from None
     _send(ctx.obj, _envelope({"type": "update_user_segments", "user_id": user_id, "add": _slugs(add),
                               "remove": _slugs(remove), "ttl_seconds": ttl_seconds, "expires_at": expires_at},
                              command_id, actor), wait)
@@ -234,9 +220,9 @@ def status(ctx: typer.Context,
     try:
         outcome = asyncio.run(fetch())
     except QueryApiError as error:
-        raise _fail(str(error), _exit_code(error)) from None
+        raise fail(str(error), _exit_code(error)) from None
     if outcome is None:
-        raise _fail(f"{command_id}: not processed (yet)", EXIT_REJECTED)
+        raise fail(f"{command_id}: not processed (yet)", EXIT_REJECTED)
     _print_json(outcome)
     if outcome["status"] != "applied":
         raise typer.Exit(EXIT_REJECTED)
@@ -259,7 +245,7 @@ def user_segments(
     try:
         _print_json({"user_id": user_id, "segments": asyncio.run(fetch())})
     except QueryApiError as error:
-        raise _fail(str(error), _exit_code(error)) from None
+        raise fail(str(error), _exit_code(error)) from None
 
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys of the query API (API_KEYS_FILE).")
@@ -277,7 +263,7 @@ def keys_create(
     try:
         key, line = new_key(name, [scope.strip() for scope in scopes.split(",") if scope.strip()])
     except KeyFileError as error:
-        raise _fail(str(error).removeprefix("line 1: "), EXIT_BAD_INPUT) from None
+        raise fail(str(error).removeprefix("line 1: "), EXIT_BAD_INPUT) from None
     sys.stdout.write(f"key:  {key}\nline: {line}\n")
 
 
@@ -319,7 +305,7 @@ def tail(
                     return
 
     try:
-        _run(run())
+        run_async(run())
     except KeyboardInterrupt:
         pass
 
@@ -342,16 +328,16 @@ def import_csv(
     try:
         parsed = read_assignments(file, actor or f"segmentctl:{getpass.getuser()}")
     except ValueError as error:
-        raise _fail(str(error), EXIT_BAD_INPUT) from None
+        raise fail(str(error), EXIT_BAD_INPUT) from None
     for line, message in parsed.errors[:20]:
         err.print(f"line {line}: {shown(message)}", highlight=False, markup=False)
     if parsed.errors and not skip_invalid:
-        raise _fail(f"{parsed.invalid} invalid rows, nothing published (fix them, or --skip-invalid)",
+        raise fail(f"{parsed.invalid} invalid rows, nothing published (fix them, or --skip-invalid)",
                     EXIT_BAD_INPUT)
     if not parsed.rows:
-        raise _fail("no rows to import", EXIT_BAD_INPUT)
+        raise fail("no rows to import", EXIT_BAD_INPUT)
     lines = {row.command["command_id"]: row.line for row in parsed.rows}
-    summary = _run(publish_all(config.settings, [row.command for row in parsed.rows], wait, config.timeout, err))
+    summary = run_async(publish_all(config.settings, [row.command for row in parsed.rows], wait, config.timeout, err))
     counts = {status: 0 for status in ("applied", "rejected", "invalid")}
     problems = []
     for command_id, outcome in summary.items():

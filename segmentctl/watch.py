@@ -9,6 +9,7 @@ from typing import Annotated
 import orjson
 import typer
 
+from segmentctl.failures import run_async
 from segmentctl.output import json_text, shown
 from shared.changes import describe, encode
 from shared.client import ChangeReader
@@ -35,8 +36,6 @@ def watch(
 ) -> None:
     """Follow membership changes on the membership-changes topic: every entry and exit, and every
     rollout change (Ctrl-C to stop). A change published twice is shown once."""
-    from segmentctl.cli import _run
-
     config = ctx.obj
     start = _moment(since) if since else None
 
@@ -53,7 +52,7 @@ def watch(
                     return
 
     try:
-        _run(run())
+        run_async(run())
     except KeyboardInterrupt:
         pass
 
