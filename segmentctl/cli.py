@@ -24,9 +24,10 @@ from segmentctl.failures import (
     EXIT_UNAVAILABLE,
     err,
     fail,
+    follow,
     run_async,
 )
-from segmentctl.output import json_text, shown
+from segmentctl.output import json_text, print_lines, shown
 from segmentctl.watch import watch
 from shared.api_keys import SCOPES, KeyFileError, new_key
 from shared.client import CommandPublisher, OutcomeReader
@@ -288,26 +289,16 @@ def tail(
     """Follow outcomes on the results topic as they are published (Ctrl-C to stop)."""
     config: Config = ctx.obj
 
-    async def run() -> None:
-        printed = 0
-        async with OutcomeReader(config.settings, from_beginning=from_beginning, timeout=config.timeout) as outcomes:
-            async for outcome in outcomes:
-                if (only_status and outcome.get("status") != only_status) or (
-                        only_type and outcome.get("type") != only_type):
-                    continue
-                if as_json:
-                    sys.stdout.write(json_text(outcome) + "\n")
-                else:
-                    sys.stdout.write(outcome_line(outcome) + "\n")
-                sys.stdout.flush()
-                printed += 1
-                if limit and printed >= limit:
-                    return
+    def line(outcome: dict[str, Any]) -> str | None:
+        if (only_status and outcome.get("status") != only_status) or (only_type and outcome.get("type") != only_type):
+            return None
+        return json_text(outcome) if as_json else outcome_line(outcome)
 
-    try:
-        run_async(run())
-    except KeyboardInterrupt:
-        pass
+    async def run() -> None:
+        async with OutcomeReader(config.settings, from_beginning=from_beginning, timeout=config.timeout) as outcomes:
+            await print_lines(outcomes, line, limit)
+
+    follow(run())
 
 
 @app.command("import")

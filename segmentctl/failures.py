@@ -35,3 +35,11 @@ def run_async(coroutine) -> Any:
         raise fail(str(error), EXIT_UNAVAILABLE) from None
     except KafkaSetupError as error:
         raise fail(str(error), EXIT_BAD_INPUT) from None
+
+
+def follow(coroutine) -> None:
+    """`run_async` for a command that follows a stream until Ctrl-C, which ends it quietly."""
+    try:
+        run_async(coroutine)
+    except KeyboardInterrupt:
+        pass

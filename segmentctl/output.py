@@ -5,6 +5,8 @@ clear the screen or forge a line in an operator's terminal."""
 from __future__ import annotations
 
 import re
+import sys
+from collections.abc import AsyncIterable, Callable
 from typing import Any
 
 import orjson
@@ -24,3 +26,17 @@ def json_text(value: Any, indent: bool = False) -> str:
     """`value` as JSON whose every string is safe to print: the remaining controls as \\u escapes."""
     text = orjson.dumps(value, option=orjson.OPT_INDENT_2 if indent else 0).decode()
     return _UNESCAPED_BY_JSON.sub(lambda found: f"\\u{ord(found[0]):04x}", text)
+
+
+async def print_lines(items: AsyncIterable[Any], line: Callable[[Any], str | None], limit: int | None) -> None:
+    """One line for each item as it arrives (None: skipped), flushed at once; stops after `limit`."""
+    printed = 0
+    async for item in items:
+        text = line(item)
+        if text is None:
+            continue
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+        printed += 1
+        if limit and printed >= limit:
+            return

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import sys
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated
 
 import orjson
 import typer
 
-from segmentctl.failures import run_async
-from segmentctl.output import json_text, shown
+from segmentctl.failures import follow
+from segmentctl.output import json_text, print_lines, shown
 from shared.changes import describe, encode
 from shared.client import ChangeReader
+from shared.durations import parse_moment
 
 
 def _moment(text: str) -> datetime:
     try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a time like 2026-12-01 or 2026-12-01T10:00:00Z") from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+        return parse_moment(text)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
 
 
 def watch(
@@ -40,21 +39,12 @@ def watch(
     start = _moment(since) if since else None
 
     async def run() -> None:
-        printed = 0
         async with ChangeReader(config.settings, segment=segment, user_id=user, since=start,
                                 timeout=config.timeout) as changes:
-            async for change in changes:
-                line = json_text_of(change) if as_json else shown(describe(change))
-                sys.stdout.write(line + "\n")
-                sys.stdout.flush()
-                printed += 1
-                if limit and printed >= limit:
-                    return
+            await print_lines(changes, lambda change: json_text_of(change) if as_json else shown(describe(change)),
+                              limit)
 
-    try:
-        run_async(run())
-    except KeyboardInterrupt:
-        pass
+    follow(run())
 
 
 def json_text_of(change) -> str:

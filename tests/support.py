@@ -69,16 +69,27 @@ async def running_consumer(settings: Settings, pool: asyncpg.Pool) -> AsyncItera
 
 
 @contextlib.asynccontextmanager
-async def memberships_locked(settings: Settings, user_id: int) -> AsyncIterator[None]:
-    """A user's memberships row-locked from another connection, as a long transaction would hold
-    them: the consumer row-locks the memberships a batch decides about, so that batch waits."""
+async def rows_locked(settings: Settings, query: str, *args) -> AsyncIterator[None]:
+    """The rows `query` (a SELECT … FOR UPDATE) locks, held from another connection as a long
+    transaction would hold them, until the block ends."""
     blocker = await asyncpg.connect(settings.database_url)
     try:
         async with blocker.transaction():
-            await blocker.execute("SELECT 1 FROM memberships WHERE user_id = $1 FOR UPDATE", user_id)
+            await blocker.execute(query, *args)
             yield
     finally:
         await blocker.close()
+
+
+def memberships_locked(settings: Settings, user_id: int):
+    """A user's memberships row-locked: the consumer row-locks the memberships a batch decides
+    about, so that batch waits."""
+    return rows_locked(settings, "SELECT 1 FROM memberships WHERE user_id = $1 FOR UPDATE", user_id)
+
+
+def segment_locked(settings: Settings, slug: str):
+    """A live segment's row locked: a segment command on it (a deletion) waits, its batch in hand."""
+    return rows_locked(settings, "SELECT 1 FROM segments WHERE slug = $1 AND deleted_at IS NULL FOR UPDATE", slug)
 
 
 async def wait_for_outcomes(pool: asyncpg.Pool, command_ids: list[str], timeout: float = 30.0) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import asyncpg
 
 from services.change_publisher.publisher import ChangePublisher
 from services.change_publisher.replay import replay
+from shared.durations import parse_moment
 from shared.kafka import create_producer, start_client
 from shared.service import bootstrap, command_line, on_shutdown_signal, serve_metrics, tune_gc
 from shared.settings import KafkaSettings, get_settings
@@ -58,10 +59,9 @@ async def queue_replay(start: datetime, end: datetime) -> None:
 
 def moment(text: str) -> datetime:
     try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a time like 2026-11-01 or 2026-11-01T10:00:00Z") from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+        return parse_moment(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -22,6 +22,7 @@ from tests.support import (
     memberships_locked,
     read_topic,
     running_consumer,
+    segment_locked,
     wait_for_count,
     wait_for_outcomes,
 )
@@ -518,28 +519,13 @@ async def test_batches_hand_their_outcomes_to_the_producer_one_at_a_time_and_clo
     assert sorted(record.key.decode() for record in results) == sorted(c["command_id"] for c in commands)
 
 
-@contextlib.asynccontextmanager
-async def segment_row_locked(settings, slug: str):
-    """A live segment's row locked from another connection, as a long transaction would hold it:
-    a segment command on it (here a deletion) waits, its batch in hand."""
-    import asyncpg
-
-    blocker = await asyncpg.connect(settings.database_url)
-    try:
-        async with blocker.transaction():
-            await blocker.execute("SELECT 1 FROM segments WHERE slug = $1 AND deleted_at IS NULL FOR UPDATE", slug)
-            yield
-    finally:
-        await blocker.close()
-
-
 async def test_user_commands_wait_only_for_segment_commands_naming_their_segments(settings, pool):
     async with Publisher(settings) as publish, running_consumer(settings, pool):
         await publish.segment({"type": "create_segment", "slug": "BIG", "command_id": "big"})
         await publish.segment({"type": "create_segment", "slug": "OTHER", "command_id": "other"})
         await publish.user({"type": "update_user_segments", "user_id": 1, "add": ["BIG"], "command_id": "in-big"})
         await wait_for_outcomes(pool, ["big", "other", "in-big"])
-        async with segment_row_locked(settings, "BIG"):  # the deletion stays in hand, as a long one would
+        async with segment_locked(settings, "BIG"):  # the deletion stays in hand, as a long one would
             await publish.segment({"type": "delete_segment", "slug": "BIG", "command_id": "delete-big"})
             await asyncio.sleep(0.5)  # fetched and started: its batch waits on the row lock
             await publish.user({"type": "update_user_segments", "user_id": 2, "add": ["BIG"], "command_id": "late"})
