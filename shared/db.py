@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import asyncpg
@@ -32,7 +33,23 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,
     asyncpg.TooManyConnectionsError,
+    # A write on a server that has become a standby (a failed-over primary reached through an
+    # address that still leads to it): the work is retried on a new connection, see writable().
+    asyncpg.ReadOnlySQLTransactionError,
 )
+
+
+@contextlib.asynccontextmanager
+async def writable(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A pool connection for writes. One that meets a read-only server is closed, not handed back:
+    the retry opens a new one, which a URL with `target_session_attrs=read-write` (or
+    `primary`) leads to the current primary (docs/operations.md, Highly available PostgreSQL)."""
+    async with pool.acquire() as conn:
+        try:
+            yield conn
+        except asyncpg.ReadOnlySQLTransactionError:
+            conn.terminate()
+            raise
 
 
 class Backoff:
@@ -111,11 +128,31 @@ async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 1
 
 
 def yoyo_url(database_url: str) -> str:
-    """yoyo picks its driver from the scheme; psycopg 3 is the one installed."""
+    """yoyo picks its driver from the scheme; psycopg 3 is the one installed. yoyo reads one
+    host:port from the URL, so a URL naming several hosts hands them to libpq as its `host` and
+    `port` lists instead, with the other parameters (target_session_attrs) as they are."""
     for prefix in ("postgresql://", "postgres://"):
         if database_url.startswith(prefix):
-            return "postgresql+psycopg://" + database_url[len(prefix) :]
+            return "postgresql+psycopg://" + _hosts_as_parameters(database_url[len(prefix):])
     return database_url
+
+
+def _hosts_as_parameters(rest: str) -> str:
+    """`user:pass@h1:p1,h2:p2/db?x=y` → `user:pass@/db?host=h1,h2&port=p1,p2&x=y` (one host: as is)."""
+    from urllib.parse import quote
+
+    authority, _, tail = rest.partition("/")
+    userinfo, at, hosts = authority.rpartition("@")
+    if "," not in hosts:
+        return rest
+    names, ports = [], []
+    for host in hosts.split(","):
+        name, colon, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
+        names.append((name if colon else host).strip("[]"))
+        ports.append(port if colon else "5432")
+    path, _, query = tail.partition("?")
+    listed = f"host={quote(','.join(names), safe=',')}&port={','.join(ports)}"
+    return f"{userinfo}{at}/{path}?{listed}" + (f"&{query}" if query else "")
 
 
 def apply_migrations(database_url: str, before: str | None = None) -> list[str]:

@@ -34,6 +34,7 @@ from services.command_consumer.retry import with_retry
 from services.command_consumer.spans import TracingObserver
 from services.command_consumer.telemetry import MetricsObserver
 from shared import tracing
+from shared.db import writable
 from shared.settings import ConsumerSettings, KafkaSettings
 
 log = structlog.get_logger("command_consumer")
@@ -145,7 +146,7 @@ class BatchPipeline:
         lock_timeout_ms = self._settings.consumer_shared_lock_timeout_ms if len(batches) > 1 else None
 
         async def attempt():
-            async with self._pool.acquire() as conn:
+            async with writable(self._pool) as conn:
                 processed = await apply_batch(conn, batch, self._outcome_retention, lock_timeout_ms)
                 return processed, await conn.fetchval("SELECT pg_current_wal_lsn()::text")
 

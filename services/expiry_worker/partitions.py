@@ -44,7 +44,7 @@ from services.expiry_worker.partition_ranges import (
     outcome_partition_name,
     parse_bound,
 )
-from shared.db import TRANSIENT_DB_ERRORS
+from shared.db import TRANSIENT_DB_ERRORS, writable
 from shared.settings import RetentionSettings
 
 log = structlog.get_logger("partitions")
@@ -150,7 +150,7 @@ class PartitionMaintainer:
     async def run_once(self) -> MaintenanceRun:
         started = time.monotonic()
         run = MaintenanceRun()
-        async with self._pool.acquire() as conn:
+        async with writable(self._pool) as conn:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", ADVISORY_LOCK):
                 run.skipped = True
                 return run

@@ -18,7 +18,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.expiry_worker.partitions import PartitionMaintainer
 from shared import tracing
-from shared.db import TRANSIENT_DB_ERRORS, Backoff
+from shared.db import TRANSIENT_DB_ERRORS, Backoff, writable
 from shared.membership import HISTORY_COLUMNS, HistoryRow, Segment, leaves_at_expiry
 from shared.metrics import observe_all
 
@@ -123,7 +123,7 @@ class ExpiryWorker:
         backoff = Backoff(5.0)
         while not self.stopping.is_set():
             try:
-                async with self.pool.acquire() as conn:
+                async with writable(self.pool) as conn:
                     result = await self._expire(conn)
                     if self.on_batch:
                         self.on_batch(result)

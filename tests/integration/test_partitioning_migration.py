@@ -56,12 +56,16 @@ async def seed(conn: asyncpg.Connection) -> None:
 async def snapshot(conn: asyncpg.Connection) -> dict:
     """Counts, each table's content digest, and every month's report (all users, and one user)."""
     state = {}
-    for table, order in (("membership_history", "id"), ("command_outcomes", "command_id"),
-                         ("rollout_events", "id"), ("rollout_event_overrides", "event_id, user_id")):
+    # The columns the tables had before partitioning (later migrations add columns, empty for old rows).
+    history = "id, user_id, segment_slug, operation, executed_at, source, reason, command_id"
+    for table, order, columns in (
+            ("membership_history", "id", history),
+            ("command_outcomes", "command_id", ""), ("rollout_events", "id", "*"),
+            ("rollout_event_overrides", "event_id, user_id", "*")):
         state[table] = await conn.fetchval(f"SELECT count(*) FROM {table}")
         state[f"{table} digest"] = await conn.fetchval(
             f"SELECT md5(string_agg(row_to_json(t)::text, '|' ORDER BY {order})) FROM "
-            f"(SELECT * FROM {table}) t" if table != "command_outcomes" else
+            f"(SELECT {columns} FROM {table}) t" if table != "command_outcomes" else
             "SELECT md5(string_agg(concat_ws(',', command_id, type, status, processed_at, source_offset, actor), '|' "
             "ORDER BY command_id)) FROM command_outcomes")
     for year, month in MONTHS:

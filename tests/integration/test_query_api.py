@@ -268,7 +268,7 @@ async def test_asyncapi_document_is_served_for_the_configured_topics(api):
     settings = api.app.state.resources.kafka
     assert {channel["address"] for channel in document["channels"].values()} == {
         settings.segments_commands_topic, settings.assignments_commands_topic, settings.results_topic,
-        settings.dlq_topic}
+        settings.dlq_topic, settings.membership_changes_topic}
     assert (await api.get("/asyncapi.json")).json() == document
 
 
