@@ -29,7 +29,9 @@ class DatabaseSettings(Section):
 
     database_url: str | None = Field(None, description=(
         "PostgreSQL URL, `postgresql://user:pass@host:port/db`; TLS with "
-        "`?sslmode=verify-full&sslrootcert=…`. Unset: `make run` and the tests start an embedded server."))
+        "`?sslmode=verify-full&sslrootcert=…`; several hosts with `host1:port,host2:port` and "
+        "`?target_session_attrs=read-write` (docs/operations.md, Highly available PostgreSQL). Unset: `make run` "
+        "and the tests start an embedded server."))
     database_url_file: Path | None = Field(None, description="Read DATABASE_URL from this file instead.")
     read_database_urls: Annotated[list[str], NoDecode] = Field([], description=(
         "Streaming replicas for hot reads and reports, comma-separated (docs/operations.md, Replicas)."))
