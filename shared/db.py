@@ -21,6 +21,11 @@ log = structlog.get_logger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
+# A write on a server that has become a standby (a failed-over primary reached through an address
+# that still leads to it), and a connection its server's death left in the middle of an
+# operation: retried on a new connection (writable() closes this one).
+UNUSABLE_CONNECTION = (asyncpg.ReadOnlySQLTransactionError, asyncpg.InternalClientError)
+
 # Errors after which the same transaction can succeed once the database is back.
 TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -33,21 +38,20 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,
     asyncpg.TooManyConnectionsError,
-    # A write on a server that has become a standby (a failed-over primary reached through an
-    # address that still leads to it): the work is retried on a new connection, see writable().
-    asyncpg.ReadOnlySQLTransactionError,
+    *UNUSABLE_CONNECTION,
 )
 
 
 @contextlib.asynccontextmanager
 async def writable(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
-    """A pool connection for writes. One that meets a read-only server is closed, not handed back:
-    the retry opens a new one, which a URL with `target_session_attrs=read-write` (or
-    `primary`) leads to the current primary (docs/operations.md, Highly available PostgreSQL)."""
+    """A pool connection for writes. One that meets a read-only server, or that a server's death
+    left unusable, is closed, not handed back: the retry opens a new one, which a URL with
+    `target_session_attrs=read-write` (or `primary`) leads to the current primary
+    (docs/operations.md, Highly available PostgreSQL)."""
     async with pool.acquire() as conn:
         try:
             yield conn
-        except asyncpg.ReadOnlySQLTransactionError:
+        except UNUSABLE_CONNECTION:
             conn.terminate()
             raise
 

@@ -1,0 +1,176 @@
+"""Losing the PostgreSQL primary under load, on a real high-availability engine (pg_auto_failover,
+tests/ha_cluster.py): commands at about 300 a second and reads at up to 1,000 a second while the
+primary is SIGKILLed, the standby promoted, the old primary brought back as the new standby, and
+then the new primary killed too. The services are not restarted. Afterwards every command is
+in the database exactly once, reads agree, and no read was answered 500: only 503 with
+Retry-After, while no primary could answer."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import subprocess
+import sys
+import time
+
+import asyncpg
+import httpx
+import orjson
+import pytest
+
+from services.query_api.app import create_app
+from shared.db import apply_migrations, create_pool
+from tests.ha_cluster import AutoFailoverCluster, missing
+from tests.support import Publisher, service_env, wait_for_outcomes
+
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(missing() is not None, reason=missing() or "")]
+
+COMMANDS_PER_SECOND = 300
+READERS = 10  # each reads back to back, pausing 10 ms: up to 1,000 reads a second
+
+
+@pytest.fixture
+def cluster():
+    cluster = AutoFailoverCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+class Load:
+    """Commands (each adding a new user to segment HA) and reads, until stopped."""
+
+    def __init__(self, publish: Publisher, http: httpx.AsyncClient) -> None:
+        self.publish, self.http = publish, http
+        self.sent: list[str] = []
+        self.statuses: dict[int, int] = {}
+        self.missing_retry_after = 0
+        self.first_read_after: float | None = None
+        self.killed_at: float | None = None
+        self.stopping = asyncio.Event()
+
+    async def commands(self) -> None:
+        started = time.monotonic()
+        for number in itertools.count(1):
+            if self.stopping.is_set():
+                return
+            await asyncio.sleep(max(0.0, started + number / COMMANDS_PER_SECOND - time.monotonic()))
+            command = {"type": "update_user_segments", "user_id": number, "add": ["HA"], "command_id": f"c{number}"}
+            await self.publish.producer.send(self.publish.settings.assignments_commands_topic, orjson.dumps(command),
+                                             key=str(number).encode())
+            self.sent.append(command["command_id"])
+
+    async def reads(self, seed: int) -> None:
+        rng = random.Random(seed)
+        while not self.stopping.is_set():
+            asked = time.monotonic()
+            response = await self.http.get(f"/users/{rng.randint(1, max(1, len(self.sent)))}/segments")
+            self.statuses[response.status_code] = self.statuses.get(response.status_code, 0) + 1
+            if response.status_code == 503 and "retry-after" not in response.headers:
+                self.missing_retry_after += 1
+            if (response.status_code == 200 and self.killed_at and asked > self.killed_at
+                    and self.first_read_after is None):  # the first read asked after the kill answered
+                self.first_read_after = time.monotonic() - self.killed_at
+            await asyncio.sleep(0.01)
+
+
+async def wait_for(condition, what: str, timeout: float = 90) -> float:
+    """Seconds until `condition()` (a coroutine function) is true."""
+    started = time.monotonic()
+    while not await condition():
+        assert time.monotonic() - started < timeout, f"no {what} after {timeout}s"
+        await asyncio.sleep(0.2)
+    return time.monotonic() - started
+
+
+async def test_losing_the_primary_twice_under_load_loses_and_repeats_nothing(settings, cluster, tmp_path):
+    await asyncio.to_thread(apply_migrations, cluster.url)
+    ha = settings.model_copy(update={"database_url": cluster.url})
+    log = open(tmp_path / "consumer.log", "wb")  # noqa: ASYNC230 - once, before the load
+    consumer = subprocess.Popen([sys.executable, "-m", "services.command_consumer"], stdout=log,  # noqa: ASYNC220
+                                stderr=subprocess.STDOUT,
+                                env=service_env(ha, DB_RETRY_ATTEMPTS="100000", DB_RETRY_MAX_BACKOFF_SECONDS="0.5"))
+    log.close()
+    pool = await create_pool(cluster.url, min_size=1, max_size=2)
+    app = create_app(ha)
+    switches = []
+    try:
+        async with Publisher(ha) as publish, app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://api.test") as http:
+            await publish.segment({"type": "create_segment", "slug": "HA", "command_id": "ha"})
+            await wait_for_outcomes(pool, ["ha"], timeout=60)
+            load = Load(publish, http)
+            tasks = [asyncio.create_task(load.commands())] + [
+                asyncio.create_task(load.reads(seed)) for seed in range(READERS)]
+            try:
+                for _ in range(2):  # the primary, then the new primary once it has its standby back
+                    await asyncio.sleep(4)
+                    old = await asyncio.to_thread(cluster.wait_for_standby)
+                    load.killed_at, load.first_read_after = time.monotonic(), None
+                    sent_before = len(load.sent)
+                    await asyncio.to_thread(cluster.kill, old)
+                    promoted = await wait_for(lambda old=old: _promoted(cluster, old), "promotion")
+                    applied = await wait_for(lambda sent=sent_before: _applied_after(cluster.url, sent),
+                                             "a command applied after the kill")
+                    switches.append((old, promoted, promoted + applied, load.first_read_after))
+                    await asyncio.sleep(3)
+                    await asyncio.to_thread(cluster.restart, old)  # back, as the new standby
+                await asyncio.sleep(3)
+            finally:
+                load.stopping.set()
+                await asyncio.gather(*tasks)
+            await pool.close()
+            pool = await create_pool(cluster.url, min_size=1, max_size=2)
+            outcomes = await wait_for_outcomes(pool, load.sent, timeout=120)
+            for user_id in random.Random(1).sample(range(1, len(load.sent) + 1), 100):
+                assert (await http.get(f"/users/{user_id}/segments")).json()["segments"][0]["slug"] == "HA"
+    finally:
+        consumer.terminate()
+        try:
+            consumer.wait(30)
+        except subprocess.TimeoutExpired:
+            consumer.kill()
+            consumer.wait()
+        await pool.close()
+
+    assert all(outcome["status"] == "applied" for outcome in outcomes.values())
+    history = await _history_per_user(cluster.url)
+    assert len(history) == len(load.sent) and set(history.values()) == {1}  # each command's entry, once
+    assert load.statuses.get(500, 0) == 0 and set(load.statuses) <= {200, 503}, load.statuses
+    assert load.missing_retry_after == 0
+    print(f"\nfailover: {len(load.sent)} commands, {sum(load.statuses.values())} reads {load.statuses}; "
+          + "; ".join(f"{old} killed: promoted after {promoted:.1f}s, first command applied {applied:.1f}s, "
+                      f"first read {read or 0:.1f}s" for old, promoted, applied, read in switches))
+
+
+async def _promoted(cluster: AutoFailoverCluster, old: str) -> bool:
+    return await asyncio.to_thread(cluster.primary) not in (None, old)
+
+
+async def _applied_after(url: str, sent_before: int) -> bool:
+    """Whether a command sent after the kill has been applied (on whichever server is primary)."""
+    try:
+        conn = await asyncpg.connect(url, timeout=2)
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return False
+    try:
+        return bool(await conn.fetchval(
+            "SELECT count(*) FROM command_outcomes WHERE command_id = ANY($1::text[])",
+            [f"c{number}" for number in range(sent_before + 1, sent_before + 2000)]))
+    except (OSError, asyncpg.PostgresError):
+        return False
+    finally:
+        await conn.close()
+
+
+async def _history_per_user(url: str) -> dict[int, int]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT user_id, count(*) AS n FROM membership_history WHERE segment_slug = 'HA' "
+                                "GROUP BY user_id")
+        return {row["user_id"]: row["n"] for row in rows}
+    finally:
+        await conn.close()
