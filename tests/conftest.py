@@ -44,11 +44,13 @@ def pytest_configure(config):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Tests skipped for want of a tool (Chromium, Prometheus) are said plainly at the end, never passed."""
+    """Tests skipped for want of a tool (Chromium, Prometheus, pg_auto_failover) are said plainly at the end,
+    never passed."""
     from tests.browser import BROWSER_MISSING
+    from tests.ha_cluster import HA_MISSING
     from tests.prometheus_server import PROMETHEUS_MISSING
 
-    for what, reason in (("browser", BROWSER_MISSING), ("alerting", PROMETHEUS_MISSING)):
+    for what, reason in (("browser", BROWSER_MISSING), ("alerting", PROMETHEUS_MISSING), ("failover", HA_MISSING)):
         skipped = [report for report in terminalreporter.stats.get("skipped", ())
                    if reason in str(getattr(report, "longrepr", ""))]
         if skipped:

@@ -41,7 +41,8 @@ MONITOR_SETTINGS = {"health_check_period": 1000, "health_check_timeout": 1000, "
 
 def missing() -> str | None:
     """Why the formation cannot run here, or None."""
-    if shutil.which("pg_autoctl") is None or not (PG_BIN / "postgres").exists():
+    extension = Path("/usr/share/postgresql/15/extension/pgautofailover.control")
+    if shutil.which("pg_autoctl") is None or not (PG_BIN / "postgres").exists() or not extension.exists():
         return HA_MISSING
     return None
 
@@ -137,6 +138,21 @@ class AutoFailoverCluster:
             with contextlib.suppress(psutil.Error):
                 process.kill()
 
+    def make_asynchronous(self, primary: str) -> None:
+        """Commits acknowledged by the primary alone, before its standby has them (as while a
+        formation's standby is away): `synchronous_commit = local` over the engine's settings."""
+        self._psql(primary, "postgres", "ALTER SYSTEM SET synchronous_commit = local")
+        self._psql(primary, "postgres", "SELECT pg_reload_conf()")
+
+    def hold_back(self, standby: str, timeout: float = 30) -> None:
+        """The standby cut off from its primary's WAL (its primary_conninfo pointed nowhere): what
+        the primary commits from now on is on the primary only."""
+        self._psql(standby, "postgres", "ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port=1'")
+        self._psql(standby, "postgres", "SELECT pg_reload_conf()")
+        self._wait(lambda: self._psql(standby, "postgres", "SELECT count(*) FROM pg_stat_wal_receiver "
+                                                           "WHERE status = 'streaming'") == "0",
+                   f"{standby} to stop receiving", timeout)
+
     def restart(self, node: str) -> None:
         """The node's keeper started again: it rejoins the formation (as a standby, if another was promoted)."""
         self._run_keeper(node)
@@ -180,7 +196,7 @@ class AutoFailoverCluster:
 
     def _autoctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run(["pg_autoctl", *args], env=self.env, user=self.user, capture_output=True, text=True,
-                                cwd=self.base, timeout=120)
+                                errors="replace", cwd=self.base, timeout=120)
         if check and result.returncode:
             raise RuntimeError(f"pg_autoctl {' '.join(args[:2])} failed: {result.stderr[-2000:]}")
         return result
