@@ -46,8 +46,8 @@ def pytest_configure(config):
 def pytest_terminal_summary(terminalreporter):
     """Tests skipped for want of a tool (Chromium, Prometheus, pg_auto_failover) are said plainly at the end,
     never passed."""
+    from devstack.failover import HA_MISSING
     from tests.browser import BROWSER_MISSING
-    from tests.ha_cluster import HA_MISSING
     from tests.prometheus_server import PROMETHEUS_MISSING
 
     for what, reason in (("browser", BROWSER_MISSING), ("alerting", PROMETHEUS_MISSING), ("failover", HA_MISSING)):

@@ -1,5 +1,5 @@
 """Losing the PostgreSQL primary under load, on a real high-availability engine (pg_auto_failover,
-tests/ha_cluster.py): commands at about 300 a second and reads at up to 1,000 a second while the
+devstack/failover.py): commands at about 300 a second and reads at up to 1,000 a second while the
 primary is SIGKILLed, the standby promoted, the old primary brought back as the new standby, and
 then the new primary killed too. The services are not restarted. Afterwards every command is
 in the database exactly once, reads agree, and no read was answered 500: only 503 with
@@ -8,7 +8,6 @@ Retry-After, while no primary could answer."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import random
 import subprocess
 import sys
@@ -16,12 +15,13 @@ import time
 
 import asyncpg
 import httpx
-import orjson
 import pytest
 
+from bench.failover import Load, applied_since
+from devstack.failover import AutoFailoverCluster, missing
+from devstack.processes import stop_process
 from services.query_api.app import create_app
 from shared.db import apply_migrations, create_pool
-from tests.ha_cluster import AutoFailoverCluster, missing
 from tests.support import Publisher, service_env, wait_for_outcomes
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(missing() is not None, reason=missing() or "")]
@@ -40,41 +40,12 @@ def cluster():
         cluster.stop()
 
 
-class Load:
-    """Commands (each adding a new user to segment HA) and reads, until stopped."""
-
-    def __init__(self, publish: Publisher, http: httpx.AsyncClient) -> None:
-        self.publish, self.http = publish, http
-        self.sent: list[str] = []
-        self.statuses: dict[int, int] = {}
-        self.missing_retry_after = 0
-        self.first_read_after: float | None = None
-        self.killed_at: float | None = None
-        self.stopping = asyncio.Event()
-
-    async def commands(self) -> None:
-        started = time.monotonic()
-        for number in itertools.count(1):
-            if self.stopping.is_set():
-                return
-            await asyncio.sleep(max(0.0, started + number / COMMANDS_PER_SECOND - time.monotonic()))
-            command = {"type": "update_user_segments", "user_id": number, "add": ["HA"], "command_id": f"c{number}"}
-            await self.publish.producer.send(self.publish.settings.assignments_commands_topic, orjson.dumps(command),
-                                             key=str(number).encode())
-            self.sent.append(command["command_id"])
-
-    async def reads(self, seed: int) -> None:
-        rng = random.Random(seed)
-        while not self.stopping.is_set():
-            asked = time.monotonic()
-            response = await self.http.get(f"/users/{rng.randint(1, max(1, len(self.sent)))}/segments")
-            self.statuses[response.status_code] = self.statuses.get(response.status_code, 0) + 1
-            if response.status_code == 503 and "retry-after" not in response.headers:
-                self.missing_retry_after += 1
-            if (response.status_code == 200 and self.killed_at and asked > self.killed_at
-                    and self.first_read_after is None):  # the first read asked after the kill answered
-                self.first_read_after = time.monotonic() - self.killed_at
-            await asyncio.sleep(0.01)
+def start_consumer(settings, log_dir) -> subprocess.Popen:
+    """The command consumer as its own process, retrying its batches for as long as a failover takes."""
+    with open(log_dir / "consumer.log", "wb") as log:
+        return subprocess.Popen([sys.executable, "-m", "services.command_consumer"], stdout=log,
+                                stderr=subprocess.STDOUT, env=service_env(
+                                    settings, DB_RETRY_ATTEMPTS="100000", DB_RETRY_MAX_BACKOFF_SECONDS="0.5"))
 
 
 async def wait_for(condition, what: str, timeout: float = 90) -> float:
@@ -89,11 +60,7 @@ async def wait_for(condition, what: str, timeout: float = 90) -> float:
 async def test_losing_the_primary_twice_under_load_loses_and_repeats_nothing(settings, cluster, tmp_path):
     await asyncio.to_thread(apply_migrations, cluster.url)
     ha = settings.model_copy(update={"database_url": cluster.url})
-    log = open(tmp_path / "consumer.log", "wb")  # noqa: ASYNC230 - once, before the load
-    consumer = subprocess.Popen([sys.executable, "-m", "services.command_consumer"], stdout=log,  # noqa: ASYNC220
-                                stderr=subprocess.STDOUT,
-                                env=service_env(ha, DB_RETRY_ATTEMPTS="100000", DB_RETRY_MAX_BACKOFF_SECONDS="0.5"))
-    log.close()
+    consumer = start_consumer(ha, tmp_path)
     pool = await create_pool(cluster.url, min_size=1, max_size=2)
     app = create_app(ha)
     switches = []
@@ -102,7 +69,7 @@ async def test_losing_the_primary_twice_under_load_loses_and_repeats_nothing(set
                 transport=httpx.ASGITransport(app=app), base_url="http://api.test") as http:
             await publish.segment({"type": "create_segment", "slug": "HA", "command_id": "ha"})
             await wait_for_outcomes(pool, ["ha"], timeout=60)
-            load = Load(publish, http)
+            load = Load(publish.producer, ha.assignments_commands_topic, http, COMMANDS_PER_SECOND)
             tasks = [asyncio.create_task(load.commands())] + [
                 asyncio.create_task(load.reads(seed)) for seed in range(READERS)]
             try:
@@ -113,7 +80,7 @@ async def test_losing_the_primary_twice_under_load_loses_and_repeats_nothing(set
                     sent_before = len(load.sent)
                     await asyncio.to_thread(cluster.kill, old)
                     promoted = await wait_for(lambda old=old: _promoted(cluster, old), "promotion")
-                    applied = await wait_for(lambda sent=sent_before: _applied_after(cluster.url, sent),
+                    applied = await wait_for(lambda sent=sent_before: applied_since(cluster.url, sent + 1),
                                              "a command applied after the kill")
                     switches.append((old, promoted, promoted + applied, load.first_read_after))
                     await asyncio.sleep(3)
@@ -128,12 +95,7 @@ async def test_losing_the_primary_twice_under_load_loses_and_repeats_nothing(set
             for user_id in random.Random(1).sample(range(1, len(load.sent) + 1), 100):
                 assert (await http.get(f"/users/{user_id}/segments")).json()["segments"][0]["slug"] == "HA"
     finally:
-        consumer.terminate()
-        try:
-            consumer.wait(30)
-        except subprocess.TimeoutExpired:
-            consumer.kill()
-            consumer.wait()
+        stop_process(consumer)
         await pool.close()
 
     assert all(outcome["status"] == "applied" for outcome in outcomes.values())
@@ -147,22 +109,6 @@ async def test_losing_the_primary_twice_under_load_loses_and_repeats_nothing(set
 
 async def _promoted(cluster: AutoFailoverCluster, old: str) -> bool:
     return await asyncio.to_thread(cluster.primary) not in (None, old)
-
-
-async def _applied_after(url: str, sent_before: int) -> bool:
-    """Whether a command sent after the kill has been applied (on whichever server is primary)."""
-    try:
-        conn = await asyncpg.connect(url, timeout=2)
-    except (OSError, asyncpg.PostgresError, TimeoutError):
-        return False
-    try:
-        return bool(await conn.fetchval(
-            "SELECT count(*) FROM command_outcomes WHERE command_id = ANY($1::text[])",
-            [f"c{number}" for number in range(sent_before + 1, sent_before + 2000)]))
-    except (OSError, asyncpg.PostgresError):
-        return False
-    finally:
-        await conn.close()
 
 
 async def entries_lost_or_doubled(url: str, sent: list[str]) -> tuple[list[str], list[str]]:
@@ -188,11 +134,7 @@ async def test_the_check_catches_a_loss_when_commits_are_acknowledged_by_the_pri
     primary = await asyncio.to_thread(cluster.wait_for_standby)
     standby = "node2" if primary == "node1" else "node1"
     await asyncio.to_thread(cluster.make_asynchronous, primary)
-    log = open(tmp_path / "consumer.log", "wb")  # noqa: ASYNC230 - once, before the load
-    consumer = subprocess.Popen([sys.executable, "-m", "services.command_consumer"], stdout=log,  # noqa: ASYNC220
-                                stderr=subprocess.STDOUT,
-                                env=service_env(ha, DB_RETRY_ATTEMPTS="100000", DB_RETRY_MAX_BACKOFF_SECONDS="0.5"))
-    log.close()
+    consumer = start_consumer(ha, tmp_path)
     pool = await create_pool(cluster.url, min_size=1, max_size=2)
     try:
         async with Publisher(ha) as publish:
@@ -214,12 +156,7 @@ async def test_the_check_catches_a_loss_when_commits_are_acknowledged_by_the_pri
         await asyncio.sleep(3)  # the consumer has had time to apply anything it still would
         lost, doubled = await entries_lost_or_doubled(cluster.url, [c["command_id"] for c in commands])
     finally:
-        consumer.terminate()
-        try:
-            consumer.wait(30)
-        except subprocess.TimeoutExpired:
-            consumer.kill()
-            consumer.wait()
+        stop_process(consumer)
         await pool.close()
     print(f"\nnegative control: {len(lost)} of 600 applied commands lost at the promotion, e.g. {lost[:3]}")
     assert lost and set(lost) <= {c["command_id"] for c in commands[300:]} and not doubled

@@ -1,8 +1,8 @@
-"""A pg_auto_failover formation on this machine, for the failover tests: a monitor and two
-PostgreSQL 15 nodes with synchronous replication, each node run by its keeper (`pg_autoctl run`)
-as in production. Debian's packages provide it (postgresql-15-auto-failover, pg-auto-failover-cli;
-.ci/run installs them); without them the tests are skipped with HA_MISSING and the session's
-summary says so.
+"""A pg_auto_failover formation on this machine, for the failover tests and bench/failover.py: a
+monitor and two PostgreSQL 15 nodes with synchronous replication (or one node alone, the same
+server without a standby), each node run by its keeper (`pg_autoctl run`) as in production.
+Debian's packages provide it (postgresql-15-auto-failover, pg-auto-failover-cli; .ci/run installs
+them); without them the tests are skipped with HA_MISSING and the session's summary says so.
 
 pg_auto_failover over Patroni: it is one package and one binary with no consensus store to run
 beside it (Patroni needs etcd), its monitor decides promotions on health checks whose timing the
@@ -48,12 +48,13 @@ def missing() -> str | None:
 
 
 class AutoFailoverCluster:
-    def __init__(self) -> None:
+    def __init__(self, nodes: int = 2) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="segmentation-ha-"))
         self.user = "postgres" if os.geteuid() == 0 else None
         if self.user:
             shutil.chown(self.base, self.user)
-        self.ports = {"monitor": free_port(), "node1": free_port(), "node2": free_port()}
+        self.nodes = [f"node{number}" for number in range(1, nodes + 1)]
+        self.ports = {"monitor": free_port(), **{node: free_port() for node in self.nodes}}
         self.keepers: dict[str, subprocess.Popen] = {}
         self.env = {**os.environ, "PATH": f"{PG_BIN}:{os.environ['PATH']}", "PG_CONFIG": str(PG_BIN / "pg_config"),
                     "XDG_CONFIG_HOME": str(self.base / "config"), "XDG_DATA_HOME": str(self.base / "data"),
@@ -63,7 +64,7 @@ class AutoFailoverCluster:
     @property
     def url(self) -> str:
         """Both nodes, writes to whichever is primary."""
-        hosts = ",".join(f"127.0.0.1:{self.ports[node]}" for node in ("node1", "node2"))
+        hosts = ",".join(f"127.0.0.1:{self.ports[node]}" for node in self.nodes)
         return f"postgresql://postgres@{hosts}/{DATABASE}?target_session_attrs=read-write"
 
     def node_url(self, node: str, database: str = DATABASE) -> str:
@@ -78,19 +79,20 @@ class AutoFailoverCluster:
         for name, value in MONITOR_SETTINGS.items():
             self._psql("monitor", "pg_auto_failover", f"ALTER SYSTEM SET pgautofailover.{name} = {value}")
         self._psql("monitor", "pg_auto_failover", "SELECT pg_reload_conf()")
-        for node in ("node1", "node2"):  # the first becomes the primary, the second its standby
+        for node in self.nodes:  # the first becomes the primary, the second its standby
             self.keepers[node] = self._spawn(
                 node, "create", "postgres", "--pgdata", str(self.base / node), "--pgport", str(self.ports[node]),
                 "--hostname", "127.0.0.1", "--monitor", self.monitor_url, "--auth", "trust", "--no-ssl",
                 "--dbname", DATABASE, "--pg-hba-lan", "--run")
             self._wait(lambda node=node: self.reported(node) in ("single", "primary", "secondary"), f"{node} to join",
                        timeout)
-            if node == "node1":
+            if node == "node1" and len(self.nodes) > 1:
                 # The standby's base backup starts with a checkpoint, spread over most of
                 # checkpoint_timeout by default: finished at once here.
                 self._psql(node, "postgres", "ALTER SYSTEM SET checkpoint_completion_target = 0")
                 self._psql(node, "postgres", "SELECT pg_reload_conf()")
-        self.wait_for_standby(timeout)
+        if len(self.nodes) > 1:
+            self.wait_for_standby(timeout)
 
     @property
     def monitor_url(self) -> str:
@@ -110,9 +112,9 @@ class AutoFailoverCluster:
 
     def primary(self) -> str | None:
         """The node taking writes: `primary` with its standby, `wait_primary` alone (its standby
-        lost, replication no longer synchronous until one is back)."""
+        lost, replication no longer synchronous until one is back), `single` in a formation of one."""
         for name, (reported, assigned) in self.states().items():
-            if reported == assigned and reported in ("primary", "wait_primary"):
+            if reported == assigned and reported in ("primary", "wait_primary", "single"):
                 return f"node{name[-1]}"
         return None
 
@@ -167,7 +169,7 @@ class AutoFailoverCluster:
             except subprocess.TimeoutExpired:
                 keeper.kill()
                 keeper.wait()
-        for node in ("node1", "node2", "monitor"):
+        for node in (*self.nodes, "monitor"):
             self.kill(node)
         shutil.rmtree(self.base, ignore_errors=True)
 
