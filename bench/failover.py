@@ -159,7 +159,7 @@ async def failover_round(kafka: str, cluster: AutoFailoverCluster, rate: int) ->
                 first = len(load.sent) + 1
                 load.killed_at = time.monotonic()
                 await asyncio.to_thread(cluster.kill, old)
-                promoted = await seconds_until(functools.partial(_promoted, cluster, old))
+                promoted = await seconds_until(functools.partial(promoted_elsewhere, cluster, old))
                 applied = promoted + await seconds_until(functools.partial(applied_since, cluster.url, first))
                 await seconds_until(functools.partial(_answered, load))
             if load.statuses.get(500) or load.missing_retry_after:
@@ -174,7 +174,8 @@ async def _answered(load: Load) -> bool:
     return load.first_read_after is not None
 
 
-async def _promoted(cluster: AutoFailoverCluster, old: str) -> bool:
+async def promoted_elsewhere(cluster: AutoFailoverCluster, old: str) -> bool:
+    """Whether a node other than `old` takes writes."""
     return await asyncio.to_thread(cluster.primary) not in (None, old)
 
 

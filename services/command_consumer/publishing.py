@@ -10,12 +10,11 @@ from typing import NamedTuple
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError
-from aiokafka.partitioner import DefaultPartitioner
-from aiokafka.producer.message_accumulator import BatchBuilder
 from opentelemetry import propagate, trace
 
 from services.command_consumer.batch import Processed
 from services.command_consumer.parsing import InvalidRecord
+from shared.kafka import send_batched
 
 Headers = list[tuple[str, bytes]]
 DLQ_MESSAGE_LIMIT = 4000  # bytes of the reason kept in a header
@@ -76,10 +75,10 @@ def without_value(message: Message) -> Message:
 
 
 class OutcomePublisher:
-    """Outcomes go out as record batches built here, one per results partition (by the key's
-    murmur2, as the producer's default partitioner places them), each sent with one call and
-    acknowledged with one future: a batch of thousands of outcomes costs a few produce calls, not
-    one `send` each with its own future. Dead letters, rare, go one by one.
+    """Outcomes go out as record batches, one per results partition (shared.kafka.send_batched),
+    each sent with one call and acknowledged with one future: a batch of thousands of outcomes
+    costs a few produce calls, not one `send` each with its own future. Dead letters, rare, go one
+    by one.
 
     One batch's outcomes are handed to the producer at a time (`_handing`); their
     acknowledgements are awaited outside it, so publishes still overlap on the wire. The lock is
@@ -91,7 +90,6 @@ class OutcomePublisher:
         self._producer = producer
         self._results_topic = results_topic
         self._dlq_topic = dlq_topic
-        self._partitioner = DefaultPartitioner()
         self._handing = asyncio.Lock()
 
     async def publish(self, processed: list[Processed], consistency_token: str | None = None,
@@ -103,30 +101,19 @@ class OutcomePublisher:
         command span does not say)."""
         send = functools.partial(getattr(type(self._producer).send, "__wrapped__", type(self._producer).send),
                                  self._producer)
-        partitions = sorted(await self._producer.partitions_for(self._results_topic))
         async with self._handing:
-            deliveries = await self._hand_over(processed, consistency_token, spans, partitions, send)
+            deliveries = await self._hand_over(processed, consistency_token, spans, send)
         await asyncio.gather(*deliveries)
 
     async def _hand_over(self, processed: list[Processed], consistency_token: str | None,
-                         spans: list[trace.Span | None] | None, partitions: list[int], send) -> list:
+                         spans: list[trace.Span | None] | None, send) -> list:
         """Every record of a batch handed to the producer; their deliveries."""
-        open_batches: dict[int, BatchBuilder] = {}
-        deliveries = []
+        outcomes, deliveries = [], []
         for index, item in enumerate(processed):
             span = spans[index] if spans is not None else None
             trace_context = span_headers(span) if span is not None else None
             message = outcome_message(item, consistency_token, trace_context)
-            partition = self._partitioner(message.key, partitions, partitions)
-            builder = open_batches.get(partition)
-            if builder is None or builder.append(key=message.key, value=message.value, timestamp=None,
-                                                 headers=message.headers) is None:
-                if builder is not None:  # full (and so closed by the builder): send it, start the next
-                    deliveries.append(await self._producer.send_batch(builder, self._results_topic,
-                                                                      partition=partition))
-                # A new batch always takes its first record, however large (up to max_request_size).
-                builder = open_batches[partition] = self._producer.create_batch()
-                builder.append(key=message.key, value=message.value, timestamp=None, headers=message.headers)
+            outcomes.append((message.key, message.value, message.headers))
             if isinstance(item.parsed, InvalidRecord):
                 message = dlq_message(item.parsed, trace_context)
                 try:
@@ -136,9 +123,4 @@ class OutcomePublisher:
                     message = without_value(message)
                     deliveries.append(await send(self._dlq_topic, message.value, key=message.key,
                                                  headers=message.headers))
-        for partition, builder in open_batches.items():
-            # Closed: the producer sends a closed batch at once, where an open one would wait out
-            # its linger (linger_ms) for records that are not coming, and no send() can add to it.
-            builder.close()
-            deliveries.append(await self._producer.send_batch(builder, self._results_topic, partition=partition))
-        return deliveries
+        return deliveries + await send_batched(self._producer, self._results_topic, outcomes)

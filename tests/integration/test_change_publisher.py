@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 from devstack.embedded import EmbeddedKafka
-from services.change_publisher.publisher import ChangePublisher
+from services.change_publisher.publisher import FAILURES, LAG, OLDEST, PUBLISHED, ChangePublisher
 from services.change_publisher.replay import replay
 from services.expiry_worker.worker import expire_batch
 from shared.changes import ID_HEADER, KIND_HEADER, MembershipChange, RolloutChange, decode
@@ -218,6 +218,10 @@ async def test_a_batch_takes_whole_statements_until_it_holds_the_batch_size(sett
     assert sorted(event.user_id for event in events) == list(range(1, 8))
 
 
+def sample(counter, label: str) -> float:
+    return counter.labels(label)._value.get()
+
+
 async def insert_history(pool, users: list[int], segment: str = "X") -> None:
     """One statement's entries, as a batch writes them."""
     await pool.execute("INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, "
@@ -234,14 +238,21 @@ async def test_changes_made_while_the_broker_is_away_wait_and_are_published_when
         async with running_publisher(own):
             await insert_history(pool, [1])
             await outbox_empty(pool)
+            published_before, lags_before = sample(PUBLISHED, "membership"), LAG._sum.get()
+            failures_before = sample(FAILURES, "kafka")
             broker.process.send_signal(signal.SIGSTOP)
             try:
                 await insert_history(pool, [2, 3, 4])
                 await asyncio.sleep(12)  # past the producer's request timeout: the send fails and is retried
                 assert await pool.fetchval("SELECT sum(changes) FROM membership_changes_outbox") == 3
+                # What operators see meanwhile: the oldest change waiting, and the failed sends.
+                assert OLDEST._value.get() > 10 and sample(FAILURES, "kafka") > failures_before
             finally:
                 broker.process.send_signal(signal.SIGCONT)
             await outbox_empty(pool, timeout=90)
+            await asyncio.sleep(0.1)
+            assert OLDEST._value.get() == 0 and sample(PUBLISHED, "membership") >= published_before + 3
+            assert LAG._sum.get() - lags_before > 3 * 10  # each of the three waited out the freeze
         records = await read_topic(own, own.membership_changes_topic, 10, timeout=10)
         events = {decode(record.value).event_id: decode(record.value) for record in records}
         assert sorted(event.user_id for event in events.values()) == [1, 2, 3, 4]  # copies share their id

@@ -8,6 +8,7 @@ Retry-After, while no primary could answer."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import asyncpg
 import httpx
 import pytest
 
-from bench.failover import Load, applied_since
+from bench.failover import Load, applied_since, promoted_elsewhere, seconds_until
 from devstack.failover import AutoFailoverCluster, missing
 from devstack.processes import stop_process
 from services.query_api.app import create_app
@@ -27,7 +28,6 @@ from tests.support import Publisher, service_env, wait_for_outcomes
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(missing() is not None, reason=missing() or "")]
 
 COMMANDS_PER_SECOND = 300
-READERS = 10  # each reads back to back, pausing 10 ms: up to 1,000 reads a second
 
 
 @pytest.fixture
@@ -48,15 +48,6 @@ def start_consumer(settings, log_dir) -> subprocess.Popen:
                                     settings, DB_RETRY_ATTEMPTS="100000", DB_RETRY_MAX_BACKOFF_SECONDS="0.5"))
 
 
-async def wait_for(condition, what: str, timeout: float = 90) -> float:
-    """Seconds until `condition()` (a coroutine function) is true."""
-    started = time.monotonic()
-    while not await condition():
-        assert time.monotonic() - started < timeout, f"no {what} after {timeout}s"
-        await asyncio.sleep(0.2)
-    return time.monotonic() - started
-
-
 async def test_losing_the_primary_twice_under_load_loses_and_repeats_nothing(settings, cluster, tmp_path):
     await asyncio.to_thread(apply_migrations, cluster.url)
     ha = settings.model_copy(update={"database_url": cluster.url})
@@ -70,25 +61,19 @@ async def test_losing_the_primary_twice_under_load_loses_and_repeats_nothing(set
             await publish.segment({"type": "create_segment", "slug": "HA", "command_id": "ha"})
             await wait_for_outcomes(pool, ["ha"], timeout=60)
             load = Load(publish.producer, ha.assignments_commands_topic, http, COMMANDS_PER_SECOND)
-            tasks = [asyncio.create_task(load.commands())] + [
-                asyncio.create_task(load.reads(seed)) for seed in range(READERS)]
-            try:
+            async with load.running():
                 for _ in range(2):  # the primary, then the new primary once it has its standby back
                     await asyncio.sleep(4)
                     old = await asyncio.to_thread(cluster.wait_for_standby)
                     load.killed_at, load.first_read_after = time.monotonic(), None
                     sent_before = len(load.sent)
                     await asyncio.to_thread(cluster.kill, old)
-                    promoted = await wait_for(lambda old=old: _promoted(cluster, old), "promotion")
-                    applied = await wait_for(lambda sent=sent_before: applied_since(cluster.url, sent + 1),
-                                             "a command applied after the kill")
+                    promoted = await seconds_until(functools.partial(promoted_elsewhere, cluster, old), 90)
+                    applied = await seconds_until(functools.partial(applied_since, cluster.url, sent_before + 1), 90)
                     switches.append((old, promoted, promoted + applied, load.first_read_after))
                     await asyncio.sleep(3)
                     await asyncio.to_thread(cluster.restart, old)  # back, as the new standby
                 await asyncio.sleep(3)
-            finally:
-                load.stopping.set()
-                await asyncio.gather(*tasks)
             await pool.close()
             pool = await create_pool(cluster.url, min_size=1, max_size=2)
             outcomes = await wait_for_outcomes(pool, load.sent, timeout=120)
@@ -105,10 +90,6 @@ async def test_losing_the_primary_twice_under_load_loses_and_repeats_nothing(set
     print(f"\nfailover: {len(load.sent)} commands, {sum(load.statuses.values())} reads {load.statuses}; "
           + "; ".join(f"{old} killed: promoted after {promoted:.1f}s, first command applied {applied:.1f}s, "
                       f"first read {read or 0:.1f}s" for old, promoted, applied, read in switches))
-
-
-async def _promoted(cluster: AutoFailoverCluster, old: str) -> bool:
-    return await asyncio.to_thread(cluster.primary) not in (None, old)
 
 
 async def entries_lost_or_doubled(url: str, sent: list[str]) -> tuple[list[str], list[str]]:
@@ -150,7 +131,7 @@ async def test_the_check_catches_a_loss_when_commits_are_acknowledged_by_the_pri
             await wait_for_outcomes(pool, [c["command_id"] for c in commands[300:]])  # applied, acknowledged
             await asyncio.sleep(1)  # and their offsets committed
             await asyncio.to_thread(cluster.kill, primary)
-            await wait_for(lambda: _promoted(cluster, primary), "promotion")
+            await seconds_until(functools.partial(promoted_elsewhere, cluster, primary), 90)
         await pool.close()
         pool = await create_pool(cluster.url, min_size=1, max_size=2)
         await asyncio.sleep(3)  # the consumer has had time to apply anything it still would

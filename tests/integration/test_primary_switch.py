@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -24,12 +25,7 @@ pytestmark = pytest.mark.integration
 
 def with_hosts_before(url: str, *dead_ports: int) -> str:
     """`url` naming first hosts where nothing listens, then its own, writes asked of the primary."""
-    scheme, _, rest = url.partition("://")
-    userinfo, _, hostport_and_path = rest.rpartition("@")
-    hostport, slash, path = hostport_and_path.partition("/")
-    hosts = ",".join([*(f"127.0.0.1:{port}" for port in dead_ports), hostport])
-    separator = "&" if "?" in path else "?"
-    return f"{scheme}://{userinfo}@{hosts}{slash}{path}{separator}target_session_attrs=read-write"
+    return listing_hosts(*(re.sub(r"@[^/]+/", f"@127.0.0.1:{port}/", url) for port in dead_ports), url)
 
 
 def listing_hosts(*urls: str) -> str:
