@@ -7,6 +7,7 @@ import sys
 
 import structlog
 
+from services.command_consumer import durability
 from services.command_consumer.bootstrap import build_consumer, open_pool
 from services.command_consumer.poison_guard import PoisonGuardTripped
 from services.command_consumer.retry import DatabaseUnavailable
@@ -23,6 +24,8 @@ async def main() -> int:
     serve_metrics(settings.consumer_metrics_port, settings.metrics_host)
     consumer = build_consumer(settings, pool)
     on_shutdown_signal(consumer.stop)
+    watching = asyncio.create_task(durability.watch(pool, expected=settings.db_expect_synchronous_commit,
+                                                    every=settings.db_durability_check_seconds))
     try:
         await consumer.run()
         return 0
@@ -36,6 +39,8 @@ async def main() -> int:
         log.critical("Kafka refused the connection settings", error=str(error))
         return 2
     finally:
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
         await pool.close()
 
 

@@ -27,7 +27,7 @@ from typing import TypeVar
 
 import asyncpg
 import structlog
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
 from services.query_api.batched_lookup import BatchedLookup, Found
 from services.query_api.readmodel import USER_SEGMENTS_SQL, create_lookup_pool
@@ -41,6 +41,11 @@ REPLICA_LAG = Gauge("segmentation_replica_lag_seconds", "Replay lag of a read re
                     ["replica"], multiprocess_mode="max")
 REPLICA_HEALTHY = Gauge("segmentation_replica_healthy", "1 when a read replica receives reads", ["replica"],
                         multiprocess_mode="min")
+READS = Counter("segmentation_reads_by_server_total",
+                "Reads answered, by the server that answered them (only with READ_DATABASE_URLS)", ["server"])
+# A promoted replica's pg_last_wal_replay_lsn() stays where its recovery ended: a server no longer
+# in recovery is as new as the primary, whatever that function says.
+REPLAYED_SQL = "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()::text END"
 PRIMARY = "primary"
 
 
@@ -81,6 +86,9 @@ class Server:
     replay: int = 0  # position replayed (replicas)
     lag_ms: float | None = None
     extra: list[asyncpg.Pool] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.answered = READS.labels(self.name)
 
     @property
     def healthy(self) -> bool:
@@ -158,11 +166,16 @@ class ReadRouter:
     async def _first(self, servers: list[Server], attempt: Callable[[Server], Awaitable[T]]) -> T:
         for server in servers[:-1]:
             try:
-                return await attempt(server)
+                result = await attempt(server)
             except TRANSIENT_DB_ERRORS as error:
                 if server is not self.primary:
                     self._mark_unreachable(server, error)
-        return await attempt(servers[-1])
+            else:
+                server.answered.inc()
+                return result
+        result = await attempt(servers[-1])
+        servers[-1].answered.inc()
+        return result
 
     # -- watching ----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -182,11 +195,14 @@ class ReadRouter:
     async def _connect(self, replica: Server) -> bool:
         if replica.pool is not None:
             return True
+        pool = None
         try:
             pool = await create_pool(replica.url, min_size=1, max_size=self._pool_size, reset_sessions=False,
                                      exit_on_failure=False)
             read_pool = await create_lookup_pool(replica.url, self._read_pool_size, exit_on_failure=False)
         except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as error:
+            if pool is not None:  # tried again on the next poll: this one would hold its connections for good
+                pool.terminate()
             self._mark_unreachable(replica, error)
             return False
         replica.pool, replica.memberships, replica.extra = pool, BatchedLookup(read_pool, USER_SEGMENTS_SQL), [
@@ -213,11 +229,11 @@ class ReadRouter:
             return
         try:
             replayed = await asyncio.wait_for(
-                replica.pool.fetchval("SELECT pg_last_wal_replay_lsn()::text"), max(self._interval, 1.0))
+                replica.pool.fetchval(REPLAYED_SQL), max(self._interval, 1.0))
         except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as error:
             self._mark_unreachable(replica, error)
             return
-        if replayed is None:  # not a replica (a primary given as one): it is as new as can be
+        if replayed is None:  # not in recovery (a primary given as one, or promoted): as new as can be
             replica.replay, lag = self._primary_positions[-1][1], 0.0
         else:
             replica.replay = max(replica.replay, parse_lsn(replayed))

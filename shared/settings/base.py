@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
@@ -124,6 +125,18 @@ def comma_separated(value: Any) -> Any:
     """A list variable: comma-separated text, blanks dropped."""
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+# A URL may itself hold commas (several hosts: postgresql://u@h1:5432,h2:5432/db): a list of URLs
+# splits only before a scheme.
+_NEXT_URL = re.compile(r"\s*,\s*(?=postgres(?:ql)?://)")
+
+
+def comma_separated_urls(value: Any) -> Any:
+    """A list of PostgreSQL URLs, comma-separated; each may name several hosts."""
+    if isinstance(value, str):
+        return [item.strip() for item in _NEXT_URL.split(value.strip().strip(",")) if item.strip()]
     return value
 
 

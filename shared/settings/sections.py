@@ -10,7 +10,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from shared.durations import parse_duration
-from shared.settings.base import Section, comma_separated, empty_is_unset
+from shared.settings.base import Section, comma_separated, comma_separated_urls, empty_is_unset
 
 DEVELOPMENT_REPORT_SECRET = "development-only-report-secret"
 
@@ -34,7 +34,8 @@ class DatabaseSettings(Section):
         "and the tests start an embedded server."))
     database_url_file: Path | None = Field(None, description="Read DATABASE_URL from this file instead.")
     read_database_urls: Annotated[list[str], NoDecode] = Field([], description=(
-        "Streaming replicas for hot reads and reports, comma-separated (docs/operations.md, Replicas)."))
+        "Streaming replicas for hot reads and reports, comma-separated; one URL may name several hosts "
+        "(`?target_session_attrs=prefer-standby`) (docs/operations.md, Replicas)."))
     max_replica_lag_ms: int = Field(500, ge=0, description=(
         "A replica further behind than this gets no reads until it catches up."))
     read_token_wait_ms: int = Field(250, ge=0, description=(
@@ -49,7 +50,7 @@ class DatabaseSettings(Section):
     read_pool_size: int = Field(4, ge=1, description=(
         "Connections each API worker keeps for GET /users/{id}/segments only, each with its query prepared."))
 
-    _replicas_list = field_validator("read_database_urls", mode="before")(comma_separated)
+    _replicas_list = field_validator("read_database_urls", mode="before")(comma_separated_urls)
 
     def require_database_url(self) -> str:
         return required(self.database_url, "DATABASE_URL", "PostgreSQL (postgresql://user:pass@host:port/db)")
@@ -137,6 +138,12 @@ class ConsumerSettings(Section):
     poison_guard_max_invalid_share: float = Field(0.9, gt=0, le=1, description=(
         "Share of invalid records in that window that stops the consumer."))
     consumer_metrics_port: int = Field(9101, description="The consumer's /metrics port (0: none).")
+    db_expect_synchronous_commit: bool = Field(False, description=(
+        "True on a cluster whose primary should acknowledge commits only once a synchronous standby has them: "
+        "the consumer warns whenever the primary acknowledges alone (docs/operations.md, Highly available "
+        "PostgreSQL). The gauge segmentation_db_commits_synchronous says which, either way."))
+    db_durability_check_seconds: float = Field(5.0, gt=0, description=(
+        "How often the consumer checks whether its commits wait for a synchronous standby."))
 
 
 class ApiSettings(Section):

@@ -1,5 +1,5 @@
 """Losing the PostgreSQL primary under load, on a real high-availability engine (pg_auto_failover,
-devstack/failover.py): commands at about 300 a second and reads at up to 1,000 a second while the
+devstack/failover.py): commands at about 300 a second and reads at about 1,000 a second while the
 primary is SIGKILLed, the standby promoted, the old primary brought back as the new standby, and
 then the new primary killed too. The services are not restarted. Afterwards every command is
 in the database exactly once, reads agree, and no read was answered 500: only 503 with
@@ -8,26 +8,34 @@ Retry-After, while no primary could answer."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import functools
+import itertools
 import random
 import subprocess
 import sys
 import time
 
+import aiohttp
 import asyncpg
 import httpx
 import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
-from bench.failover import Load, applied_since, promoted_elsewhere, seconds_until
+from bench.failover import Load, aiohttp_get, applied_since, promoted_elsewhere, seconds_until
 from devstack.failover import AutoFailoverCluster, missing
-from devstack.processes import stop_process
-from services.query_api.app import create_app
+from devstack.processes import free_port, stop_process
+from services.command_consumer import durability
 from shared.db import apply_migrations, create_pool
 from tests.support import Publisher, service_env, wait_for_outcomes
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(missing() is not None, reason=missing() or "")]
 
 COMMANDS_PER_SECOND = 300
+READS_PER_SECOND = 1000
 
 
 @pytest.fixture
@@ -40,31 +48,71 @@ def cluster():
         cluster.stop()
 
 
-def start_consumer(settings, log_dir) -> subprocess.Popen:
-    """The command consumer as its own process, retrying its batches for as long as a failover takes."""
-    with open(log_dir / "consumer.log", "wb") as log:
-        return subprocess.Popen([sys.executable, "-m", "services.command_consumer"], stdout=log,
-                                stderr=subprocess.STDOUT, env=service_env(
-                                    settings, DB_RETRY_ATTEMPTS="100000", DB_RETRY_MAX_BACKOFF_SECONDS="0.5"))
+def start_service(service: str, settings, log_dir, **env: str) -> subprocess.Popen:
+    """A service as its own process, retrying its work for as long as a failover takes."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / f"{service}.log", "wb") as log:
+        return subprocess.Popen([sys.executable, "-m", f"services.{service}"], stdout=log, stderr=subprocess.STDOUT,
+                                env=service_env(settings, DB_RETRY_ATTEMPTS="100000",
+                                                DB_RETRY_MAX_BACKOFF_SECONDS="0.5", **env))
+
+
+def start_consumer(settings, log_dir, **env: str) -> subprocess.Popen:
+    return start_service("command_consumer", settings, log_dir, **env)
+
+
+async def reads_by_server(http: httpx.AsyncClient) -> dict[str, float]:
+    """segmentation_reads_by_server_total from the API's /metrics: reads answered by each server."""
+    text = (await http.get("/metrics")).text
+    return {sample.labels["server"]: sample.value for family in text_string_to_metric_families(text)
+            if family.name == "segmentation_reads_by_server" for sample in family.samples
+            if sample.name.endswith("_total")}
+
+
+async def wait_until_serving(http: httpx.AsyncClient, api: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert api.poll() is None, "the query API exited"
+        with contextlib.suppress(httpx.TransportError):
+            if (await http.get("/readyz")).status_code == 200:
+                return
+        await asyncio.sleep(0.2)
+    raise TimeoutError("the query API did not become ready")
 
 
 async def test_losing_the_primary_twice_under_load_loses_and_repeats_nothing(settings, cluster, tmp_path):
+    """Reads go, half each, to two query API processes: one reading the primary only, one whose
+    replicas (READ_DATABASE_URLS) are the formation's nodes, standby preferred. Through both
+    switches the second keeps being answered by its replicas, including the standby that was
+    promoted and so no longer replays anything."""
     await asyncio.to_thread(apply_migrations, cluster.url)
     ha = settings.model_copy(update={"database_url": cluster.url})
+    ports = {"primary only": free_port(), "replicas": free_port()}
     consumer = start_consumer(ha, tmp_path)
+    apis = [start_service("query_api", ha, tmp_path / name, API_PORT=str(port), API_WORKERS="1",
+                          READ_DATABASE_URLS=cluster.url.replace("read-write", "prefer-standby")
+                          if name == "replicas" else "") for name, port in ports.items()]
     pool = await create_pool(cluster.url, min_size=1, max_size=2)
-    app = create_app(ha)
-    switches = []
+    switches, replica_reads = [], []
+    by_api: dict[str, collections.Counter[int]] = {name: collections.Counter() for name in ports}
     try:
-        async with Publisher(ha) as publish, app.router.lifespan_context(app), httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://api.test") as http:
+        async with contextlib.AsyncExitStack() as stack:
+            publish = await stack.enter_async_context(Publisher(ha))
+            http = {name: await stack.enter_async_context(httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}"))
+                    for name, port in ports.items()}
+            sessions = [await stack.enter_async_context(aiohttp.ClientSession(
+                f"http://127.0.0.1:{port}", timeout=aiohttp.ClientTimeout(total=30))) for port in ports.values()]
+            for client, api in zip(http.values(), apis, strict=True):
+                await wait_until_serving(client, api)
             await publish.segment({"type": "create_segment", "slug": "HA", "command_id": "ha"})
             await wait_for_outcomes(pool, ["ha"], timeout=60)
-            load = Load(publish.producer, ha.assignments_commands_topic, http, COMMANDS_PER_SECOND)
+            load = Load(publish.producer, ha.assignments_commands_topic, alternating(sessions, by_api),
+                        COMMANDS_PER_SECOND, READS_PER_SECOND)
             async with load.running():
                 for _ in range(2):  # the primary, then the new primary once it has its standby back
                     await asyncio.sleep(4)
                     old = await asyncio.to_thread(cluster.wait_for_standby)
+                    replica_reads.append(await reads_by_server(http["replicas"]))
                     load.killed_at, load.first_read_after = time.monotonic(), None
                     sent_before = len(load.sent)
                     await asyncio.to_thread(cluster.kill, old)
@@ -74,22 +122,43 @@ async def test_losing_the_primary_twice_under_load_loses_and_repeats_nothing(set
                     await asyncio.sleep(3)
                     await asyncio.to_thread(cluster.restart, old)  # back, as the new standby
                 await asyncio.sleep(3)
+            replica_reads.append(await reads_by_server(http["replicas"]))
             await pool.close()
             pool = await create_pool(cluster.url, min_size=1, max_size=2)
             outcomes = await wait_for_outcomes(pool, load.sent, timeout=120)
-            for user_id in random.Random(1).sample(range(1, len(load.sent) + 1), 100):
-                assert (await http.get(f"/users/{user_id}/segments")).json()["segments"][0]["slug"] == "HA"
+            for client in http.values():
+                for user_id in random.Random(1).sample(range(1, len(load.sent) + 1), 100):
+                    assert (await client.get(f"/users/{user_id}/segments")).json()["segments"][0]["slug"] == "HA"
     finally:
         stop_process(consumer)
+        for api in apis:
+            stop_process(api)
         await pool.close()
 
     assert all(outcome["status"] == "applied" for outcome in outcomes.values())
     assert await entries_lost_or_doubled(cluster.url, load.sent) == ([], [])  # each command's entry, once
-    assert load.statuses.get(500, 0) == 0 and set(load.statuses) <= {200, 503}, load.statuses
+    assert load.statuses.get(500, 0) == 0 and set(load.statuses) <= {200, 503}, by_api
     assert load.missing_retry_after == 0
-    print(f"\nfailover: {len(load.sent)} commands, {sum(load.statuses.values())} reads {load.statuses}; "
+    replica = next(server for server in replica_reads[-1] if server != "primary")
+    answered = [phase.get(replica, 0) for phase in replica_reads]
+    assert 0 < answered[0] < answered[1] < answered[2], f"reads answered by the replica pool, cumulative: {answered}"
+    print(f"\nfailover: {len(load.sent)} commands, {sum(load.statuses.values())} reads at "
+          f"{load.reads_per_second:.0f}/s {dict(by_api)}, by server {replica_reads[-1]}; "
           + "; ".join(f"{old} killed: promoted after {promoted:.1f}s, first command applied {applied:.1f}s, "
                       f"first read {read or 0:.1f}s" for old, promoted, applied, read in switches))
+
+
+def alternating(sessions: list[aiohttp.ClientSession], by_api: dict[str, collections.Counter[int]]):
+    """Reads sent to each API in turn, their statuses counted per API."""
+    gets = [(name, aiohttp_get(session)) for name, session in zip(by_api, sessions, strict=True)]
+    turn = itertools.cycle(gets)
+
+    async def get(path: str):
+        name, send = next(turn)
+        status, headers = await send(path)
+        by_api[name][status] += 1
+        return status, headers
+    return get
 
 
 async def entries_lost_or_doubled(url: str, sent: list[str]) -> tuple[list[str], list[str]]:
@@ -141,3 +210,37 @@ async def test_the_check_catches_a_loss_when_commits_are_acknowledged_by_the_pri
         await pool.close()
     print(f"\nnegative control: {len(lost)} of 600 applied commands lost at the promotion, e.g. {lost[:3]}")
     assert lost and set(lost) <= {c["command_id"] for c in commands[300:]} and not doubled
+
+
+async def test_the_consumer_sees_when_commits_are_acknowledged_by_the_primary_alone(cluster):
+    """With its standby, the primary waits for it before acknowledging a commit; with the standby
+    gone, pg_auto_failover lets the primary acknowledge alone (wait_primary): the gauge says so and,
+    since synchronous commits were expected, the consumer warns; with the standby back, both undo."""
+    primary = await asyncio.to_thread(cluster.wait_for_standby)
+    standby = "node2" if primary == "node1" else "node1"
+    pool = await create_pool(cluster.url, min_size=1, max_size=1)
+    watching = asyncio.create_task(durability.watch(pool, expected=True, every=0.1))
+    try:
+        with capture_logs() as logs:
+            assert await gauge_becomes(1)
+            await asyncio.to_thread(cluster.kill, standby)
+            assert await gauge_becomes(0)
+            await asyncio.to_thread(cluster.restart, standby)
+            await asyncio.to_thread(cluster.wait_for_standby)
+            assert await gauge_becomes(1)
+    finally:
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
+        await pool.close()
+    warnings = [entry["event"] for entry in logs if entry["log_level"] == "warning"]
+    assert len(warnings) == 1 and "primary alone" in warnings[0], logs
+    assert REGISTRY.get_sample_value("segmentation_db_synchronous_commit_expected") == 1
+
+
+async def gauge_becomes(value: int, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while REGISTRY.get_sample_value("segmentation_db_commits_synchronous") != value:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.1)
+    return True

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from devstack.embedded import EmbeddedPostgres, url_on_port, wait_until_replayed
 from services.query_api.app import create_app
@@ -165,6 +166,48 @@ async def test_a_replica_stopped_under_load_causes_no_error(settings, pool, tmp_
             assert client.reads.replicas[0].state == "unreachable"
     finally:
         await asyncio.to_thread(own.remove)
+
+
+async def test_a_promoted_replica_keeps_its_reads(settings, pool, tmp_path, infra):
+    """A replica promoted to primary (as at a failover) replays nothing any more, and its
+    pg_last_wal_replay_lsn() stays where recovery ended: it is as new as can be, not lagging."""
+    own = EmbeddedPostgres(tmp_path / "promoted", replica_of=infra.postgres)
+    await asyncio.to_thread(own.start)
+    try:
+        replica_url = url_on_port(settings.database_url, own.port)
+        await caught_up(settings, replica_url)
+        async with api(settings, read_database_urls=[replica_url], max_replica_lag_ms=100) as client:
+            replica = client.reads.replicas[0]
+            promoted = await asyncpg.connect(replica_url)
+            try:
+                await promoted.execute("SELECT pg_promote()")
+            finally:
+                await promoted.close()
+            for _ in range(20):  # the old primary goes on writing
+                await pool.execute("INSERT INTO users VALUES ($1, now()) ON CONFLICT DO NOTHING", 900_000)
+                await pool.execute("DELETE FROM users WHERE user_id = 900000")
+                await asyncio.sleep(0.05)
+            assert replica.state == "ok", (replica.state, replica.lag_ms)
+            before = answered_by(replica.name)
+            await slugs(client, 1)
+            assert answered_by(replica.name) == before + 1
+    finally:
+        await asyncio.to_thread(own.remove)
+
+
+def answered_by(server: str) -> float:
+    return REGISTRY.get_sample_value("segmentation_reads_by_server_total", {"server": server}) or 0.0
+
+
+async def test_a_replica_that_cannot_serve_holds_no_connections_it_is_not_using(settings, pool):
+    """A replica URL whose server answers but cannot serve the hot read (here: a database without
+    the tables) is retried on every poll; each attempt gives back its connections."""
+    wrong = settings.database_url.rsplit("/", 1)[0] + "/postgres"
+    async with api(settings, read_database_urls=[wrong], replica_poll_interval_ms=10) as client:
+        await asyncio.sleep(1.5)  # about 150 polls
+        held = await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = 'postgres'")
+        assert client.reads.replicas[0].state == "unreachable"
+    assert held <= 2, f"{held} connections held to the replica that cannot serve"
 
 
 ROUTES = ["/users/5/segments", "/users/5", "/segments", "/segments/X", "/commands/c-5", "REPORT"]

@@ -13,9 +13,11 @@ import yaml
 from prometheus_client import REGISTRY
 
 import services.change_publisher.publisher
+import services.command_consumer.durability
 import services.command_consumer.metrics
 import services.expiry_worker.worker
-import services.query_api.http_metrics  # noqa: F401  (registers the API's metrics)
+import services.query_api.http_metrics
+import services.query_api.replicas  # noqa: F401  (registers the API's metrics)
 from shared.settings import SECTIONS, Settings
 
 ROOT = Path(__file__).resolve().parents[3]
