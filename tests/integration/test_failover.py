@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import csv
 import functools
+import io
 import itertools
 import random
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 
 import aiohttp
 import asyncpg
@@ -126,9 +129,10 @@ async def test_losing_the_primary_twice_under_load_loses_and_repeats_nothing(set
             await pool.close()
             pool = await create_pool(cluster.url, min_size=1, max_size=2)
             outcomes = await wait_for_outcomes(pool, load.sent, timeout=120)
-            for client in http.values():
+            for client in http.values():  # reads and the month's report agree with the commands sent
                 for user_id in random.Random(1).sample(range(1, len(load.sent) + 1), 100):
                     assert (await client.get(f"/users/{user_id}/segments")).json()["segments"][0]["slug"] == "HA"
+                assert await entered_ha(client) == [int(c[1:]) for c in load.sent]
     finally:
         stop_process(consumer)
         for api in apis:
@@ -146,6 +150,14 @@ async def test_losing_the_primary_twice_under_load_loses_and_repeats_nothing(set
           f"{load.reads_per_second:.0f}/s {dict(by_api)}, by server {replica_reads[-1]}; "
           + "; ".join(f"{old} killed: promoted after {promoted:.1f}s, first command applied {applied:.1f}s, "
                       f"first read {read or 0:.1f}s" for old, promoted, applied, read in switches))
+
+
+async def entered_ha(http: httpx.AsyncClient) -> list[int]:
+    """The users the month's all-users report shows entering HA, in user order, one row each."""
+    now = datetime.now(UTC)
+    link = (await http.get("/reports/history", params={"year": now.year, "month": now.month})).json()["report_link"]
+    rows = csv.DictReader(io.StringIO((await http.get(link)).text))
+    return sorted(int(row["user_id"]) for row in rows if row["segment_slug"] == "HA" and row["operation"] == "I")
 
 
 def alternating(sessions: list[aiohttp.ClientSession], by_api: dict[str, collections.Counter[int]]):
