@@ -1,4 +1,5 @@
-"""The four services as processes on the session's broker and a fresh database."""
+"""The four services as processes on the session's broker and a fresh database, and Chromium with
+the console's stack for the browser tests."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 from devstack.processes import free_port
 from devstack.stack import Stack
 from shared.api_keys import SCOPES, new_key
+from tests.browser import BROWSER_MISSING, chromium_path
 
 
 @pytest.fixture
@@ -44,3 +46,25 @@ def started_stack(settings, tmp_path, **env: str):
         yield stack
     finally:
         stack.close()
+
+
+TRACE_URL = "http://tracing.example/trace/{trace_id}"
+
+
+@pytest.fixture
+def chromium() -> str:
+    path = chromium_path()
+    if path is None:
+        pytest.skip(BROWSER_MISSING)
+    return path
+
+
+@pytest.fixture
+def console_stack(settings, tmp_path):
+    key, line = new_key("support", list(SCOPES))
+    keys_file = tmp_path / "api-keys"
+    keys_file.write_text(line + "\n")
+    for stack in started_stack(settings.model_copy(update={"api_keys_file": keys_file, "ui_trace_url": TRACE_URL}),
+                               tmp_path):
+        stack.api_key = key
+        yield stack

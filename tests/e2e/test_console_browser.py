@@ -14,33 +14,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from shared.api_keys import SCOPES, new_key
-from tests.browser import BROWSER_MISSING, CHECKOUT, FLAGS, artifacts_dir, chromium_path
-from tests.e2e.conftest import started_stack
+from tests.browser import BROWSER_MISSING, CHECKOUT, FLAGS, artifacts_dir
+from tests.e2e.conftest import TRACE_URL
 from tests.support import Publisher
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
-TRACE_URL = "http://tracing.example/trace/{trace_id}"
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
-
-
-@pytest.fixture
-def chromium() -> str:
-    path = chromium_path()
-    if path is None:
-        pytest.skip(BROWSER_MISSING)
-    return path
-
-
-@pytest.fixture
-def console_stack(settings, tmp_path):
-    key, line = new_key("support", list(SCOPES))
-    keys_file = tmp_path / "api-keys"
-    keys_file.write_text(line + "\n")
-    for stack in started_stack(settings.model_copy(update={"api_keys_file": keys_file, "ui_trace_url": TRACE_URL}),
-                               tmp_path):
-        stack.api_key = key
-        yield stack
 
 
 def import_file(path) -> None:
@@ -96,7 +75,8 @@ async def test_the_console_from_sign_in_to_import(chromium, console_stack, tmp_p
             await page.get_by_label("Percent of all users, automatically").fill("30")
             await page.get_by_label("Description (optional)").fill("30 % off for a third of users")
             await page.get_by_role("button", name="Create").click()
-            await expect(page.get_by_text("Status: applied")).to_be_visible()
+            await expect(page.get_by_role("status")).to_contain_text("Create segment: applied")
+            await expect(page.get_by_role("link", name="Back to segment AVITO_DISCOUNT_30")).to_be_visible()
             await shot(page, "02-command-applied")
             await nav.get_by_role("link", name="Segments").click()
             row = page.get_by_role("row", name=re.compile("AVITO_DISCOUNT_30"))
@@ -112,15 +92,17 @@ async def test_the_console_from_sign_in_to_import(chromium, console_stack, tmp_p
             await page.get_by_label("For how long (optional)").fill("2d")
             added_at = datetime.now(UTC)
             await page.get_by_role("button", name="Apply the changes").click()
-            await expect(page.get_by_text("Status: applied")).to_be_visible()
-            await expect(page.locator("pre")).to_contain_text('"added"')
+            # The outcome in place, on the user's page, which then shows the change.
+            await expect(page.get_by_role("status")).to_contain_text("Update user segments: applied for user 1000")
+            await expect(page).to_have_url(re.compile(r"/ui/users/1000\?command="))
+            await expect(page.locator(".result")).to_contain_text("AVITO_DISCOUNT_30")
 
-            # 4. The user's segments, with source and expiry.
-            await page.goto("/ui/users/1000")
+            # 4. The user's segments, with source and expiry (in 2 days; the exact moment behind it).
             now = page.get_by_role("table", name="Segments now")
             row = now.get_by_role("row", name=re.compile("AVITO_DISCOUNT_30"))
             await expect(row).to_contain_text("added by hand")
-            expires = datetime.fromisoformat((await row.locator("td").nth(1).text_content()).strip()
+            await expect(row.locator("td").nth(1)).to_have_text(re.compile(r"in (1|2) days?"))
+            expires = datetime.fromisoformat((await row.locator("td time").get_attribute("datetime"))
                                              .replace("Z", "+00:00"))
             assert abs(expires - (added_at + timedelta(days=2))) < timedelta(minutes=2)
 
@@ -161,7 +143,7 @@ async def test_the_console_from_sign_in_to_import(chromium, console_stack, tmp_p
             await nav.get_by_role("link", name="Commands").click()
             await page.get_by_label("Command id").fill("support-ticket-77")
             await page.get_by_role("button", name="Look up").click()
-            await expect(page.get_by_text("Status: rejected")).to_be_visible()
+            await expect(page.get_by_role("status")).to_contain_text("rejected for user 77")
             await expect(page.get_by_role("alert")).to_contain_text("segment_not_found")
             await expect(page.get_by_role("alert")).to_contain_text("RETIRED")
             link = page.get_by_role("link", name="Open the trace")

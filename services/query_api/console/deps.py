@@ -3,9 +3,10 @@ checked forms, and publishing a command as the visitor."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import structlog
 from fastapi import Request
@@ -18,7 +19,7 @@ from services.query_api.console.rendering import render, see_other
 from services.query_api.console.session import Sessions, Visitor
 from services.query_api.dependencies import Resources
 from shared.client import KafkaUnavailable
-from shared.validation import in_words
+from shared.validation import rule
 
 log = structlog.get_logger("query_api")
 
@@ -38,6 +39,26 @@ class ConsoleError(Exception):
     def __init__(self, status: int, title: str, message: str, details: list[str] | None = None) -> None:
         super().__init__(message)
         self.status, self.title, self.message, self.details = status, title, message, details or []
+
+
+class FormProblem(ConsoleError):
+    """A form's values refused: the page shows the form again with what was typed, and each
+    problem next to its field (`fields`: field name -> the problem in words)."""
+
+    def __init__(self, fields: dict[str, str], message: str = "Nothing was published.") -> None:
+        super().__init__(422, "The form has a problem", message,
+                         [f"{name}: {problem}" for name, problem in fields.items()])
+        self.fields = fields
+
+
+def form_fields(error: ValidationError) -> dict[str, str]:
+    """A command's validation errors by the form field they belong to (`add[0]` belongs to `add`)."""
+    fields: dict[str, str] = {}
+    for item in error.errors(include_url=False):
+        location = [part for part in item["loc"][1:] if isinstance(part, str)]  # after the command's type
+        name = location[0] if location else "form"
+        fields.setdefault(name, rule(item))
+    return fields
 
 
 def console_of(request: Request) -> Console:
@@ -70,8 +91,7 @@ async def publish(request: Request, visitor: Visitor, command: dict[str, Any]) -
     try:
         sent = await resources_of(request).publisher.publish(command, traceparent=request.headers.get("traceparent"))
     except ValidationError as error:
-        raise ConsoleError(422, "The command is not valid", "Nothing was published.",
-                           in_words(error)) from error
+        raise FormProblem(form_fields(error)) from error
     except KafkaUnavailable as error:
         raise ConsoleError(503, "Kafka is unavailable", f"Nothing was published: {error}") from error
     log.info("command published", command_id=sent.command_id, type=command["type"], actor=visitor.name,
@@ -83,9 +103,14 @@ def command_page(command_id: str) -> str:
     return f"/ui/commands/{quote(command_id, safe='')}"
 
 
-def published(request: Request, visitor: Visitor, command_id: str) -> Response:
-    """After an action: its command's page, where the outcome appears; a key without the `status`
-    scope cannot see outcomes, so it is told the command was published and no more."""
-    if visitor.can("status"):
-        return see_other(request, visitor, command_page(command_id))
-    return render(request, visitor, "published.html", status=202, command_id=command_id)
+def published(request: Request, visitor: Visitor, command_id: str, *, stay_on: str | None = None,
+              user: int | None = None, segment: str | None = None) -> Response:
+    """After an action: the page it was made on (`stay_on`), which shows the outcome in place, or
+    the command's page, which links back to the user or segment it was about. A key without the
+    `status` scope cannot see outcomes, so it is told the command was published and no more."""
+    if not visitor.can("status"):
+        return render(request, visitor, "published.html", status=202, command_id=command_id)
+    if stay_on is not None:
+        return see_other(request, visitor, f"{stay_on}?{urlencode({'command': command_id})}")
+    about = {"user": user} if user is not None else {"segment": segment} if segment is not None else {}
+    return see_other(request, visitor, f"{command_page(command_id)}?{urlencode({**about, 'sent': int(time.time())})}")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 import asyncpg
+import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
@@ -20,20 +21,41 @@ from shared.kafka import kafka_options, start_client
 from shared.membership import unexpired
 from shared.settings import KafkaSettings
 
-# Explicit members not yet expired, and users the rollout would cover but who were removed.
-SEGMENTS_SQL = f"""
-SELECT s.slug, s.percent, s.description, s.created_at,
-       (SELECT count(*) FROM memberships m
-        WHERE m.segment_id = s.id AND {unexpired("m")}) AS members,
-       (SELECT count(*) FROM rollout_exclusions x WHERE x.segment_id = s.id) AS excluded
-FROM segments s
-WHERE s.deleted_at IS NULL
-ORDER BY s.slug
-"""
 # How many users the service knows: counted while that is cheap, the planner's estimate beyond.
 KNOWN_USERS_SQL = """
 SELECT CASE WHEN c.reltuples > 1000000 THEN c.reltuples::bigint ELSE (SELECT count(*) FROM users) END
 FROM pg_class c WHERE c.oid = 'users'::regclass
+"""
+
+SEGMENTS_PER_PAGE = 50
+# The orders the list offers: (ORDER BY, the keyset condition for the rows after a cursor). Every
+# order ends on the slug, unique among live segments, so a cursor names one place in the list.
+SEGMENT_ORDERS = {
+    "slug": ("s.slug", "s.slug > $2"),
+    "percent": ("s.percent DESC, s.slug",
+                "(s.percent < $4::numeric OR (s.percent = $4::numeric AND s.slug > $2))"),
+}
+# A page of $3 live segments matching the search ($1, a LIKE pattern, or NULL), after the cursor
+# ($2 the slug, and $4 the percent when the order needs it; NULL: from the start). Member counts
+# only for the rows shown: explicit members not yet expired, and users the rollout would cover
+# but who were removed.
+_SEGMENTS_PAGE = """
+WITH page AS (
+    SELECT s.id, s.slug, s.percent, s.description, s.created_at FROM segments s
+    WHERE s.deleted_at IS NULL
+      AND ($1::text IS NULL OR s.slug ILIKE $1 OR s.description ILIKE $1)
+      AND ($2::text IS NULL OR {after})
+    ORDER BY {order} LIMIT $3)
+SELECT s.slug, s.percent, s.description, s.created_at,
+       (SELECT count(*) FROM memberships m WHERE m.segment_id = s.id AND {unexpired}) AS members,
+       (SELECT count(*) FROM rollout_exclusions x WHERE x.segment_id = s.id) AS excluded
+FROM page s ORDER BY {order}
+"""
+SEGMENTS_PAGE_SQL = {name: _SEGMENTS_PAGE.format(order=order, after=after, unexpired=unexpired("m"))
+                     for name, (order, after) in SEGMENT_ORDERS.items()}
+SEGMENTS_MATCHING_SQL = """
+SELECT count(*) FROM segments s
+WHERE s.deleted_at IS NULL AND ($1::text IS NULL OR s.slug ILIKE $1 OR s.description ILIKE $1)
 """
 
 
@@ -48,12 +70,35 @@ class SegmentRow:
     rollout_users: int  # the known users the rollout is expected to cover (it hashes uniformly)
 
 
-async def segments(pool: asyncpg.Pool) -> tuple[list[SegmentRow], int]:
+@dataclass(frozen=True, slots=True)
+class SegmentPage:
+    rows: list[SegmentRow]
+    matching: int  # live segments the search matches, on every page
+    known_users: int
+    next_after: tuple[str, Decimal] | None  # the last row's (slug, percent) when more follow
+
+
+def like_pattern(search: str) -> str | None:
+    """Text found anywhere, taken literally (LIKE's wildcards and escape character escaped)."""
+    search = search.strip()
+    if not search:
+        return None
+    return "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+async def segments_page(pool: asyncpg.Pool, search: str, order: str, after: tuple[str, Decimal] | None,
+                        per_page: int = SEGMENTS_PER_PAGE) -> SegmentPage:
+    pattern = like_pattern(search)
+    slug, percent = after if after else (None, None)
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-        rows = await conn.fetch(SEGMENTS_SQL)
+        rows = await conn.fetch(SEGMENTS_PAGE_SQL[order], pattern, slug, per_page + 1,
+                                *([percent] if order == "percent" else []))
+        matching = await conn.fetchval(SEGMENTS_MATCHING_SQL, pattern)
         known = await conn.fetchval(KNOWN_USERS_SQL) or 0
-    return [SegmentRow(row["slug"], row["percent"], row["description"], row["created_at"], row["members"],
-                       row["excluded"], round(known * float(row["percent"]) / 100)) for row in rows], known
+    shown = [SegmentRow(row["slug"], row["percent"], row["description"], row["created_at"], row["members"],
+                        row["excluded"], round(known * float(row["percent"]) / 100)) for row in rows[:per_page]]
+    more = len(rows) > per_page
+    return SegmentPage(shown, matching, known, (shown[-1].slug, shown[-1].percent) if more else None)
 
 
 async def user_history(pool: asyncpg.Pool, user_id: int, year: int, month: int, limit: int,
@@ -118,10 +163,30 @@ async def import_progress(pool: asyncpg.Pool, job: ImportJob, problems_shown: in
     return ImportProgress(len(command_ids), counts, problems)
 
 
-async def record_trace_id(kafka: KafkaSettings, topic: str, partition: int, offset: int,
-                          timeout: float = 3.0) -> str | None:
-    """The trace id in the `traceparent` header of the record at topic/partition/offset, if it
-    has one and the record is still on the topic."""
+@dataclass(frozen=True, slots=True)
+class CommandRecord:
+    """What a command's Kafka record says beyond its outcome, while it is still on the topic."""
+
+    trace_id: str | None = None
+    user_id: int | None = None  # the user a user command was about
+    segments: tuple[str, ...] = ()  # the segments it named
+
+
+def about(command: object) -> tuple[int | None, tuple[str, ...]]:
+    """The user and the segments a command (its JSON, valid or not) names."""
+    if not isinstance(command, dict):
+        return None, ()
+    user_id = command.get("user_id")
+    user = user_id if isinstance(user_id, int) and not isinstance(user_id, bool) and user_id > 0 else None
+    named = [command.get("slug")] + [slug for key in ("add", "remove") if isinstance(command.get(key), list)
+                                     for slug in command[key]]
+    return user, tuple(dict.fromkeys(slug for slug in named if isinstance(slug, str) and slug))
+
+
+async def command_record(kafka: KafkaSettings, topic: str, partition: int, offset: int,
+                         timeout: float = 3.0) -> CommandRecord:
+    """The trace id in the `traceparent` header of the record at topic/partition/offset, and the
+    user and segments its command names, if the record is still on the topic."""
     consumer = AIOKafkaConsumer(**kafka_options(kafka), enable_auto_commit=False, fetch_max_wait_ms=100,
                                 request_timeout_ms=int(timeout * 1000) + 1000)
     try:
@@ -131,15 +196,21 @@ async def record_trace_id(kafka: KafkaSettings, topic: str, partition: int, offs
         consumer.seek(where, offset)
         found = await consumer.getmany(where, timeout_ms=int(timeout * 1000), max_records=1)
     except (TimeoutError, KafkaError, OSError):
-        return None
+        return CommandRecord()
     finally:
         await consumer.stop()
     for record in found.get(where, ()):
         if record.offset != offset:
             continue
+        trace_id = None
         for name, value in record.headers or ():
             if name == "traceparent":
                 parts = value.decode(errors="replace").split("-")
                 if len(parts) == 4 and len(parts[1]) == 32:
-                    return parts[1]
-    return None
+                    trace_id = parts[1]
+        try:
+            command = orjson.loads(record.value) if record.value else None
+        except orjson.JSONDecodeError:
+            command = None
+        return CommandRecord(trace_id, *about(command))
+    return CommandRecord()

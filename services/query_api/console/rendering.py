@@ -11,11 +11,11 @@ from fastapi import Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from services.query_api.console.dates import when
 from services.query_api.console.session import COOKIE, COOKIE_PATH, Visitor
-from shared.outcomes import format_timestamp
 
 templates = Jinja2Templates(directory=Path(__file__).with_name("templates"))
-templates.env.filters["timestamp"] = lambda moment: format_timestamp(moment) if moment else ""
+templates.env.filters["when"] = when
 templates.env.filters["thousands"] = lambda number: f"{number:,}"
 # 30 rather than 30.00; 12.5 stays 12.5
 templates.env.filters["percent"] = lambda value: f"{Decimal(str(value)).normalize():f}"

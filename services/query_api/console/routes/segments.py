@@ -4,15 +4,25 @@ from __future__ import annotations
 
 from decimal import Decimal, InvalidOperation
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from services.query_api import readmodel
 from services.query_api.console.access import Reader, Writer
-from services.query_api.console.deps import ConsoleError, checked_form, field, publish, published, resources_of
-from services.query_api.console.queries import segments
+from services.query_api.console.deps import (
+    ConsoleError,
+    FormProblem,
+    checked_form,
+    field,
+    publish,
+    published,
+    resources_of,
+)
+from services.query_api.console.queries import segments_page
 from services.query_api.console.rendering import render
+from services.query_api.console.routes.commands import change_made_here
 from services.query_api.parameters import SlugPath
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
@@ -20,10 +30,51 @@ router = APIRouter(prefix="/ui", include_in_schema=False)
 
 
 
+SORTS = {"slug": "slug, A to Z", "percent": "percent, highest first"}
+MAX_SEARCH = 200
+
+
+def _after(order: str, text: str) -> tuple[str, Decimal] | None:
+    """A page's position: the slug of the row before it, by percent order `percent:slug`."""
+    if not text:
+        return None
+    if order == "slug":
+        return text, Decimal(0)
+    percent, separator, slug = text.partition(":")
+    try:
+        value = Decimal(percent)
+    except InvalidOperation:
+        value = None
+    if not separator or not slug or value is None or not value.is_finite():
+        raise ConsoleError(422, "Not a page of this list", f"{text[:80]!r} is not a position in the list sorted by "
+                           "percent. Start again from the first page.")
+    return slug, value
+
+
+def _cursor(order: str, after: tuple[str, Decimal]) -> str:
+    slug, percent = after
+    return slug if order == "slug" else f"{percent}:{slug}"
+
+
 @router.get("/segments")
-async def segments_page(request: Request, visitor: Reader) -> Response:
-    rows, known = await resources_of(request).reads.read(segments, replica_first=True)
-    return render(request, visitor, "segments.html", segments=rows, known_users=known)
+async def segments_list(request: Request, visitor: Reader, q: str = "", sort: str = "slug",
+                        after: str = "") -> Response:
+    return await _list_page(request, visitor, q, sort, after)
+
+
+async def _list_page(request: Request, visitor: Reader, q: str = "", sort: str = "slug", after: str = "",
+                     status: int = 200, **form: Any) -> Response:
+    if sort not in SORTS:
+        raise ConsoleError(422, "Not a sort order", f"{sort[:40]!r} is not an order of this list: "
+                           + ", ".join(SORTS) + ".")
+    if len(q) > MAX_SEARCH:
+        raise ConsoleError(422, "Search too long", f"Search for at most {MAX_SEARCH} characters.")
+    position = _after(sort, after)
+    page = await resources_of(request).reads.read(lambda pool: segments_page(pool, q, sort, position),
+                                                    replica_first=True)
+    return render(request, visitor, "segments.html", status=status, segments=page.rows, known_users=page.known_users,
+                  matching=page.matching, search=q, sort=sort, sorts=SORTS, paged=bool(after),
+                  next_page=_cursor(sort, page.next_after) if page.next_after else None, **form)
 
 
 def _percent(text: str) -> int | float:
@@ -33,22 +84,25 @@ def _percent(text: str) -> int | float:
     except InvalidOperation:
         value = None
     if value is None or not value.is_finite():
-        raise ConsoleError(422, "The command is not valid", "Nothing was published.",
-                           [f"percent: {text!r} is not a number"])
+        raise FormProblem({"percent": f"{text[:40]!r} is not a number"})
     if not 0 <= value <= 100:  # before any conversion: 1e999999999 is a number too
-        raise ConsoleError(422, "The command is not valid", "Nothing was published.",
-                           [f"percent: {text} is not from 0 to 100"])
+        raise FormProblem({"percent": f"{text[:40]} is not from 0 to 100"})
     return int(value) if value == value.to_integral_value() else float(value)
 
 
 @router.post("/segments")
 async def create_segment(request: Request, visitor: Writer) -> Response:
     form = await checked_form(request, visitor)
-    command: dict[str, Any] = {"type": "create_segment", "slug": field(form, "slug"),
-                               "percent": _percent(field(form, "percent") or "0")}
-    if field(form, "description"):
-        command["description"] = field(form, "description")
-    return published(request, visitor, await publish(request, visitor, command))
+    values = {name: field(form, name) for name in ("slug", "percent", "description")}
+    try:
+        command: dict[str, Any] = {"type": "create_segment", "slug": values["slug"],
+                                   "percent": _percent(values["percent"] or "0")}
+        if values["description"]:
+            command["description"] = values["description"]
+        command_id = await publish(request, visitor, command)
+    except FormProblem as problem:  # the list again, the form as it was typed, each problem at its field
+        return await _list_page(request, visitor, status=422, values=values, problems=problem.fields)
+    return published(request, visitor, command_id, segment=values["slug"])
 
 
 async def _live_segment(request: Request, slug: str) -> dict[str, Any]:
@@ -60,17 +114,27 @@ async def _live_segment(request: Request, slug: str) -> dict[str, Any]:
 
 
 @router.get("/segments/{slug}")
-async def segment_page(request: Request, slug: SlugPath, visitor: Reader) -> Response:
-    return render(request, visitor, "segment.html", segment=await _live_segment(request, slug))
+async def segment_page(request: Request, slug: SlugPath, visitor: Reader, command: str = "") -> Response:
+    return await _segment_page(request, slug, visitor, **await change_made_here(request, visitor, command))
+
+
+async def _segment_page(request: Request, slug: str, visitor: Reader, status: int = 200, **form: Any) -> Response:
+    return render(request, visitor, "segment.html", status=status, segment=await _live_segment(request, slug),
+                  **form)
 
 
 @router.post("/segments/{slug}")
 async def update_segment(request: Request, slug: SlugPath, visitor: Writer) -> Response:
     form = await checked_form(request, visitor)
-    command: dict[str, Any] = {"type": "update_segment", "slug": slug, "description": field(form, "description")}
-    if field(form, "percent"):
-        command["percent"] = _percent(field(form, "percent"))
-    return published(request, visitor, await publish(request, visitor, command))
+    values = {name: field(form, name) for name in ("percent", "description")}
+    try:
+        command: dict[str, Any] = {"type": "update_segment", "slug": slug, "description": values["description"]}
+        if values["percent"]:
+            command["percent"] = _percent(values["percent"])
+        command_id = await publish(request, visitor, command)
+    except FormProblem as problem:
+        return await _segment_page(request, slug, visitor, status=422, values=values, problems=problem.fields)
+    return published(request, visitor, command_id, stay_on=f"/ui/segments/{quote(slug, safe='')}")
 
 
 @router.get("/segments/{slug}/delete")
@@ -82,4 +146,4 @@ async def delete_segment_page(request: Request, slug: SlugPath, visitor: Writer)
 async def delete_segment(request: Request, slug: SlugPath, visitor: Writer) -> Response:
     await checked_form(request, visitor)
     command = {"type": "delete_segment", "slug": slug}
-    return published(request, visitor, await publish(request, visitor, command))
+    return published(request, visitor, await publish(request, visitor, command), segment=slug)

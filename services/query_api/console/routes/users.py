@@ -11,9 +11,18 @@ from fastapi.responses import Response
 
 from services.query_api import readmodel
 from services.query_api.console.access import Reader, Writer
-from services.query_api.console.deps import ConsoleError, checked_form, field, publish, published, resources_of
+from services.query_api.console.deps import (
+    ConsoleError,
+    FormProblem,
+    checked_form,
+    field,
+    publish,
+    published,
+    resources_of,
+)
 from services.query_api.console.queries import user_history
 from services.query_api.console.rendering import render, see_other
+from services.query_api.console.routes.commands import change_made_here
 from services.query_api.parameters import UserIdPath
 from services.query_api.reports import MonthDropped
 from shared.commands import MAX_USER_ID
@@ -45,7 +54,13 @@ def _month(text: str) -> tuple[int, int]:
 
 
 @router.get("/users/{user_id}")
-async def user_page(request: Request, user_id: UserIdPath, visitor: Reader, month: str = "") -> Response:
+async def user_page(request: Request, user_id: UserIdPath, visitor: Reader, month: str = "",
+                    command: str = "") -> Response:
+    return await _user_page(request, user_id, visitor, month, **await change_made_here(request, visitor, command))
+
+
+async def _user_page(request: Request, user_id: int, visitor: Reader, month: str = "", status: int = 200,
+                     **extra: Any) -> Response:
     resources = resources_of(request)
     now = datetime.now(UTC)
     year, number = _month(month) if month else (now.year, now.month)
@@ -61,10 +76,10 @@ async def user_page(request: Request, user_id: UserIdPath, visitor: Reader, mont
             link = resources.report_link(request, year, number, user_id)
         except MonthDropped as error:
             dropped = str(error)
-    return render(request, visitor, "user.html", user_id=user_id, segments=member_of, live=live,
+    return render(request, visitor, "user.html", status=status, user_id=user_id, segments=member_of, live=live,
                   registered_at=registered["registered_at"] if registered else None,
                   month=f"{year:04d}-{number:02d}", history=history, more=more, dropped=dropped, report_link=link,
-                  rows_shown=HISTORY_ROWS_SHOWN)
+                  rows_shown=HISTORY_ROWS_SHOWN, **extra)
 
 
 def _slugs(text: str) -> list[str]:
@@ -74,19 +89,25 @@ def _slugs(text: str) -> list[str]:
 @router.post("/users/{user_id}/segments")
 async def change_user_segments(request: Request, user_id: UserIdPath, visitor: Writer) -> Response:
     form = await checked_form(request, visitor)
-    add = _slugs(field(form, "add"))
-    remove = [value for value in form.getlist("remove") if isinstance(value, str) and value]
+    values = {"add": field(form, "add"), "ttl": field(form, "ttl"),
+              "remove": [value for value in form.getlist("remove") if isinstance(value, str) and value]}
+    try:
+        command_id = await publish(request, visitor, _user_command(user_id, values))
+    except FormProblem as problem:  # the page again, as it was filled in, each problem at its field
+        return await _user_page(request, user_id, visitor, status=422, values=values, problems=problem.fields)
+    return published(request, visitor, command_id, stay_on=f"/ui/users/{user_id}")
+
+
+def _user_command(user_id: int, values: dict[str, Any]) -> dict[str, Any]:
+    add, remove = _slugs(values["add"]), values["remove"]
     if not add and not remove:
-        raise ConsoleError(422, "Nothing to change", "Name segments to add, or tick segments to remove.")
+        raise FormProblem({"add": "name segments to add, or tick segments to remove"}, "Nothing to change.")
     command: dict[str, Any] = {"type": "update_user_segments", "user_id": user_id, "add": add, "remove": remove}
-    ttl = field(form, "ttl")
-    if ttl:
+    if values["ttl"]:
         if not add:
-            raise ConsoleError(422, "The command is not valid", "Nothing was published.",
-                               ["ttl: a time to live only applies to segments being added"])
+            raise FormProblem({"ttl": "a time to live only applies to segments being added"})
         try:
-            command["ttl_seconds"] = parse_duration(ttl)
+            command["ttl_seconds"] = parse_duration(values["ttl"])
         except ValueError as error:
-            raise ConsoleError(422, "The command is not valid", "Nothing was published.",
-                               [f"ttl: {error}"]) from None
-    return published(request, visitor, await publish(request, visitor, command))
+            raise FormProblem({"ttl": str(error)}) from None
+    return command

@@ -1,6 +1,8 @@
 // The console's only script. A region with data-poll is refreshed from that address until the
 // server marks its answer final (X-Poll-Done): an outcome that has arrived, an import processed.
-// Without JavaScript the page refreshes itself instead (a <noscript> refresh in its head).
+// A region marked data-reload-when-done then reloads its page, whose data the change has changed
+// (the page shows the outcome in place). Without JavaScript the page refreshes itself instead (a
+// <noscript> refresh in its head).
 "use strict";
 
 const POLL_EVERY_MS = 500;
@@ -16,6 +18,9 @@ function poll(region) {
         region.innerHTML = await response.text();
         if (response.headers.get("X-Poll-Done")) {
           region.removeAttribute("data-poll");
+          if (region.hasAttribute("data-reload-when-done")) {
+            window.location.reload();
+          }
           return;
         }
       }
@@ -25,10 +30,19 @@ function poll(region) {
     if (tries < GIVE_UP_AFTER) {
       setTimeout(tick, POLL_EVERY_MS);
     } else {
-      region.insertAdjacentHTML("beforeend", "<p>Still waiting. Reload the page to keep waiting.</p>");
+      region.removeAttribute("data-poll");
+      region.insertAdjacentHTML("beforeend", "<p>Stopped looking. Reload the page to look again.</p>");
     }
   };
   setTimeout(tick, POLL_EVERY_MS);
 }
 
 document.querySelectorAll("[data-poll]").forEach(poll);
+
+// A time's tooltip says the exact moment in UTC (from the server); add the viewer's own time zone.
+document.querySelectorAll("time[datetime][title]").forEach((element) => {
+  const moment = new Date(element.getAttribute("datetime"));
+  if (!Number.isNaN(moment.getTime())) {
+    element.title = `${moment.toLocaleString()} your time (${element.title})`;
+  }
+});
