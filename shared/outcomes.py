@@ -95,6 +95,8 @@ class OutcomeRow(NamedTuple):
     source_offset: int
     actor: str | None = None  # who issued the command
     recorded_at: datetime | None = None  # the command record's Kafka timestamp: the inbox's partition key
+    subject_user_id: int | None = None  # the user a user command was about
+    subject_slug: str | None = None  # the segment a segment command was about
 
     @classmethod
     def from_record(cls, record) -> OutcomeRow:

@@ -38,14 +38,17 @@ def _clock() -> datetime:
 
 def _outcome(parsed: ParsedRecord, decision: Decision | None, now: datetime) -> OutcomeRow:
     record = parsed.record
+    user_id = slug = None
     if isinstance(parsed, InvalidRecord):
         status, result, kind, actor = Status.INVALID, None, parsed.type, None
         error = {"code": parsed.code, "message": parsed.message}
     else:
-        status, result, kind, actor = decision.status, decision.result, parsed.command.type, parsed.command.actor
+        command = parsed.command
+        status, result, kind, actor = decision.status, decision.result, command.type, command.actor
         error = {"code": decision.error_code, "message": decision.error_message} if decision.error_code else None
+        user_id, slug = getattr(command, "user_id", None), getattr(command, "slug", None)
     return OutcomeRow(parsed.command_id, kind, str(status), error, result, now, record.topic, record.partition,
-                      record.offset, actor, recorded_at(record, now))
+                      record.offset, actor, recorded_at(record, now), user_id, slug)
 
 
 def recorded_at(record, now: datetime) -> datetime:

@@ -127,7 +127,8 @@ history AS (
                          $18::text[], $19::timestamptz[]))
 INSERT INTO command_outcomes ({', '.join(OUTCOME_COLUMNS)})
 SELECT * FROM unnest($20::text[], $21::text[], $22::text[], $23::jsonb[], $24::jsonb[], $25::timestamptz[],
-                     $26::text[], $27::integer[], $28::bigint[], $29::text[], $30::timestamptz[])
+                     $26::text[], $27::integer[], $28::bigint[], $29::text[], $30::timestamptz[], $31::bigint[],
+                     $32::text[])
 """
 
 # What a batch of user commands sends: each connection prepares them as the pool opens it.

@@ -7,6 +7,7 @@ and narrow, go to the test artifacts (tests/browser.py)."""
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 
 import asyncpg
 import pytest
@@ -32,8 +33,16 @@ async def seed(database_url: str) -> None:
 
 
 def _now():
-    from datetime import UTC, datetime
     return datetime.now(UTC)
+
+
+async def history_count(database_url: str, slug: str, operation: str) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetchval("SELECT count(*) FROM membership_history WHERE segment_slug = $1 "
+                                   "AND operation = $2", slug, operation)
+    finally:
+        await conn.close()
 
 
 async def test_the_console_finds_keeps_and_fits(chromium, console_stack):
@@ -55,6 +64,7 @@ async def test_the_console_finds_keeps_and_fits(chromium, console_stack):
     finally:
         await pool.close()
     axe, problems = Axe(), {}
+    today = _now().date().isoformat()
 
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=chromium, args=FLAGS)
@@ -121,7 +131,17 @@ async def test_the_console_finds_keeps_and_fits(chromium, console_stack):
             await expect(page.get_by_label("Slug")).to_have_attribute("aria-invalid", "true")
             await check("05-form-refused")
 
+            # A segment's chart: the SVG's numbers are the history's.
             await page.goto("/ui/segments/VOICE")
+            chart = page.get_by_role("img", name=re.compile("VOICE: entries, exits and members per day"))
+            await expect(chart).to_be_visible()
+            drawn = await page.eval_on_selector_all("svg.chart g.day", """groups => groups.map(g => [
+                g.dataset.day, +g.dataset.entries, +g.dataset.exits, +g.dataset.members])""")
+            assert len(drawn) == 30
+            assert [row[1:] for row in drawn if row[0] == today] == [[1, 0, 1]]  # user 1000 entered today
+            assert sum(row[1] for row in drawn) == await history_count(stack.settings.database_url, "VOICE", "I")
+            await page.get_by_text("The numbers, day by day").click()
+            await expect(page.get_by_role("table", name="VOICE, 30 days")).to_be_visible()
             await check("06-segment")
             await page.goto("/ui/segments/VOICE/delete")
             await check("07-segment-delete")
@@ -134,19 +154,29 @@ async def test_the_console_finds_keeps_and_fits(chromium, console_stack):
             await expect(page.get_by_role("table", name="Segments now")).to_contain_text("EXP_0007")
             await check("08-user-changed")
 
+            # Activity: filtered to the rejected commands, each linked to what it was about.
+            await page.get_by_role("navigation", name="Sections").get_by_role("link", name="Activity").click()
+            await page.get_by_label("Status").select_option("rejected")
+            await page.get_by_role("button", name="Filter").click()
+            rejected = page.get_by_role("table").get_by_role("row")
+            await expect(rejected).to_have_count(2)
+            await expect(rejected.nth(1)).to_contain_text("refused")
+            await expect(rejected.nth(1).get_by_role("link", name="user 1000")).to_be_visible()
+            await check("09-activity")
+
             await page.goto("/ui/commands")
-            await check("09-find-command")
+            await check("10-find-command")
             await page.goto("/ui/commands/refused")
             await expect(page.get_by_role("status")).to_contain_text("rejected for user 1000")
             await expect(page.get_by_role("link", name="RETIRED")).to_be_visible()
-            await check("10-command-rejected")
+            await check("11-command-rejected")
             await page.goto("/ui/commands/nobody-sent-this")
             await expect(page.get_by_text("has an outcome yet")).to_be_visible()
-            await check("11-command-unknown")
+            await check("12-command-unknown")
             await page.goto("/ui/users")
-            await check("12-find-user")
+            await check("13-find-user")
             await page.goto("/ui/import")
-            await check("13-import")
+            await check("14-import")
             await context.close()
         finally:
             await browser.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import re
 import time
+from datetime import UTC, date, datetime, timedelta
 from html import unescape
 
 import pytest
@@ -30,12 +31,12 @@ async def seed_segments(pool, count: int) -> list[tuple[str, float]]:
     return [(slug, percent) for slug, percent, _ in rows]
 
 
-async def every_page(client, url: str) -> list[list[str]]:
+async def every_page(client, url: str, rows: re.Pattern = ROW_SLUG) -> list[list[str]]:
     pages = []
     while url:
         page = await client.get(url)
         assert page.status_code == 200, page.text
-        pages.append(ROW_SLUG.findall(page.text))
+        pages.append(rows.findall(page.text))
         found = NEXT.search(page.text)
         url = unescape(found[1]) if found else None
     return pages
@@ -144,3 +145,121 @@ async def test_times_read_as_people_read_them_with_the_exact_moment_behind(setti
         command = (await client.get("/ui/commands/t")).text
         assert '<dt>Processed</dt><dd><time datetime="' in command
         assert "<pre>" not in command and "<dt>Slug</dt>" in command  # the result as fields, not JSON
+
+
+COMMAND_ROW = re.compile(r'<th scope="row"><a href="/ui/commands/[^"]+">([^<]+)</a></th>')
+
+
+async def test_activity_lists_commands_newest_first_filtered_and_paged_with_links_to_what_they_changed(
+        settings, pool):
+    async with Publisher(settings) as publish, running_consumer(settings, pool):
+        await publish.segment({"type": "create_segment", "slug": "VOICE", "command_id": "seg", "actor": "ana"})
+        await wait_for_outcomes(pool, ["seg"])
+        users = [{"type": "create_user", "user_id": n, "command_id": f"user-{n:03d}", "actor": "batch"}
+                 for n in range(1, 61)]
+        await publish.users(users)
+        await wait_for_outcomes(pool, [c["command_id"] for c in users])
+        await publish.user({"type": "update_user_segments", "user_id": 7, "add": ["NOPE"], "command_id": "bad",
+                            "actor": "ana"})
+        await wait_for_outcomes(pool, ["bad"])
+    async with console(settings) as client:
+        everything = await every_page(client, "/ui/activity", COMMAND_ROW)
+        assert [len(page) for page in everything] == [50, 12]
+        listed = list(itertools.chain(*everything))
+        assert sorted(listed) == sorted(["seg", "bad", *(c["command_id"] for c in users)])  # each once
+        assert listed[0] == "bad" and listed[-1] == "seg"  # newest first
+        rejected = (await client.get("/ui/activity", params={"status": "rejected"})).text
+        assert COMMAND_ROW.findall(rejected) == ["bad"]
+        assert '<a href="/ui/users/7">user 7</a>' in rejected and "no live segment: NOPE" in rejected
+        by_ana = await client.get("/ui/activity", params={"actor": "ana"})
+        assert COMMAND_ROW.findall(by_ana.text) == ["bad", "seg"]
+        assert '<a href="/ui/segments/VOICE">VOICE</a>' in by_ana.text
+        segments_only = await client.get("/ui/activity", params={"type": "create_segment"})
+        assert COMMAND_ROW.findall(segments_only.text) == ["seg"]
+        about_user = await client.get("/ui/activity", params={"user": 7})
+        assert COMMAND_ROW.findall(about_user.text) == ["bad", "user-007"]
+        about_segment = await client.get("/ui/activity", params={"segment": "VOICE"})
+        assert COMMAND_ROW.findall(about_segment.text) == ["seg"]
+        future = await client.get("/ui/activity", params={"since": "2999-01-01"})
+        assert COMMAND_ROW.findall(future.text) == [] and "No command matches" in future.text
+        assert 'href="/ui/activity?user=7">Every command about user 7' in (await client.get("/ui/users/7")).text
+        for bad, words in (({"status": "lost"}, "is not a status"), ({"type": "drop"}, "is not a command type"),
+                           ({"since": "yesterday"}, "is not a time"), ({"after": "x"}, "is not a position")):
+            response = await client.get("/ui/activity", params=bad)
+            assert response.status_code == 422 and words in unescape(response.text), bad
+
+
+DAY_GROUP = re.compile(r'<g class="day" data-day="([^"]+)" data-entries="(\d+)" data-exits="(\d+)" '
+                       r'data-members="(-?\d+)"')
+
+
+async def test_a_segments_page_charts_its_history_lists_its_rollout_and_pages_its_members(settings, pool):
+    async with Publisher(settings) as publish, running_consumer(settings, pool):
+        await publish.segment({"type": "create_segment", "slug": "S", "percent": 10, "command_id": "s-created"})
+        await wait_for_outcomes(pool, ["s-created"])
+        await publish.segment({"type": "update_segment", "slug": "S", "percent": 20, "command_id": "s-20",
+                               "actor": "ana"})
+        await wait_for_outcomes(pool, ["s-20"])
+        # Days before today, written as the consumer would have: entries with their memberships, an exit.
+        segment_id = await pool.fetchval("SELECT id FROM segments WHERE slug = 'S' AND deleted_at IS NULL")
+        today = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+        five, three = today - timedelta(days=5), today - timedelta(days=3)
+        await pool.executemany("INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, "
+                               "reason) VALUES ($1, 'S', $2, $3, 'manual', 'manual')",
+                               [(u, "I", five) for u in (1001, 1002, 1003, 1004)] + [(1004, "D", three)])
+        await pool.executemany("INSERT INTO memberships (user_id, segment_id, added_at) VALUES ($1, $2, $3)",
+                               [(u, segment_id, five) for u in (1001, 1002, 1003)])
+        adds = [{"type": "update_user_segments", "user_id": u, "add": ["S"], "command_id": f"a{u}"}
+                for u in range(1, 61)]
+        await publish.users(adds)
+        await wait_for_outcomes(pool, [c["command_id"] for c in adds])
+        removes = [{"type": "update_user_segments", "user_id": u, "remove": ["S"], "command_id": f"r{u}"}
+                   for u in range(1, 6)]
+        await publish.users(removes)
+        await wait_for_outcomes(pool, [c["command_id"] for c in removes])
+
+    history = await pool.fetch("SELECT (executed_at AT TIME ZONE 'UTC')::date AS day, operation FROM "
+                               "membership_history WHERE segment_slug = 'S'")
+    async with console(settings) as client:
+        page = (await client.get("/ui/segments/S")).text
+        days = [(date.fromisoformat(d), int(i), int(o), int(m)) for d, i, o, m in DAY_GROUP.findall(page)]
+        assert len(days) == 30 and days[-1][0] == today.date()
+        for day, entries, exits, members in days:  # each day against the history rows themselves
+            assert entries == sum(1 for row in history if row["day"] == day and row["operation"] == "I"), day
+            assert exits == sum(1 for row in history if row["day"] == day and row["operation"] == "D"), day
+            assert members == sum(1 if row["operation"] == "I" else -1 for row in history if row["day"] <= day), day
+        # Users the 20 % rollout already covered entered nothing when added by hand: fewer than 60 entries.
+        entered_today = sum(1 for row in history if row["day"] == today.date() and row["operation"] == "I")
+        assert 40 <= entered_today < 60 and days[-6][1:] == (4, 0, 4) and days[-4][1:] == (0, 1, 3)
+        assert '<svg class="chart"' in page and 'role="img"' in page and '<title id="chart-title">S: entries' in page
+        assert (f"{entered_today + 4} entries and {days[-1][2] + 1} exits; explicit members went from 0 to "
+                f"{days[-1][3]}") in page  # its description
+        assert "<caption id=\"days-caption\">S, 30 days</caption>" in page  # the table behind it
+
+        rollout = page[page.index('id="rollout"'):page.index('id="members"')]
+        assert rollout.index("10 % → 20 %") < rollout.index("0 % → 10 %")  # newest first
+        assert '<a href="/ui/commands/s-20">s-20</a>' in rollout and "<td>ana</td>" in rollout
+
+        member_pages = await every_page(client, "/ui/segments/S", re.compile(
+            r'<tr><th scope="row"><a href="/ui/users/(\d+)">'))
+        assert [len(p) for p in member_pages] == [50, 8]
+        members = [int(u) for u in itertools.chain(*member_pages)]
+        assert sorted(members) == sorted([*range(6, 61), 1001, 1002, 1003])
+        assert members[-3:] == [1003, 1002, 1001]  # the earliest added last
+
+        ninety = (await client.get("/ui/segments/S", params={"period": "90d"})).text
+        assert len(DAY_GROUP.findall(ninety)) == 90
+        month = (await client.get("/ui/segments/S", params={"period": "2025-02"})).text
+        assert [d for d, *_ in DAY_GROUP.findall(month)] == [f"2025-02-{n:02d}" for n in range(1, 29)]
+        for bad in ({"period": "2026-13"}, {"period": "7d"}, {"members_after": "soon|x"}):
+            response = await client.get("/ui/segments/S", params=bad)
+            assert response.status_code == 422, bad
+
+
+async def test_a_segments_daily_history_is_read_from_its_index_on_the_months_it_spans(pool):
+    plan = "\n".join(row[0] for row in await pool.fetch(
+        "EXPLAIN SELECT (executed_at AT TIME ZONE 'UTC')::date, count(*) FROM membership_history "
+        "WHERE segment_slug = 'S' AND executed_at >= now() - interval '30 days' AND executed_at < now() GROUP BY 1"))
+    assert "_segment" in plan and "Seq Scan" not in plan, plan
+    assert await pool.fetchval(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = 'membership_history_segment'::regclass")

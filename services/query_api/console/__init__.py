@@ -19,7 +19,7 @@ from services.query_api.console.access import SignInNeeded, visitor_of
 from services.query_api.console.deps import Console, ConsoleError
 from services.query_api.console.import_tokens import ImportTokens
 from services.query_api.console.rendering import render, see_other
-from services.query_api.console.routes import commands, imports, segments, signin, users
+from services.query_api.console.routes import activity, commands, imports, segments, signin, users
 from services.query_api.console.session import Sessions, SignOuts
 from services.query_api.signing import IMPORT_TOKENS, purpose_key
 from shared.settings import ApiSettings, ConsoleSettings
@@ -36,7 +36,7 @@ def install(app: FastAPI, settings: ConsoleSettings, api: ApiSettings, outcome_r
         # An import's page is useful while its outcomes are kept, and no longer.
         ImportTokens(purpose_key(secret, IMPORT_TOKENS), max_age_seconds=outcome_retention),
         secure_cookies=(api.api_public_url or "").startswith("https://"))
-    for routes in (signin, segments, users, commands, imports):
+    for routes in (signin, segments, users, activity, commands, imports):
         app.include_router(routes.router)
     app.mount("/ui/static", StaticFiles(directory=STATIC), name="console-static")
 

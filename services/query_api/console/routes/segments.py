@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import quote
 
+import asyncpg
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from services.query_api import readmodel
 from services.query_api.console.access import Reader, Writer
+from services.query_api.console.charts import daily_chart
 from services.query_api.console.deps import (
     ConsoleError,
     FormProblem,
@@ -23,13 +25,23 @@ from services.query_api.console.deps import (
 from services.query_api.console.queries import segments_page
 from services.query_api.console.rendering import render
 from services.query_api.console.routes.commands import change_made_here
+from services.query_api.console.segment_page import (
+    SEGMENT_SQL,
+    NotAPeriod,
+    daily,
+    period_bounds,
+    recent_members,
+    rollout_changes,
+)
 from services.query_api.parameters import SlugPath
+from shared.durations import parse_moment
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
 
 
 
+MEMBERS_SHOWN = 50
 SORTS = {"slug": "slug, A to Z", "percent": "percent, highest first"}
 MAX_SEARCH = 200
 
@@ -105,22 +117,50 @@ async def create_segment(request: Request, visitor: Writer) -> Response:
     return published(request, visitor, command_id, segment=values["slug"])
 
 
-async def _live_segment(request: Request, slug: str) -> dict[str, Any]:
-    segment = await resources_of(request).reads.read(lambda pool: readmodel.live_segment(pool, slug),
+async def _live_segment(request: Request, slug: str) -> asyncpg.Record:
+    segment = await resources_of(request).reads.read(lambda pool: pool.fetchrow(SEGMENT_SQL, slug),
                                                        replica_first=False)
     if segment is None:
         raise ConsoleError(404, "No such segment", f"There is no live segment {slug}.")
     return segment
 
 
+def _members_after(text: str) -> tuple[datetime, int] | None:
+    """A page of members: the last row's time added and user id, `time|user`."""
+    if not text:
+        return None
+    moment, _, user = text.partition("|")
+    try:
+        return parse_moment(moment), int(user)
+    except ValueError:
+        raise ConsoleError(422, "Not a page of members", f"{text[:80]!r} is not a position in the list of "
+                           "members. Start again from the first page.") from None
+
+
 @router.get("/segments/{slug}")
-async def segment_page(request: Request, slug: SlugPath, visitor: Reader, command: str = "") -> Response:
-    return await _segment_page(request, slug, visitor, **await change_made_here(request, visitor, command))
+async def segment_page(request: Request, slug: SlugPath, visitor: Reader, command: str = "",
+                       period: str = "30d", members_after: str = "") -> Response:
+    return await _segment_page(request, slug, visitor, period, members_after,
+                               **await change_made_here(request, visitor, command))
 
 
-async def _segment_page(request: Request, slug: str, visitor: Reader, status: int = 200, **form: Any) -> Response:
-    return render(request, visitor, "segment.html", status=status, segment=await _live_segment(request, slug),
-                  **form)
+async def _segment_page(request: Request, slug: str, visitor: Reader, period: str = "30d", members_after: str = "",
+                        status: int = 200, **form: Any) -> Response:
+    segment = await _live_segment(request, slug)
+    try:
+        first, end = period_bounds(period, datetime.now(UTC).date())
+    except NotAPeriod as error:
+        raise ConsoleError(422, "Not a period", str(error)) from None
+    after = _members_after(members_after)
+    reads = resources_of(request).reads
+    days = await reads.read(lambda pool: daily(pool, slug, first, end), replica_first=True)
+    changes = await reads.read(lambda pool: rollout_changes(pool, segment["id"]), replica_first=True)
+    members, next_members = await reads.read(lambda pool: recent_members(pool, segment["id"], after, MEMBERS_SHOWN),
+                                             replica_first=True)
+    return render(request, visitor, "segment.html", status=status, segment=segment, period=period,
+                  periods={"30d": "30 days", "90d": "90 days"}, chart=daily_chart(days, slug, period), days=days,
+                  rollout=changes, members=members, paged_members=bool(after),
+                  next_members=f"{next_members[0].isoformat()}|{next_members[1]}" if next_members else None, **form)
 
 
 @router.post("/segments/{slug}")
