@@ -16,6 +16,7 @@ import asyncpg
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.expiry_worker import member_counts
 from services.expiry_worker.partitions import PartitionMaintainer
 from shared import tracing
 from shared.db import TRANSIENT_DB_ERRORS, Backoff, writable
@@ -129,7 +130,7 @@ class ExpiryWorker:
                         self.on_batch(result)
                     if result.removed:
                         log.info("memberships expired", count=result.removed)
-                    await self._report_backlog(conn)
+                    await self._now_and_then(conn)
                     if result.full:
                         continue  # more are due: loop at once
                     wait = await seconds_until_next_expiry(conn)
@@ -151,8 +152,10 @@ class ExpiryWorker:
             span.set_attribute("segmentation.expired", result.removed)
             return result
 
-    async def _report_backlog(self, conn: asyncpg.Connection) -> None:
+    async def _now_and_then(self, conn: asyncpg.Connection) -> None:
+        """Every few seconds: the backlog gauge, and the segments' member counts folded."""
         if time.monotonic() - self._backlog_checked < 5:
             return
         self._backlog_checked = time.monotonic()
         BACKLOG.set(await conn.fetchval("SELECT count(*) FROM memberships WHERE expires_at <= now()"))
+        await member_counts.fold(conn)

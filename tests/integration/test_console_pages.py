@@ -263,3 +263,21 @@ async def test_a_segments_daily_history_is_read_from_its_index_on_the_months_it_
     assert "_segment" in plan and "Seq Scan" not in plan, plan
     assert await pool.fetchval(
         "SELECT indisvalid FROM pg_index WHERE indexrelid = 'membership_history_segment'::regclass")
+
+
+async def test_a_users_month_of_history_is_paged_with_its_reasons_in_words(settings, pool):
+    now = datetime.now(UTC)
+    first = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    await pool.executemany("INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, "
+                           "reason) VALUES (9, $1, $2, $3, 'manual', $4)",
+                           [(f"S{n:03d}", "I" if n % 2 == 0 else "D", first + (now - first) * n / 160,
+                             "manual" if n % 2 == 0 else "ttl") for n in range(150)])
+    async with console(settings) as client:
+        slugs = re.compile(r'<td><a href="/ui/segments/(S\d+)">')
+        one = (await client.get("/ui/users/9")).text
+        assert slugs.findall(one) == [f"S{n:03d}" for n in range(100)]  # oldest first
+        assert "its time to live ended" in one and "by a command" in one
+        later = re.search(r'<a href="([^"]+)" rel="next">Later</a>', one)
+        two = (await client.get(unescape(later[1]))).text
+        assert slugs.findall(two) == [f"S{n:03d}" for n in range(100, 150)] and 'rel="next"' not in two
+        assert (await client.get("/ui/users/9", params={"page": 0})).status_code == 422

@@ -66,7 +66,7 @@ def daily_chart(days: list[Day], slug: str, period: str) -> Markup:
                  f'text-anchor="middle">entries and exits a day</text>'
                  f'<text x="{WIDTH - 8}" y="{TOP + plot_h / 2:.1f}" '
                  f'transform="rotate(90 {WIDTH - 8} {TOP + plot_h / 2:.1f})" text-anchor="middle">members</text>'
-                 f'<text x="{LEFT}" y="{HEIGHT - 6}">■ entries</text>'
+                 f'<text x="{LEFT}" y="{HEIGHT - 6}" fill="{ENTRY}">■ entries</text>'
                  f'<text x="{LEFT + 90}" y="{HEIGHT - 6}" fill="{EXIT}">■ exits</text>'
                  f'<text x="{LEFT + 170}" y="{HEIGHT - 6}" fill="{LINE}">— members at the day\'s end</text></g>')
     # The days: a group each, its numbers in data attributes (the browser test reads them back).

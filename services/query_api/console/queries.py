@@ -18,7 +18,6 @@ from aiokafka.errors import KafkaError
 from services.query_api.console.import_tokens import ImportJob
 from services.query_api.reports import check_month_kept, stream_report
 from shared.kafka import kafka_options, start_client
-from shared.membership import unexpired
 from shared.settings import KafkaSettings
 
 # How many users the service knows: counted while that is cheap, the planner's estimate beyond.
@@ -36,9 +35,9 @@ SEGMENT_ORDERS = {
                 "(s.percent < $4::numeric OR (s.percent = $4::numeric AND s.slug > $2))"),
 }
 # A page of $3 live segments matching the search ($1, a LIKE pattern, or NULL), after the cursor
-# ($2 the slug, and $4 the percent when the order needs it; NULL: from the start). Member counts
-# only for the rows shown: explicit members not yet expired, and users the rollout would cover
-# but who were removed.
+# ($2 the slug, and $4 the percent when the order needs it; NULL: from the start). For the rows
+# shown: their explicit members (kept as they change, migration 0010), and the users the rollout
+# would cover but who were removed.
 _SEGMENTS_PAGE = """
 WITH page AS (
     SELECT s.id, s.slug, s.percent, s.description, s.created_at FROM segments s
@@ -47,11 +46,11 @@ WITH page AS (
       AND ($2::text IS NULL OR {after})
     ORDER BY {order} LIMIT $3)
 SELECT s.slug, s.percent, s.description, s.created_at,
-       (SELECT count(*) FROM memberships m WHERE m.segment_id = s.id AND {unexpired}) AS members,
+       (SELECT coalesce(sum(c.members), 0) FROM segment_member_counts c WHERE c.segment_id = s.id) AS members,
        (SELECT count(*) FROM rollout_exclusions x WHERE x.segment_id = s.id) AS excluded
 FROM page s ORDER BY {order}
 """
-SEGMENTS_PAGE_SQL = {name: _SEGMENTS_PAGE.format(order=order, after=after, unexpired=unexpired("m"))
+SEGMENTS_PAGE_SQL = {name: _SEGMENTS_PAGE.format(order=order, after=after)
                      for name, (order, after) in SEGMENT_ORDERS.items()}
 SEGMENTS_MATCHING_SQL = """
 SELECT count(*) FROM segments s

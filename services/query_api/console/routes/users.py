@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from services.query_api import readmodel
@@ -31,7 +31,14 @@ from shared.durations import parse_duration
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
 
-HISTORY_ROWS_SHOWN = 500
+HISTORY_PER_PAGE = 100
+REASONS = {"manual": "by a command", "ttl": "its time to live ended", "segment_deleted": "the segment was deleted",
+           "percent_changed": "the rollout's percent changed", "created": "the segment was created"}
+MAX_HISTORY_PAGE = 100  # beyond, the month's CSV
+# The add field suggests the most recently created live segments: a list of every segment would
+# cost each user page its rendering once there are thousands.
+SUGGESTED = 200
+SUGGESTED_SQL = "SELECT slug FROM segments WHERE deleted_at IS NULL ORDER BY created_at DESC, slug LIMIT $1"
 MONTH = re.compile(r"(\d{4})-(\d{2})")
 
 
@@ -55,31 +62,34 @@ def _month(text: str) -> tuple[int, int]:
 
 @router.get("/users/{user_id}")
 async def user_page(request: Request, user_id: UserIdPath, visitor: Reader, month: str = "",
-                    command: str = "") -> Response:
-    return await _user_page(request, user_id, visitor, month, **await change_made_here(request, visitor, command))
+                    command: str = "", page: Annotated[int, Query(ge=1, le=MAX_HISTORY_PAGE)] = 1) -> Response:
+    return await _user_page(request, user_id, visitor, month, page=page,
+                            **await change_made_here(request, visitor, command))
 
 
 async def _user_page(request: Request, user_id: int, visitor: Reader, month: str = "", status: int = 200,
-                     **extra: Any) -> Response:
+                     page: int = 1, **extra: Any) -> Response:
     resources = resources_of(request)
     now = datetime.now(UTC)
     year, number = _month(month) if month else (now.year, now.month)
     found = await resources.reads.memberships(user_id, None)
     member_of = await readmodel.user_segments_list(found, resources.rollout, user_id)
     registered = await resources.reads.read(lambda pool: readmodel.user(pool, user_id), replica_first=True)
-    live = await resources.reads.read(readmodel.live_segments, replica_first=True)
+    live = await resources.reads.read(lambda pool: pool.fetch(SUGGESTED_SQL, SUGGESTED), replica_first=True)
     history, more, dropped, link = [], False, None, None
     if visitor.can("reports"):
         try:
+            # The month's rows up to this page's last (a user's month is short; the stream is the report's).
             history, more = await resources.reads.read(
-                lambda pool: user_history(pool, user_id, year, number, HISTORY_ROWS_SHOWN), replica_first=True)
+                lambda pool: user_history(pool, user_id, year, number, page * HISTORY_PER_PAGE), replica_first=True)
+            history = history[(page - 1) * HISTORY_PER_PAGE:]
             link = resources.report_link(request, year, number, user_id)
         except MonthDropped as error:
             dropped = str(error)
     return render(request, visitor, "user.html", status=status, user_id=user_id, segments=member_of, live=live,
                   registered_at=registered["registered_at"] if registered else None,
                   month=f"{year:04d}-{number:02d}", history=history, more=more, dropped=dropped, report_link=link,
-                  rows_shown=HISTORY_ROWS_SHOWN, **extra)
+                  history_page=page, last_history_page=page >= MAX_HISTORY_PAGE, reasons=REASONS, **extra)
 
 
 def _slugs(text: str) -> list[str]:
