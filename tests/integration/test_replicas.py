@@ -143,13 +143,23 @@ async def test_expiry_and_deletion_read_correctly_from_the_replica(settings, poo
             assert replica_reads() == 2
 
 
-async def test_a_replica_stopped_under_load_causes_no_error(settings, pool, tmp_path, infra):
-    """A replica of its own, stopped while reads run: they move to the primary, none fails."""
-    own = EmbeddedPostgres(tmp_path / "short-lived", replica_of=infra.postgres)
+@contextlib.asynccontextmanager
+async def own_replica(settings, infra, directory):
+    """A replica of the session's server for one test (which may stop or promote it), and its
+    URL to the test's database, once it has replayed everything; removed afterwards."""
+    own = EmbeddedPostgres(directory, replica_of=infra.postgres)
     await asyncio.to_thread(own.start)
     try:
         replica_url = url_on_port(settings.database_url, own.port)
         await caught_up(settings, replica_url)
+        yield own, replica_url
+    finally:
+        await asyncio.to_thread(own.remove)
+
+
+async def test_a_replica_stopped_under_load_causes_no_error(settings, pool, tmp_path, infra):
+    """A replica of its own, stopped while reads run: they move to the primary, none fails."""
+    async with own_replica(settings, infra, tmp_path / "short-lived") as (own, replica_url):
         async with api(settings, read_database_urls=[replica_url], max_replica_lag_ms=60_000) as client:
             statuses: list[int] = []
 
@@ -164,18 +174,12 @@ async def test_a_replica_stopped_under_load_causes_no_error(settings, pool, tmp_
             await asyncio.gather(*readers)
             assert set(statuses) == {200} and len(statuses) == 1200
             assert client.reads.replicas[0].state == "unreachable"
-    finally:
-        await asyncio.to_thread(own.remove)
 
 
 async def test_a_promoted_replica_keeps_its_reads(settings, pool, tmp_path, infra):
     """A replica promoted to primary (as at a failover) replays nothing any more, and its
     pg_last_wal_replay_lsn() stays where recovery ended: it is as new as can be, not lagging."""
-    own = EmbeddedPostgres(tmp_path / "promoted", replica_of=infra.postgres)
-    await asyncio.to_thread(own.start)
-    try:
-        replica_url = url_on_port(settings.database_url, own.port)
-        await caught_up(settings, replica_url)
+    async with own_replica(settings, infra, tmp_path / "promoted") as (_own, replica_url):
         async with api(settings, read_database_urls=[replica_url], max_replica_lag_ms=100) as client:
             replica = client.reads.replicas[0]
             promoted = await asyncpg.connect(replica_url)
@@ -191,8 +195,6 @@ async def test_a_promoted_replica_keeps_its_reads(settings, pool, tmp_path, infr
             before = answered_by(replica.name)
             await slugs(client, 1)
             assert answered_by(replica.name) == before + 1
-    finally:
-        await asyncio.to_thread(own.remove)
 
 
 def answered_by(server: str) -> float:
