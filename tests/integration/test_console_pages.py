@@ -52,6 +52,13 @@ async def test_segments_are_searched_sorted_and_paged_by_keyset(settings, pool):
         by_percent = await every_page(client, "/ui/segments?sort=percent")
         expected = [slug for slug, _ in sorted(seeded, key=lambda row: (-row[1], row[0]))]
         assert list(itertools.chain(*by_percent)) == expected
+        # By size: memberships written straight into the table are counted as the consumer's are.
+        sizes = {slug: number % 13 for number, (slug, _) in enumerate(seeded)}
+        await pool.execute("""INSERT INTO memberships (user_id, segment_id, added_at)
+                              SELECT u, s.id, now() FROM segments s, generate_series(1, 12) AS u
+                              WHERE s.deleted_at IS NULL AND u <= substr(s.slug, 5)::int % 13""")
+        by_size = await every_page(client, "/ui/segments?sort=size")
+        assert list(itertools.chain(*by_size)) == sorted(sizes, key=lambda slug: (-sizes[slug], slug))
         found = await client.get("/ui/segments", params={"q": "seg_011"})  # any case, part of the slug
         assert ROW_SLUG.findall(found.text) == [f"SEG_{n:04d}" for n in range(110, 120)]
         assert "10 live segments match" in found.text
@@ -62,6 +69,7 @@ async def test_segments_are_searched_sorted_and_paged_by_keyset(settings, pool):
         assert "120 live segments" in (await client.get("/ui/segments")).text
         for bad, words in (({"sort": "size;drop"}, "is not an order of this list"),
                            ({"sort": "percent", "after": "SEG_0001"}, "is not a position in the list"),
+                           ({"sort": "size", "after": "many:SEG_0001"}, "is not a position in the list"),
                            ({"q": "x" * 201}, "Search for at most 200 characters")):
             response = await client.get("/ui/segments", params=bad)
             assert response.status_code == 422 and words in unescape(response.text), bad

@@ -52,6 +52,22 @@ FROM page s ORDER BY {order}
 """
 SEGMENTS_PAGE_SQL = {name: _SEGMENTS_PAGE.format(order=order, after=after)
                      for name, (order, after) in SEGMENT_ORDERS.items()}
+# Largest first: every matching segment's kept size (a row or a few each), then the page after
+# the cursor ($4 the size, $2 the slug).
+SEGMENTS_PAGE_SQL["size"] = """
+WITH sized AS (
+    SELECT s.id, s.slug, s.percent, s.description, s.created_at,
+           coalesce((SELECT sum(c.members) FROM segment_member_counts c WHERE c.segment_id = s.id), 0) AS members
+    FROM segments s
+    WHERE s.deleted_at IS NULL AND ($1::text IS NULL OR s.slug ILIKE $1 OR s.description ILIKE $1)),
+page AS (
+    SELECT * FROM sized s
+    WHERE $2::text IS NULL OR s.members < $4::bigint OR (s.members = $4::bigint AND s.slug > $2)
+    ORDER BY s.members DESC, s.slug LIMIT $3)
+SELECT s.slug, s.percent, s.description, s.created_at, s.members,
+       (SELECT count(*) FROM rollout_exclusions x WHERE x.segment_id = s.id) AS excluded
+FROM page s ORDER BY s.members DESC, s.slug
+"""
 SEGMENTS_MATCHING_SQL = """
 SELECT count(*) FROM segments s
 WHERE s.deleted_at IS NULL AND ($1::text IS NULL OR s.slug ILIKE $1 OR s.description ILIKE $1)
@@ -74,7 +90,7 @@ class SegmentPage:
     rows: list[SegmentRow]
     matching: int  # live segments the search matches, on every page
     known_users: int
-    next_after: tuple[str, Decimal] | None  # the last row's (slug, percent) when more follow
+    next_after: tuple[str, Decimal | int] | None  # the last row's slug and sort key when more follow
 
 
 def like_pattern(search: str) -> str | None:
@@ -85,19 +101,22 @@ def like_pattern(search: str) -> str | None:
     return "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
-async def segments_page(pool: asyncpg.Pool, search: str, order: str, after: tuple[str, Decimal] | None,
+async def segments_page(pool: asyncpg.Pool, search: str, order: str, after: tuple[str, Decimal | int] | None,
                         per_page: int = SEGMENTS_PER_PAGE) -> SegmentPage:
+    """`after`: the slug and the sort key (percent, size) of the row before the page."""
     pattern = like_pattern(search)
-    slug, percent = after if after else (None, None)
+    slug, key = after if after else (None, None)
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         rows = await conn.fetch(SEGMENTS_PAGE_SQL[order], pattern, slug, per_page + 1,
-                                *([percent] if order == "percent" else []))
+                                *([key] if order != "slug" else []))
         matching = await conn.fetchval(SEGMENTS_MATCHING_SQL, pattern)
         known = await conn.fetchval(KNOWN_USERS_SQL) or 0
     shown = [SegmentRow(row["slug"], row["percent"], row["description"], row["created_at"], row["members"],
                         row["excluded"], round(known * float(row["percent"]) / 100)) for row in rows[:per_page]]
     more = len(rows) > per_page
-    return SegmentPage(shown, matching, known, (shown[-1].slug, shown[-1].percent) if more else None)
+    last = shown[-1] if more else None
+    key_of = {"slug": lambda row: row.percent, "percent": lambda row: row.percent, "size": lambda row: row.members}
+    return SegmentPage(shown, matching, known, (last.slug, key_of[order](last)) if last else None)
 
 
 async def user_history(pool: asyncpg.Pool, user_id: int, year: int, month: int, limit: int,

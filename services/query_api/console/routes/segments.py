@@ -42,30 +42,30 @@ router = APIRouter(prefix="/ui", include_in_schema=False)
 
 
 MEMBERS_SHOWN = 50
-SORTS = {"slug": "slug, A to Z", "percent": "percent, highest first"}
+SORTS = {"slug": "slug, A to Z", "percent": "percent, highest first", "size": "explicit members, most first"}
 MAX_SEARCH = 200
 
 
-def _after(order: str, text: str) -> tuple[str, Decimal] | None:
-    """A page's position: the slug of the row before it, by percent order `percent:slug`."""
+def _after(order: str, text: str) -> tuple[str, Decimal | int] | None:
+    """A page's position: the slug of the row before it; by percent or size, `key:slug`."""
     if not text:
         return None
     if order == "slug":
-        return text, Decimal(0)
-    percent, separator, slug = text.partition(":")
+        return text, 0
+    key, separator, slug = text.partition(":")
     try:
-        value = Decimal(percent)
-    except InvalidOperation:
+        value = Decimal(key) if order == "percent" else int(key)
+    except (InvalidOperation, ValueError):
         value = None
-    if not separator or not slug or value is None or not value.is_finite():
+    if not separator or not slug or value is None or (isinstance(value, Decimal) and not value.is_finite()):
         raise ConsoleError(422, "Not a page of this list", f"{text[:80]!r} is not a position in the list sorted by "
-                           "percent. Start again from the first page.")
+                           f"{order}. Start again from the first page.")
     return slug, value
 
 
-def _cursor(order: str, after: tuple[str, Decimal]) -> str:
-    slug, percent = after
-    return slug if order == "slug" else f"{percent}:{slug}"
+def _cursor(order: str, after: tuple[str, Decimal | int]) -> str:
+    slug, key = after
+    return slug if order == "slug" else f"{key}:{slug}"
 
 
 @router.get("/segments")
