@@ -30,13 +30,26 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
             return False
 
 
+# Ports this process has handed out. The system may give the same free port to two probes in a
+# row (the first is closed before the second binds), and two servers told the same port collide:
+# the second fails to bind while the first answers in its place.
+_handed_out: set[int] = set()
+_handing_out = threading.Lock()
+
+
 def free_port(preferred: int | None = None) -> int:
-    """The preferred port when nothing listens on it, else any free one."""
+    """The preferred port when nothing listens on it, else a free one this process has not handed
+    out before."""
     if preferred and port_is_free(preferred):
         return preferred
-    with _probe() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    with _handing_out:
+        while True:
+            with _probe() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
 
 
 def port_holder(port: int) -> str | None:

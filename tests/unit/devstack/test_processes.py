@@ -45,3 +45,36 @@ def test_a_listening_port_is_taken_and_its_holder_named():
         port = listener.getsockname()[1]
         assert not port_is_free(port)
         assert port_holder(port).startswith(f"PID {os.getpid()} (")
+
+
+def test_free_ports_are_never_handed_out_twice_even_when_the_system_offers_one_again(monkeypatch):
+    """The system may offer a port it offered a moment ago (the probe is closed in between);
+    free_port asks again rather than give two servers the same port."""
+    import socket as real_socket
+
+    from devstack import processes
+
+    offered = iter([50001, 50001, 50002, 50001, 50003])
+
+    class Probe:
+        def __init__(self, *args):
+            self.port = None
+
+        def setsockopt(self, *args):
+            pass
+
+        def bind(self, address):
+            self.port = next(offered)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(processes, "_handed_out", set())
+    monkeypatch.setattr(real_socket, "socket", Probe)
+    assert [processes.free_port() for _ in range(3)] == [50001, 50002, 50003]
