@@ -136,7 +136,7 @@ async def test_the_console_finds_keeps_and_fits(chromium, console_stack):
             await page.get_by_role("link", name="Next page").click()
             await expect(page).to_have_url(re.compile(r"after="))
             later = await page.get_by_role("row").nth(1).get_by_role("link").text_content()
-            # 20 segments at 99 %, 20 at 98 %, then 97 %: EXP_0097 … EXP_0997 end the first page of 50
+            # Highest percent first, then by slug: the second page starts where the first left off.
             assert (first, later) == ("EXP_0099", "EXP_1097")
             await check("04-segments-page-2")
 

@@ -236,7 +236,7 @@ async def test_a_segments_page_charts_its_history_lists_its_rollout_and_pages_it
             assert entries == sum(1 for row in history if row["day"] == day and row["operation"] == "I"), day
             assert exits == sum(1 for row in history if row["day"] == day and row["operation"] == "D"), day
             assert members == sum(1 if row["operation"] == "I" else -1 for row in history if row["day"] <= day), day
-        # Users the 20 % rollout already covered entered nothing when added by hand: fewer than 60 entries.
+        # A user the rollout already covered enters nothing when added by hand: fewer entries than adds.
         entered_today = sum(1 for row in history if row["day"] == today.date() and row["operation"] == "I")
         assert 40 <= entered_today < 60 and days[-6][1:] == (4, 0, 4) and days[-4][1:] == (0, 1, 3)
         assert '<svg class="chart"' in page and 'role="img"' in page and '<title id="chart-title">S: entries' in page
