@@ -28,6 +28,14 @@ async def seed(database_url: str) -> None:
             "segments", columns=["slug", "percent", "description", "created_at", "updated_at"],
             records=[(f"EXP_{n:04d}", n % 100, f"experiment {n} of the search team", *[_now()] * 2)
                      for n in range(SEGMENTS)])
+        # EXP_0000 as if it had grown for a month: its size and its changes day by day, as the
+        # count triggers and the expiry worker's folds leave them (its size 30 days ago: 300).
+        segment = await conn.fetchval("UPDATE segments SET created_at = now() - interval '40 days' "
+                                      "WHERE slug = 'EXP_0000' RETURNING id")
+        await conn.execute("INSERT INTO segment_member_counts (segment_id, members) VALUES ($1, 764)", segment)
+        await conn.execute("INSERT INTO segment_member_days (segment_id, day, change) "
+                           "SELECT $1, (now() AT TIME ZONE 'UTC')::date - back, 30 - back "
+                           "FROM generate_series(0, 29) AS back", segment)
     finally:
         await conn.close()
 
@@ -121,6 +129,11 @@ async def test_the_console_finds_keeps_and_fits(chromium, console_stack):
 
             # One segment among 2,000: search by part of its slug, in any case.
             await expect(page.get_by_role("table")).to_contain_text(f"{SEGMENTS + 1:,} live segments")
+            # Each row's trend: EXP_0000 grew by 1, 2, … 30 a day; the line ends at its size now.
+            trend = page.get_by_role("img", name=re.compile("EXP_0000: explicit members over the last 30 days"))
+            await expect(trend).to_have_attribute("aria-label", re.compile(r"from 300 to 764 \(\+464\)"))
+            await expect(page.get_by_role("row").nth(1)).to_contain_text("+464")
+            await page.screenshot(path=shots / "readme-segments.png")  # for the docs
             await check("02-segments")
             await page.get_by_label("Search").fill("exp_1234")
             await page.keyboard.press("Enter")

@@ -4,6 +4,7 @@ link back to what they changed and never poll for an id nobody sent, and times a
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 import time
@@ -13,7 +14,7 @@ from html import unescape
 import pytest
 
 from tests.integration.test_console import console, csrf_of
-from tests.support import Publisher, running_consumer, wait_for_outcomes
+from tests.support import Publisher, running_consumer, wait_for_count, wait_for_outcomes
 
 pytestmark = pytest.mark.integration
 NEXT = re.compile(r'<a href="([^"]+)" rel="next">')
@@ -289,3 +290,32 @@ async def test_a_users_month_of_history_is_paged_with_its_reasons_in_words(setti
         two = (await client.get(unescape(later[1]))).text
         assert slugs.findall(two) == [f"S{n:03d}" for n in range(100, 150)] and 'rel="next"' not in two
         assert (await client.get("/ui/users/9", params={"page": 0})).status_code == 422
+
+
+async def test_each_row_of_a_users_month_links_to_the_command_behind_it(settings, pool):
+    from services.expiry_worker.worker import ExpiryWorker
+
+    async with Publisher(settings) as publish, running_consumer(settings, pool):
+        for slug, percent in (("A", 0), ("B", 0), ("ROLL", 100)):
+            await publish.segment({"type": "create_segment", "slug": slug, "percent": percent,
+                                   "command_id": f"create-{slug}"})
+        await wait_for_outcomes(pool, ["create-A", "create-B", "create-ROLL"])
+        await publish.user({"type": "update_user_segments", "user_id": 77, "add": ["A"], "command_id": "add-a"})
+        await publish.user({"type": "update_user_segments", "user_id": 77, "add": ["B"], "ttl_seconds": 1,
+                            "command_id": "add-b"})
+        await wait_for_outcomes(pool, ["add-a", "add-b"])
+    await asyncio.sleep(1.1)
+    worker = ExpiryWorker(pool, batch_size=10, max_sleep_seconds=0.05)
+    running = asyncio.create_task(worker.run())
+    try:
+        await wait_for_count(pool, "SELECT count(*) FROM membership_history WHERE reason = 'ttl'", 1)
+    finally:
+        worker.stop()
+        await running
+    async with console(settings) as client:
+        page = (await client.get("/ui/users/77")).text
+    row = re.compile(r'<td><a href="/ui/segments/(\w+)">\w+</a></td>\s*<td>(entered|left)[^<]*</td>.*?'
+                     r'<td>(?:<a href="/ui/commands/([\w-]+)">|<span class="muted">([^<]+)</span>)', re.S)
+    assert sorted(row.findall(page)) == [
+        ("A", "entered", "add-a", ""), ("B", "entered", "add-b", ""), ("B", "left", "", "none: it expired"),
+        ("ROLL", "entered", "create-ROLL", "")]

@@ -83,3 +83,24 @@ def daily_chart(days: list[Day], slug: str, period: str) -> Markup:
     parts.append(f'<polyline aria-hidden="true" fill="none" stroke="{LINE}" stroke-width="2" '
                  f'points="{" ".join(points)}"/></svg>')
     return Markup("".join(parts))
+
+
+SPARK_W, SPARK_H = 120, 28
+
+
+def sparkline(sizes: tuple[int, ...], slug: str) -> Markup:
+    """A row's trend: the sizes as a line scaled to its own range, named in words (role img) as
+    where it started, where it is and the change, since the line alone carries no numbers."""
+    if len(sizes) < 2:
+        return Markup("")
+    low, high = min(sizes), max(sizes)
+    span = (high - low) or 1
+    step = (SPARK_W - 4) / (len(sizes) - 1)
+    points = " ".join(f"{2 + step * index:.1f},{SPARK_H - 3 - (SPARK_H - 6) * (size - low) / span:.1f}"
+                      for index, size in enumerate(sizes))
+    change = sizes[-1] - sizes[0]
+    label = (f"{slug}: explicit members over the last {len(sizes)} days, from {sizes[0]:,} to {sizes[-1]:,} "
+             f"({change:+,})")
+    return Markup(f'<svg class="spark" viewBox="0 0 {SPARK_W} {SPARK_H}" width="{SPARK_W}" height="{SPARK_H}" '
+                  f'role="img" aria-label="{escape(label)}" data-sizes="{",".join(map(str, sizes))}">'
+                  f'<polyline fill="none" stroke="{LINE}" stroke-width="1.5" points="{points}"/></svg>')

@@ -8,6 +8,7 @@ import contextlib
 import csv
 from collections import Counter
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import asyncpg
@@ -16,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from services.query_api.console.import_tokens import ImportJob
-from services.query_api.reports import check_month_kept, stream_report
+from services.query_api.reports import check_month_kept, month_bounds, stream_report
 from shared.kafka import kafka_options, start_client
 from shared.settings import KafkaSettings
 
@@ -45,7 +46,7 @@ WITH page AS (
       AND ($1::text IS NULL OR s.slug ILIKE $1 OR s.description ILIKE $1)
       AND ($2::text IS NULL OR {after})
     ORDER BY {order} LIMIT $3)
-SELECT s.slug, s.percent, s.description, s.created_at,
+SELECT s.id, s.slug, s.percent, s.description, s.created_at,
        (SELECT coalesce(sum(c.members), 0) FROM segment_member_counts c WHERE c.segment_id = s.id) AS members,
        (SELECT count(*) FROM rollout_exclusions x WHERE x.segment_id = s.id) AS excluded
 FROM page s ORDER BY {order}
@@ -64,10 +65,19 @@ page AS (
     SELECT * FROM sized s
     WHERE $2::text IS NULL OR s.members < $4::bigint OR (s.members = $4::bigint AND s.slug > $2)
     ORDER BY s.members DESC, s.slug LIMIT $3)
-SELECT s.slug, s.percent, s.description, s.created_at, s.members,
+SELECT s.id, s.slug, s.percent, s.description, s.created_at, s.members,
        (SELECT count(*) FROM rollout_exclusions x WHERE x.segment_id = s.id) AS excluded
 FROM page s ORDER BY s.members DESC, s.slug
 """
+# The shown segments' size changes by UTC day since $2, folded (segment_member_days) or not yet.
+SEGMENT_DAYS_SQL = """
+SELECT segment_id, day, sum(change)::bigint AS change FROM (
+    SELECT segment_id, day, change FROM segment_member_days WHERE segment_id = ANY($1::bigint[]) AND day > $2
+    UNION ALL
+    SELECT segment_id, day, members FROM segment_member_counts WHERE segment_id = ANY($1::bigint[]) AND day > $2
+) changes GROUP BY segment_id, day
+"""
+TREND_DAYS = 30
 SEGMENTS_MATCHING_SQL = """
 SELECT count(*) FROM segments s
 WHERE s.deleted_at IS NULL AND ($1::text IS NULL OR s.slug ILIKE $1 OR s.description ILIKE $1)
@@ -79,10 +89,12 @@ class SegmentRow:
     slug: str
     percent: Decimal
     description: str | None
-    created_at: object
+    created_at: datetime
     members: int
     excluded: int
     rollout_users: int  # the known users the rollout is expected to cover (it hashes uniformly)
+    trend: tuple[int, ...]  # explicit members at the end of each UTC day since it was created, of the
+    #                         last TREND_DAYS, the last one now
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +113,18 @@ def like_pattern(search: str) -> str | None:
     return "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
+def size_trend(now: int, changes: dict[date, int], today: date, created: date) -> tuple[int, ...]:
+    """Sizes at the end of the last TREND_DAYS days (today's: now), from the size now and each
+    day's change: a day's end is the next day's end less that next day's change."""
+    sizes = [now]
+    for back in range(TREND_DAYS - 1):
+        day = today - timedelta(days=back)
+        if day <= created:
+            break
+        sizes.append(sizes[-1] - changes.get(day, 0))
+    return tuple(reversed(sizes))
+
+
 async def segments_page(pool: asyncpg.Pool, search: str, order: str, after: tuple[str, Decimal | int] | None,
                         per_page: int = SEGMENTS_PER_PAGE) -> SegmentPage:
     """`after`: the slug and the sort key (percent, size) of the row before the page."""
@@ -109,31 +133,64 @@ async def segments_page(pool: asyncpg.Pool, search: str, order: str, after: tupl
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         rows = await conn.fetch(SEGMENTS_PAGE_SQL[order], pattern, slug, per_page + 1,
                                 *([key] if order != "slug" else []))
+        more, rows = len(rows) > per_page, rows[:per_page]
         matching = await conn.fetchval(SEGMENTS_MATCHING_SQL, pattern)
         known = await conn.fetchval(KNOWN_USERS_SQL) or 0
+        today = await conn.fetchval("SELECT (now() AT TIME ZONE 'UTC')::date")
+        changes: dict[int, dict[date, int]] = {}
+        for change in await conn.fetch(SEGMENT_DAYS_SQL, [row["id"] for row in rows],
+                                       today - timedelta(days=TREND_DAYS)):
+            changes.setdefault(change["segment_id"], {})[change["day"]] = change["change"]
     shown = [SegmentRow(row["slug"], row["percent"], row["description"], row["created_at"], row["members"],
-                        row["excluded"], round(known * float(row["percent"]) / 100)) for row in rows[:per_page]]
-    more = len(rows) > per_page
+                        row["excluded"], round(known * float(row["percent"]) / 100),
+                        size_trend(row["members"], changes.get(row["id"], {}), today,
+                                   row["created_at"].astimezone(UTC).date()))
+             for row in rows]
     last = shown[-1] if more else None
-    key_of = {"slug": lambda row: row.percent, "percent": lambda row: row.percent, "size": lambda row: row.members}
+    key_of = {"slug": lambda row: None, "percent": lambda row: row.percent, "size": lambda row: row.members}
     return SegmentPage(shown, matching, known, (last.slug, key_of[order](last)) if last else None)
+
+
+# The commands behind a user's rows of a month: explicit rows by their own command, rollout rows
+# by their event's (the report's rows carry neither). Times as the report writes them.
+ROW_COMMANDS_SQL = """
+SELECT segment_slug, operation, to_char(executed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') AS at, command_id
+FROM membership_history
+WHERE user_id = $1 AND executed_at >= $2 AND executed_at < $3 AND command_id IS NOT NULL
+UNION ALL
+SELECT segment_slug, NULL, to_char(executed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'), command_id
+FROM rollout_events
+WHERE executed_at >= $2 AND executed_at < $3 AND segment_slug = ANY($4::text[])
+"""
 
 
 async def user_history(pool: asyncpg.Pool, user_id: int, year: int, month: int, limit: int,
                        ) -> tuple[list[dict[str, str]], bool]:
-    """The user's rows of the month's report (the CSV's rows), at most `limit`, and whether there
-    were more. MonthDropped if retention dropped the month."""
+    """The user's rows of the month's report (the CSV's rows), at most `limit`, each with the
+    command behind it (`command_id`, None for an expiry), and whether there were more.
+    MonthDropped if retention dropped the month."""
     text = bytearray()
-    async with pool.acquire() as conn:
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         await check_month_kept(conn, year, month)
         async with contextlib.aclosing(stream_report(conn, year, month, user_id, release=_nothing)) as chunks:
             async for chunk in chunks:
                 text += chunk
                 if text.count(b"\n") > limit + 1:  # the header, `limit` rows and one more
                     break
-    lines = text.decode().split("\n")[:limit + 2]
-    complete = [line for line in lines[:limit + 1] if line]
-    rows = list(csv.DictReader(complete))
+        lines = text.decode().split("\n")[:limit + 2]
+        complete = [line for line in lines[:limit + 1] if line]
+        rows = list(csv.DictReader(complete))
+        start, end = month_bounds(year, month)
+        found = await conn.fetch(ROW_COMMANDS_SQL, user_id, start, end,
+                                 sorted({row["segment_slug"] for row in rows if row["source"] == "auto"}))
+    explicit: dict[tuple, list[str]] = {}
+    for command in found:
+        explicit.setdefault((command["segment_slug"], command["operation"], command["at"]), []).append(
+            command["command_id"])
+    for row in rows:
+        ids = explicit.get((row["segment_slug"], None if row["source"] == "auto" else row["operation"],
+                            row["executed_at"]), [])
+        row["command_id"] = ids.pop(0) if len(ids) > 1 else (ids[0] if ids else None)
     return rows, len(lines) == limit + 2 and bool(lines[-1])
 
 

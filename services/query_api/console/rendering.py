@@ -11,11 +11,13 @@ from fastapi import Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
+from services.query_api.console.charts import sparkline
 from services.query_api.console.dates import when
 from services.query_api.console.session import COOKIE, COOKIE_PATH, Visitor
 
 templates = Jinja2Templates(directory=Path(__file__).with_name("templates"))
 templates.env.filters["when"] = when
+templates.env.filters["sparkline"] = sparkline
 templates.env.filters["thousands"] = lambda number: f"{number:,}"
 # 30 rather than 30.00; 12.5 stays 12.5
 templates.env.filters["percent"] = lambda value: f"{Decimal(str(value)).normalize():f}"
