@@ -66,6 +66,11 @@ async def seed(database_url: str, users: int, memberships_per_user: int, history
                       CASE WHEN k = 0 THEN now() + interval '30 days' END
                FROM generate_series(1, $1) AS u, generate_series(0, $3 - 1) AS k
                ON CONFLICT DO NOTHING""", users, SEGMENTS, memberships_per_user)
+        # The 40 days of size changes the list's trends read, as the expiry worker's folds keep them.
+        await conn.execute(
+            """INSERT INTO segment_member_days (segment_id, day, change)
+               SELECT s.id, (now() AT TIME ZONE 'UTC')::date - back, floor(random() * 50)::int - 10
+               FROM segments s, generate_series(1, 40) AS back""")
         steps.update(3)
         start = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
         for back in range(1, 4):  # the past months' partitions, as partition maintenance made them
