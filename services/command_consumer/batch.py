@@ -17,7 +17,7 @@ from services.command_consumer import repository
 from services.command_consumer.parsing import InvalidRecord, ParsedRecord, ValidCommand
 from services.command_consumer.segments import SEGMENT_HANDLERS
 from services.command_consumer.users import USER_HANDLERS, Decision
-from shared.commands import CreateUser, UpdateUserSegments
+from shared.commands import CreateUser, DeleteSegment, UpdateUserSegments
 from shared.db import TRANSIENT_DB_ERRORS
 from shared.membership import UserState
 from shared.outcomes import ErrorCode, OutcomeRow, Status
@@ -30,6 +30,9 @@ class Processed:
     parsed: ParsedRecord
     outcome: OutcomeRow
     replayed: bool  # the outcome was stored before: nothing was applied this time
+    # Applied, but its outcome is not stored yet (a segment whose members are removed in chunks:
+    # `outcome` is its draft, without the result). Not published; its offset is held back.
+    pending: bool = False
 
 
 def _clock() -> datetime:
@@ -96,9 +99,12 @@ async def _transaction(conn: asyncpg.Connection, lock_timeout_ms: int | None) ->
 
 
 async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord],
-                      window_seconds: int | None = None, lock_timeout_ms: int | None = None) -> list[Processed]:
+                      window_seconds: int | None = None, lock_timeout_ms: int | None = None,
+                      removal_chunk: int | None = None) -> list[Processed]:
     """Apply parsed records (a partition's, or a few partitions' each in its order), in order, in
     one transaction; return their outcomes. `lock_timeout_ms`: see _transaction.
+    `removal_chunk`: a deleted segment with more explicit members than this has them removed in
+    chunks afterwards (segment_removals), its outcome pending until then; None: at once.
 
     A record older than `window_seconds` (the inbox window, OUTCOME_RETENTION) is not looked up
     nor applied: its inbox partition may be gone, so it is rejected `too_old`, and not stored
@@ -115,6 +121,9 @@ async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord],
     checked = [p for index, p in enumerate(batch) if index not in stale] if stale else batch
     async with _transaction(conn, lock_timeout_ms):
         stored = await repository.fetch_outcomes(conn, list({p.command_id for p in checked}))
+        deletions = [p.command_id for p in checked if isinstance(p, ValidCommand) and type(p.command) is DeleteSegment
+                     and p.command_id not in stored]
+        pending = await repository.pending_removals(conn, deletions) if deletions else set()
         # Exact type checks: the command models' metaclass is an ABCMeta, whose isinstance is slow.
         fresh_user_commands = [p for p in checked if isinstance(p, ValidCommand) and p.command_id not in stored
                                and type(p.command) in USER_COMMANDS]
@@ -142,6 +151,9 @@ async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord],
             if parsed.command_id in new_outcomes:  # the same id twice in one batch
                 processed.append(Processed(parsed, new_outcomes[parsed.command_id], True))
                 continue
+            if parsed.command_id in pending:  # its removal goes on; the outcome comes with its end
+                processed.append(Processed(parsed, _outcome(parsed, Decision(Status.APPLIED), _clock()), True, True))
+                continue
             now = _clock()
             decision = None
             if isinstance(parsed, ValidCommand):
@@ -150,9 +162,17 @@ async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord],
                     decision = USER_HANDLERS[type(command)](command, states[command.user_id], segments, now,
                                                             parsed.command_id)
                 else:
-                    decision = await SEGMENT_HANDLERS[type(command)](conn, command, now, parsed.command_id)
+                    decision = await SEGMENT_HANDLERS[type(command)](conn, command, now, parsed.command_id,
+                                                                     removal_chunk)
                     catalogue_changed |= decision.status is Status.APPLIED
                 history.extend(decision.history)
+                if decision.removal is not None:
+                    draft = _outcome(parsed, decision, now)
+                    await repository.queue_removal(conn, draft, *decision.removal, now,
+                                                   parsed.record.header("traceparent"))
+                    pending.add(parsed.command_id)
+                    processed.append(Processed(parsed, draft, False, True))
+                    continue
             outcome = _outcome(parsed, decision, now)
             new_outcomes[parsed.command_id] = outcome
             processed.append(Processed(parsed, outcome, False))

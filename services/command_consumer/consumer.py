@@ -31,6 +31,7 @@ from services.command_consumer.ordering import SegmentBarrier
 from services.command_consumer.parsing import ParsedRecord
 from services.command_consumer.pipeline import BatchPipeline, SharedBatchBlocked
 from services.command_consumer.publishing import OutcomePublisher
+from services.command_consumer.removals import SegmentRemover
 from shared.kafka import create_producer, kafka_options, start_client
 from shared.settings import ConsumerSettings, KafkaSettings
 
@@ -85,10 +86,12 @@ class CommandConsumer:
         self.producer = create_producer(kafka)
         self._committer = OffsetCommitter(self.kafka_consumer)
         self._committing: asyncio.Task | None = None
-        self._pipeline = BatchPipeline(settings, kafka, outcome_retention, pool,
-                                       self.kafka_consumer,
-                                       OutcomePublisher(self.producer, kafka.results_topic, kafka.dlq_topic),
+        publisher = OutcomePublisher(self.producer, kafka.results_topic, kafka.dlq_topic)
+        self._pipeline = BatchPipeline(settings, kafka, outcome_retention, pool, self.kafka_consumer, publisher,
                                        self._committer)
+        self._remover = SegmentRemover(pool, publisher, self._committer, settings.consumer_segment_removal_chunk)
+        self._pipeline.on_removal_queued = self._remover.wake
+        self._removing: asyncio.Task | None = None
         self.leases: PartitionLeases | None = None
         self._known_partitions: set[TopicPartition] = set()
         if settings.consumer_partition_ownership == "lease":
@@ -106,6 +109,7 @@ class CommandConsumer:
             await self.producer.stop()
             raise
         self._committing = asyncio.create_task(self._committer.run())
+        self._removing = asyncio.create_task(self._remover.run())
         leasing = None
         if self.leases is None:
             self.kafka_consumer.subscribe(list(self.kafka.command_topics), listener=_CommitOnRevoke(self))
@@ -118,7 +122,7 @@ class CommandConsumer:
             while not self.stopping.is_set():
                 self._reap()
                 self._pipeline.behind.report_now_and_then()
-                for helper in (leasing, self._committing):
+                for helper in (leasing, self._committing, self._removing):
                     if helper is not None and helper.done():
                         helper.result()  # raises what ended it: neither stops silently
                 if self.leases is not None and self.leases.changed.is_set():
@@ -157,7 +161,8 @@ class CommandConsumer:
                 for task in in_hand:
                     task.cancel()
                 self._committing.cancel()
-                await asyncio.gather(*in_hand, self._committing, return_exceptions=True)
+                self._removing.cancel()  # a chunk in hand rolls back; the next process goes on from there
+                await asyncio.gather(*in_hand, self._committing, self._removing, return_exceptions=True)
                 await self.kafka_consumer.stop()
                 await self.producer.stop()
                 if leasing is not None:  # last: the leases pass to the next process once all is committed

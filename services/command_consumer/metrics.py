@@ -48,3 +48,6 @@ PARTITIONS_LEASED = Gauge("segmentation_consumer_partitions_leased",
                           "0 in a standby")
 SHARED_BATCH_SPLITS = Counter("segmentation_consumer_shared_batch_splits_total",
                               "Batches of several partitions that met a row lock and went on as a batch per partition")
+SEGMENT_MEMBERS_REMOVED = Counter(
+    "segmentation_segment_members_removed_total",
+    "Explicit members of deleted segments removed in chunks after their command's batch")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -67,6 +68,7 @@ class BatchPipeline:
         self.behind = self._metrics.behind  # told of each batch fetched, reported every turn of the loop
         self._tracing = TracingObserver()
         self._publishing: dict[TopicPartition, asyncio.Task] = {}  # each partition's last publish, until it succeeds
+        self.on_removal_queued: Callable[[], None] = lambda: None  # a segment's members are left to remove
 
     def publishing(self) -> set[asyncio.Task]:
         """The publishes not yet done, and those that failed (kept, so that the consumer sees why)."""
@@ -92,6 +94,7 @@ class BatchPipeline:
                 for item in parsed:
                     by_partition[TopicPartition(item.record.topic, item.record.partition)].append(item)
                 raise SharedBatchBlocked(by_partition) from None
+            self._hold_pending(processed)
             result = BatchResult(batches, processed, token, time.monotonic() - started, time.time())
             observations.applied(result)
             await self._after_previous_publishes(batches)
@@ -99,6 +102,15 @@ class BatchPipeline:
         for tp in batches:
             self._publishing[tp] = publishing
         publishing.add_done_callback(self._forget)
+
+    def _hold_pending(self, processed: list[Processed]) -> None:
+        """Applied commands whose outcome is not stored yet keep their partition's commit at them."""
+        pending = [item for item in processed if item.pending]
+        for item in pending:
+            record = item.parsed.record
+            self._committer.hold(TopicPartition(record.topic, record.partition), record.offset, item.parsed.command_id)
+        if pending:
+            self.on_removal_queued()
 
     async def _after_previous_publishes(self, batches: dict[TopicPartition, Any]) -> None:
         """Wait until the previous batch of each of these partitions is published; raise if one
@@ -147,7 +159,8 @@ class BatchPipeline:
 
         async def attempt():
             async with writable(self._pool) as conn:
-                processed = await apply_batch(conn, batch, self._outcome_retention, lock_timeout_ms)
+                processed = await apply_batch(conn, batch, self._outcome_retention, lock_timeout_ms,
+                                              self._settings.consumer_segment_removal_chunk)
                 return processed, await conn.fetchval("SELECT pg_current_wal_lsn()::text")
 
         stalled = {f"{tp.topic}:{tp.partition}": records[0].offset for tp, records in batches.items()}

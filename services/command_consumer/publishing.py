@@ -15,6 +15,7 @@ from opentelemetry import propagate, trace
 from services.command_consumer.batch import Processed
 from services.command_consumer.parsing import InvalidRecord
 from shared.kafka import send_batched
+from shared.outcomes import OutcomeRow
 
 Headers = list[tuple[str, bytes]]
 DLQ_MESSAGE_LIMIT = 4000  # bytes of the reason kept in a header
@@ -31,16 +32,17 @@ def outcome_message(item: Processed, consistency_token: str | None = None,
     """The results-topic record of an outcome: keyed by command id, with the contract's headers
     and the trace context: its command span's (`trace_context`, see span_headers) when the
     command was traced here, else the command's own `traceparent`, if it had one."""
-    outcome = item.outcome
+    if trace_context is None:
+        traceparent = item.parsed.record.header("traceparent")
+        trace_context = [("traceparent", traceparent)] if traceparent is not None else []
+    return outcome_record(item.outcome, consistency_token, trace_context)
+
+
+def outcome_record(outcome: OutcomeRow, consistency_token: str | None, trace_context: Headers) -> Message:
     headers = [("command-id", outcome.command_id.encode()),
                ("command-type", (outcome.type or "").encode()),
-               ("status", outcome.status.encode())]
-    if trace_context is not None:
-        headers.extend(trace_context)
-    else:
-        traceparent = item.parsed.record.header("traceparent")
-        if traceparent is not None:
-            headers.append(("traceparent", traceparent))
+               ("status", outcome.status.encode()),
+               *trace_context]
     return Message(orjson.dumps(outcome.contract(consistency_token)), outcome.command_id.encode(), headers)
 
 
@@ -110,6 +112,8 @@ class OutcomePublisher:
         """Every record of a batch handed to the producer; their deliveries."""
         outcomes, deliveries = [], []
         for index, item in enumerate(processed):
+            if item.pending:  # no outcome yet: it is published when stored (removals.py)
+                continue
             span = spans[index] if spans is not None else None
             trace_context = span_headers(span) if span is not None else None
             message = outcome_message(item, consistency_token, trace_context)
@@ -124,3 +128,12 @@ class OutcomePublisher:
                     deliveries.append(await send(self._dlq_topic, message.value, key=message.key,
                                                  headers=message.headers))
         return deliveries + await send_batched(self._producer, self._results_topic, outcomes)
+
+    async def publish_outcome(self, outcome: OutcomeRow, consistency_token: str | None,
+                              traceparent: bytes | None) -> None:
+        """One outcome stored after its batch (a segment's removal in chunks), acknowledged."""
+        message = outcome_record(outcome, consistency_token, [("traceparent", traceparent)] if traceparent else [])
+        async with self._handing:
+            delivery = await send_batched(self._producer, self._results_topic,
+                                          [(message.key, message.value, message.headers)])
+        await asyncio.gather(*delivery)

@@ -200,25 +200,64 @@ async def record_rollout_event(conn: asyncpg.Connection, segment_id: int, slug: 
     )
 
 
-async def delete_segment(conn: asyncpg.Connection, segment_id: int, slug: str, now: datetime,
-                         command_id: str) -> int:
-    """Mark deleted and remove it from every user with history; returns explicit members removed.
-
-    A membership already past its expiry left at that time (reason ttl), not now.
-    """
+async def mark_deleted(conn: asyncpg.Connection, segment_id: int, now: datetime) -> None:
+    """The segment is deleted from `now` on: reads and commands no longer see it, its exclusions
+    go; its explicit members are removed by remove_members (at once or in chunks)."""
     await conn.execute("UPDATE segments SET deleted_at = $2, updated_at = $2 WHERE id = $1", segment_id, now)
     await conn.execute("DELETE FROM rollout_exclusions WHERE segment_id = $1", segment_id)
-    status = await conn.execute(
-        """WITH gone AS (DELETE FROM memberships WHERE segment_id = $1 RETURNING user_id, expires_at)
-           INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, reason, command_id,
-                                           expires_at)
-           SELECT user_id, $2, 'D',
-                  CASE WHEN expires_at <= $3 THEN expires_at ELSE $3 END,
-                  'manual',
-                  CASE WHEN expires_at <= $3 THEN 'ttl' ELSE 'segment_deleted' END,
-                  CASE WHEN expires_at <= $3 THEN NULL ELSE $4 END,
-                  expires_at
-           FROM gone""",
-        segment_id, slug, now, command_id,
-    )
+
+
+async def members_beyond(conn: asyncpg.Connection, segment_id: int, limit: int) -> bool:
+    """Whether the segment has more than `limit` explicit members (reads at most limit + 1)."""
+    return await conn.fetchval("SELECT count(*) > $2 FROM (SELECT 1 FROM memberships WHERE segment_id = $1 "
+                               "LIMIT $2 + 1) AS first_rows", segment_id, limit)
+
+
+_REMOVE_MEMBERS = """
+WITH gone AS (
+    DELETE FROM memberships WHERE segment_id = $1 {chunk}
+    RETURNING user_id, expires_at)
+INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, reason, command_id,
+                                expires_at)
+SELECT user_id, $2, 'D',
+       CASE WHEN expires_at <= $3 THEN expires_at ELSE $3 END,
+       'manual',
+       CASE WHEN expires_at <= $3 THEN 'ttl' ELSE 'segment_deleted' END,
+       CASE WHEN expires_at <= $3 THEN NULL ELSE $4 END,
+       expires_at
+FROM gone"""
+# A chunk: rows of the segment in the order of its index, so each chunk reads where the last
+# one ended rather than every row a previous chunk left dead.
+_REMOVE_CHUNK = _REMOVE_MEMBERS.format(chunk="""AND (user_id, segment_id) IN (
+        SELECT user_id, segment_id FROM memberships WHERE segment_id = $1
+        ORDER BY added_at DESC, user_id DESC LIMIT $5)""")
+
+
+async def remove_members(conn: asyncpg.Connection, segment_id: int, slug: str, deleted_at: datetime,
+                         command_id: str, limit: int | None = None) -> int:
+    """Remove a deleted segment's explicit members (at most `limit`), each with its history row:
+    left at the deletion (reason segment_deleted), or at its expiry if that came first (reason
+    ttl). Returns how many were removed."""
+    if limit is None:
+        status = await conn.execute(_REMOVE_MEMBERS.format(chunk=""), segment_id, slug, deleted_at, command_id)
+    else:
+        status = await conn.execute(_REMOVE_CHUNK, segment_id, slug, deleted_at, command_id, limit)
     return int(status.split()[-1])
+
+
+async def queue_removal(conn: asyncpg.Connection, draft: OutcomeRow, segment_id: int, slug: str,
+                        deleted_at: datetime, traceparent: bytes | None) -> None:
+    """A deleted segment's members to remove in chunks (segment_removals), with what its outcome
+    will say besides the result."""
+    await conn.execute(
+        "INSERT INTO segment_removals (command_id, segment_id, slug, deleted_at, traceparent, outcome) "
+        "VALUES ($1, $2, $3, $4, $5, $6)",
+        draft.command_id, segment_id, slug, deleted_at, traceparent,
+        {name: value.isoformat() if isinstance(value, datetime) else value for name, value in draft._asdict().items()})
+
+
+async def pending_removals(conn: asyncpg.Connection, command_ids: list[str]) -> set[str]:
+    """Those of these commands whose members are still being removed (no outcome yet)."""
+    rows = await conn.fetch("SELECT command_id FROM segment_removals WHERE command_id = ANY($1::text[]) "
+                            "AND done_at IS NULL", command_ids)
+    return {row["command_id"] for row in rows}

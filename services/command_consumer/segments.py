@@ -22,7 +22,7 @@ def _segment_result(slug: str, percent, description: str | None) -> dict:
 
 
 async def create_segment(conn: asyncpg.Connection, command: CreateSegment, now: datetime,
-                         command_id: str) -> Decision:
+                         command_id: str, removal_chunk: int | None = None) -> Decision:
     if await repository.find_live_segment(conn, command.slug):
         return Decision(Status.REJECTED, error_code=ErrorCode.SEGMENT_EXISTS,
                         error_message=f"segment {command.slug} already exists")
@@ -34,7 +34,7 @@ async def create_segment(conn: asyncpg.Connection, command: CreateSegment, now: 
 
 
 async def update_segment(conn: asyncpg.Connection, command: UpdateSegment, now: datetime,
-                         command_id: str) -> Decision:
+                         command_id: str, removal_chunk: int | None = None) -> Decision:
     segment = await repository.find_live_segment(conn, command.slug)
     if segment is None:
         return _not_found(command.slug)
@@ -48,15 +48,25 @@ async def update_segment(conn: asyncpg.Connection, command: UpdateSegment, now: 
 
 
 async def delete_segment(conn: asyncpg.Connection, command: DeleteSegment, now: datetime,
-                         command_id: str) -> Decision:
+                         command_id: str, removal_chunk: int | None = None) -> Decision:
+    """Deleted at `now`. Its explicit members leave at once when they fit in `removal_chunk` (or
+    it is None); otherwise in chunks after the batch, so that the batch, and every command
+    behind it in its partition, does not wait for millions of rows."""
     segment = await repository.find_live_segment(conn, command.slug)
     if segment is None:
         return _not_found(command.slug)
     if segment["percent"] > 0:  # first: the event notes who is in or out explicitly right now
         await repository.record_rollout_event(conn, segment["id"], command.slug, segment["percent"], 0,
                                               "segment_deleted", now, command_id)
-    removed = await repository.delete_segment(conn, segment["id"], command.slug, now, command_id)
-    return Decision(Status.APPLIED, result={"slug": command.slug, "explicit_members_removed": removed})
+    await repository.mark_deleted(conn, segment["id"], now)
+    if removal_chunk is not None and await repository.members_beyond(conn, segment["id"], removal_chunk):
+        return Decision(Status.APPLIED, removal=(segment["id"], command.slug))
+    removed = await repository.remove_members(conn, segment["id"], command.slug, now, command_id)
+    return Decision(Status.APPLIED, result=deleted_result(command.slug, removed))
+
+
+def deleted_result(slug: str, removed: int) -> dict:
+    return {"slug": slug, "explicit_members_removed": removed}
 
 
 SEGMENT_HANDLERS = {

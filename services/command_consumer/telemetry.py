@@ -42,7 +42,7 @@ def batch_applied(processed: list[Processed], seconds: float, durable_at: float,
                 metrics.DLQ_RECORDS.labels(item.parsed.code).inc()
             elif outcome.error and outcome.error["code"] == ErrorCode.TOO_OLD:
                 metrics.TOO_OLD.inc()
-        if outcome.status != "applied" or item.replayed or debug:
+        if outcome.status != "applied" or item.replayed or item.pending or debug:
             _log_outcome(item)
     for (command_type, status), count in counts.items():
         metrics.COMMANDS.labels(command_type, status).inc(count)
@@ -136,7 +136,10 @@ def _log_outcome(item: Processed) -> None:
               "code": error.get("code"), "reason": error.get("message"),
               "traceparent": traceparent.decode(errors="replace") if traceparent else None,
               "topic": record.topic, "partition": record.partition, "offset": record.offset}
-    if item.replayed:
+    if item.pending:
+        log.info("command seen again, its segment's members still leaving: outcome when they have" if item.replayed
+                 else "segment deleted, its members leave in chunks: outcome when they have", **fields)
+    elif item.replayed:
         log.info("command seen again, stored outcome re-published", **fields)
     elif outcome.status == "invalid":
         log.warning("dead-lettered", **fields)

@@ -24,6 +24,9 @@ class Decision:
     error_code: str | None = None
     error_message: str | None = None
     history: list[HistoryRow] = field(default_factory=list)
+    # A deleted segment (id, slug) whose members are removed in chunks after the batch: the
+    # outcome comes with the last chunk (services/command_consumer/removals.py).
+    removal: tuple[int, str] | None = None
 
 
 def apply_create_user(command: CreateUser, state: UserState, _segments: dict[str, Segment],

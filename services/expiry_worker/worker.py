@@ -46,6 +46,7 @@ WITH due AS (
     -- expiry is checked again under the lock.
     DELETE FROM memberships m USING segments s
     WHERE m.ctid = ANY(ARRAY(SELECT ctid FROM due)) AND s.id = m.segment_id AND m.expires_at <= now()
+      AND s.deleted_at IS NULL  -- a deleted segment's members are its removal's to record
     RETURNING m.user_id, m.segment_id, s.slug, s.percent, m.expires_at
 ), recorded AS (
     INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, reason, expires_at)
