@@ -89,7 +89,9 @@ class CommandConsumer:
         publisher = OutcomePublisher(self.producer, kafka.results_topic, kafka.dlq_topic)
         self._pipeline = BatchPipeline(settings, kafka, outcome_retention, pool, self.kafka_consumer, publisher,
                                        self._committer)
-        self._remover = SegmentRemover(pool, publisher, self._committer, settings.consumer_segment_removal_chunk)
+        # Removals queued before the chunk was set to 0 are still finished, in chunks of the default.
+        self._remover = SegmentRemover(pool, publisher, self._committer, settings.consumer_segment_removal_chunk
+                                       or type(settings).model_fields["consumer_segment_removal_chunk"].default)
         self._pipeline.on_removal_queued = self._remover.wake
         self._removing: asyncio.Task | None = None
         self.leases: PartitionLeases | None = None

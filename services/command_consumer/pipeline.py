@@ -160,7 +160,7 @@ class BatchPipeline:
         async def attempt():
             async with writable(self._pool) as conn:
                 processed = await apply_batch(conn, batch, self._outcome_retention, lock_timeout_ms,
-                                              self._settings.consumer_segment_removal_chunk)
+                                              self._settings.consumer_segment_removal_chunk or None)
                 return processed, await conn.fetchval("SELECT pg_current_wal_lsn()::text")
 
         stalled = {f"{tp.topic}:{tp.partition}": records[0].offset for tp, records in batches.items()}

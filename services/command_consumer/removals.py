@@ -34,7 +34,8 @@ from shared.outcomes import OUTCOME_COLUMNS, OutcomeRow, Status
 log = structlog.get_logger("command_consumer")
 
 NEXT_SQL = """
-SELECT command_id, segment_id, slug, deleted_at, removed, done_at, traceparent, outcome FROM segment_removals
+SELECT command_id, segment_id, slug, deleted_at, removed, last_added_at, last_user_id, done_at, traceparent, outcome
+FROM segment_removals
 ORDER BY done_at IS NULL, deleted_at, command_id
 LIMIT 1 FOR UPDATE SKIP LOCKED
 """
@@ -94,13 +95,15 @@ class SegmentRemover:
                 if job is None:
                     return False
                 if job["done_at"] is None:
-                    removed = await repository.remove_members(conn, job["segment_id"], job["slug"], job["deleted_at"],
-                                                              job["command_id"], self._chunk)
+                    after = (job["last_added_at"], job["last_user_id"]) if job["last_added_at"] else None
+                    removed, more, last = await repository.remove_chunk(
+                        conn, job["segment_id"], job["slug"], job["deleted_at"], job["command_id"], self._chunk, after)
                     total = job["removed"] + removed
                     SEGMENT_MEMBERS_REMOVED.inc(removed)
-                    if removed == self._chunk:
-                        await conn.execute("UPDATE segment_removals SET removed = $2 WHERE command_id = $1",
-                                           job["command_id"], total)
+                    if more:
+                        await conn.execute("UPDATE segment_removals SET removed = $2, last_added_at = $3, "
+                                           "last_user_id = $4 WHERE command_id = $1",
+                                           job["command_id"], total, *last)
                         return True
                     now = datetime.now(UTC)
                     outcome = _draft(job["outcome"])._replace(status=str(Status.APPLIED), processed_at=now,

@@ -215,7 +215,7 @@ async def members_beyond(conn: asyncpg.Connection, segment_id: int, limit: int) 
 
 _REMOVE_MEMBERS = """
 WITH gone AS (
-    DELETE FROM memberships WHERE segment_id = $1 {chunk}
+    DELETE FROM memberships WHERE segment_id = $1
     RETURNING user_id, expires_at)
 INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, reason, command_id,
                                 expires_at)
@@ -226,23 +226,52 @@ SELECT user_id, $2, 'D',
        CASE WHEN expires_at <= $3 THEN NULL ELSE $4 END,
        expires_at
 FROM gone"""
-# A chunk: rows of the segment in the order of its index, so each chunk reads where the last
-# one ended rather than every row a previous chunk left dead.
-_REMOVE_CHUNK = _REMOVE_MEMBERS.format(chunk="""AND (user_id, segment_id) IN (
-        SELECT user_id, segment_id FROM memberships WHERE segment_id = $1
-        ORDER BY added_at DESC, user_id DESC LIMIT $5)""")
+# A chunk: the segment's next rows in the order of its index (memberships_segment_recent),
+# from where the previous chunk ended ($6, $7; NULL for the first), so that no chunk steps over
+# the index entries the chunks before it left dead. No row joins a deleted segment, so none is
+# missed. Returns the last row removed, where the next chunk starts.
+_REMOVE_CHUNK = """
+WITH chunk AS (
+    SELECT user_id, added_at FROM memberships
+    WHERE segment_id = $1 AND ($6::timestamptz IS NULL OR (added_at, user_id) < ($6, $7))
+    ORDER BY added_at DESC, user_id DESC LIMIT $5),
+gone AS (
+    DELETE FROM memberships m USING chunk
+    WHERE m.segment_id = $1 AND m.user_id = chunk.user_id
+    RETURNING m.user_id, m.added_at, m.expires_at),
+written AS (
+    INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, reason, command_id,
+                                    expires_at)
+    SELECT user_id, $2, 'D',
+           CASE WHEN expires_at <= $3 THEN expires_at ELSE $3 END,
+           'manual',
+           CASE WHEN expires_at <= $3 THEN 'ttl' ELSE 'segment_deleted' END,
+           CASE WHEN expires_at <= $3 THEN NULL ELSE $4 END,
+           expires_at
+    FROM gone)
+SELECT (SELECT count(*) FROM gone) AS removed, count(*) AS seen,
+       (array_agg(added_at ORDER BY added_at, user_id))[1] AS last_added_at,
+       (array_agg(user_id ORDER BY added_at, user_id))[1] AS last_user_id
+FROM chunk"""
 
 
 async def remove_members(conn: asyncpg.Connection, segment_id: int, slug: str, deleted_at: datetime,
-                         command_id: str, limit: int | None = None) -> int:
-    """Remove a deleted segment's explicit members (at most `limit`), each with its history row:
-    left at the deletion (reason segment_deleted), or at its expiry if that came first (reason
-    ttl). Returns how many were removed."""
-    if limit is None:
-        status = await conn.execute(_REMOVE_MEMBERS.format(chunk=""), segment_id, slug, deleted_at, command_id)
-    else:
-        status = await conn.execute(_REMOVE_CHUNK, segment_id, slug, deleted_at, command_id, limit)
+                         command_id: str) -> int:
+    """Remove a deleted segment's explicit members, each with its history row: left at the
+    deletion (reason segment_deleted), or at its expiry if that came first (reason ttl). Returns
+    how many were removed."""
+    status = await conn.execute(_REMOVE_MEMBERS, segment_id, slug, deleted_at, command_id)
     return int(status.split()[-1])
+
+
+async def remove_chunk(conn: asyncpg.Connection, segment_id: int, slug: str, deleted_at: datetime, command_id: str,
+                       limit: int, after: tuple[datetime, int] | None) -> tuple[int, bool, tuple[datetime, int] | None]:
+    """remove_members for at most `limit` members, the next after `after` in the segment's index
+    order; returns how many, whether there may be more, and where the next chunk starts."""
+    row = await conn.fetchrow(_REMOVE_CHUNK, segment_id, slug, deleted_at, command_id, limit,
+                              *(after or (None, None)))
+    last = (row["last_added_at"], row["last_user_id"]) if row["seen"] else after
+    return row["removed"], row["seen"] == limit, last
 
 
 async def queue_removal(conn: asyncpg.Connection, draft: OutcomeRow, segment_id: int, slug: str,

@@ -122,10 +122,10 @@ class ConsumerSettings(Section):
         "most this; 0: a batch per partition."))
     consumer_shared_lock_timeout_ms: int = Field(200, ge=1, description=(
         "How long a shared batch waits for a row lock before each of its partitions goes on alone."))
-    consumer_segment_removal_chunk: int = Field(10_000, ge=1, le=1_000_000, description=(
+    consumer_segment_removal_chunk: int = Field(10_000, ge=0, le=1_000_000, description=(
         "A deleted segment with more explicit members than this has them removed in transactions of "
         "this many each, after its command's batch, so that the commands behind it do not wait; its "
-        "outcome comes with the last one."))
+        "outcome comes with the last one. 0: all in the command's own transaction, whatever their number."))
     consumer_session_timeout_ms: int = Field(10_000, ge=1000, description="Consumer group session timeout.")
     consumer_heartbeat_interval_ms: int = Field(1_000, ge=100, description="Consumer group heartbeat.")
     consumer_group_instance_id: str | None = Field(None, min_length=1, max_length=249, description=(

@@ -134,3 +134,20 @@ async def test_a_crash_in_the_middle_of_a_removal_leaves_no_partial_or_doubled_e
         copy.pop("consistency_token")
     assert copies and all(copy == copies[0] for copy in copies)
     assert copies[0]["result"] == {"slug": "HUGE", "explicit_members_removed": 6_000}
+
+
+async def test_a_chunk_of_0_removes_every_member_in_the_deleting_transaction(settings, pool):
+    settings = settings.model_copy(update={"consumer_segment_removal_chunk": 0})
+    async with Publisher(settings) as publish, running_consumer(settings, pool):
+        await publish.segment({"type": "create_segment", "slug": "WHOLE", "command_id": "whole"})
+        await wait_for_outcomes(pool, ["whole"])
+        await seed_members(pool, "WHOLE")
+        await publish.segment({"type": "delete_segment", "slug": "WHOLE", "command_id": "del-whole"})
+        outcome = (await wait_for_outcomes(pool, ["del-whole"]))["del-whole"]
+        assert outcome["result"] == {"slug": "WHOLE", "explicit_members_removed": MEMBERS}
+        # Every member left in the transaction that marked the segment deleted.
+        deleting = await pool.fetchval("SELECT xmin::text FROM segments WHERE slug = 'WHOLE'")
+        assert {row["xmin"] for row in await pool.fetch(
+            "SELECT DISTINCT xmin::text FROM membership_history WHERE segment_slug = 'WHOLE' AND operation = 'D'")
+        } == {deleting}
+        await check_left_once(pool, "WHOLE", "del-whole")

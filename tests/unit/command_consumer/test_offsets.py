@@ -65,3 +65,23 @@ async def test_a_refused_commit_is_dropped_and_any_other_error_ends_the_committe
     with pytest.raises(KafkaConnectionError):
         await asyncio.wait_for(running, 1)
     assert broker.requests == [{A: 10}, {A: 11}]
+
+
+async def test_no_commit_passes_a_held_command_until_it_is_released():
+    broker = Broker()
+    broker.release.set()
+    broker.assignment = lambda: {A, B}
+    committer = OffsetCommitter(broker)
+    running = asyncio.create_task(committer.run())
+    try:
+        committer.hold(A, 15, "delete-big")  # applied, its outcome not stored yet
+        committer.hand_over({A: 30, B: 5})
+        await committer.flush()
+        assert broker.requests == [{A: 15, B: 5}]
+        assert committer.held() == {"delete-big"}
+        committer.release({"delete-big"})
+        await committer.flush()
+        assert broker.requests == [{A: 15, B: 5}, {A: 30}]
+        assert committer.held() == set()
+    finally:
+        running.cancel()
