@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -196,7 +197,16 @@ def cli(doc: str, main: Callable[[argparse.Namespace], Awaitable[None]], **optio
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default, help=help_text)
     args = parser.parse_args()
     print(f"machine: {machine()}", flush=True)
-    asyncio.run(main(args))
+
+    async def run() -> None:
+        # SIGTERM ends a run as Ctrl-C does: the servers and databases it started are stopped.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+        await main(args)
+
+    try:
+        asyncio.run(run())
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        raise SystemExit(130) from None
 
 
 def spread(values: list[float], form: str = "{:,.0f}", of: str = "rounds") -> str:

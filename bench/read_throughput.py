@@ -94,9 +94,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 def wrk(port: int, users: int, duration: int, connections: int, headers: tuple[str, ...] = (),
-        server_pid: int | None = None, warmup: int = 3) -> dict:
+        server_pid: int | None = None, warmup: int = 3, lua: str | None = None) -> dict:
+    """wrk's figures for GET /users/{id}/segments, users 1 … `users` drawn by `lua` (uniformly by
+    default: a script with `{users}` in it)."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(LUA.replace("{users}", str(users)))
+        script.write((lua or LUA).replace("{users}", str(users)))
     # Warm up (connections, prepared statements, caches), then measure.
     extra = [option for header in headers for option in ("-H", header)]
     subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{warmup}s", *extra, "-s", script.name, f"http://127.0.0.1:{port}"],

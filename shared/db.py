@@ -98,7 +98,7 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
 async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 10,
                       reset_sessions: bool = True, server_settings: dict[str, str] | None = None,
                       exit_on_failure: bool = True, connection_class: type = asyncpg.Connection,
-                      prepare: Sequence[str] = ()) -> asyncpg.Pool:
+                      prepare: Sequence[str] = (), command_timeout: float | None = 60) -> asyncpg.Pool:
     """A pool of `min_size` open connections; a server that cannot be reached ends the process
     with a message naming it, unless `exit_on_failure` is off (the error is raised).
 
@@ -110,11 +110,12 @@ async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 1
     services send is one of a fixed few, so a backend's memory does not grow with its age.
     `prepare`: statements each new connection prepares once opened, into its statement cache, so
     that their parse, type look-ups and the backend's catalog reads happen then, not in the first
-    request that sends them."""
+    request that sends them. `command_timeout`: seconds a statement may take before the client
+    gives up on it (a connection that stopped answering), None for none."""
     try:
         return await asyncpg.create_pool(
             database_url, min_size=min_size, max_size=max_size, max_queries=math.inf,
-            init=functools.partial(_init_connection, prepare=tuple(prepare)), command_timeout=60,
+            init=functools.partial(_init_connection, prepare=tuple(prepare)), command_timeout=command_timeout,
             reset=None if reset_sessions else _keep_session, server_settings=server_settings,
             connection_class=connection_class,
         )

@@ -1,0 +1,479 @@
+"""The service at the scale of a large marketplace, each figure against its baseline in the same run.
+
+Seeds, with COPY and a progress bar, a database of --users registered users, --memberships
+explicit memberships over --segments segments (sizes Zipf-like: a few with millions of members,
+most with thousands; 2 × --rounds of them with exactly --deleted members, for the deletions),
+--rollout-segments of them with a rollout (the largest among them), and --history rows over the
+last 3 months; and a baseline database of 200,000 users made by the same generator, every count
+scaled down with the users. Then:
+
+- storage: bytes per membership and per history row, tables plus indexes, against the bare tuple;
+- the hot read (wrk, GET /users/{id}/segments, one API process per database): req/s, p99 and
+  requests a CPU second at full size as a ratio of the baseline, with uniformly random users
+  (a cold working set) and with Zipf-skewed users;
+- a percent change from 10 % to 50 % of a segment whose explicit members are 1 % of the users, on
+  each database: time to its outcome;
+- delete_segment of a segment with --deleted explicit members, in chunks (the default) and in one
+  transaction (CONSUMER_SEGMENT_REMOVAL_CHUNK=0): time to its outcome, the WAL it writes, and the
+  longest wait of the commands sent meanwhile, segment commands behind it in its partition and
+  user commands on every partition (record timestamp to outcome).
+
+Every figure is the median and range of --rounds rounds. The full size of the design card:
+
+    python -m bench.scale --users 10000000 --memberships 50000000 --history 30000000 --deleted 2000000
+
+The defaults are a quick run of a few minutes. Needs wrk (Debian: apt-get install wrk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from bench import common
+from bench.common import Progress, bench_environment, spread
+from bench.read_throughput import serve, wrk
+from devstack.processes import free_port, stop_process
+from services.command_consumer.bootstrap import build_consumer
+from services.expiry_worker import member_counts
+from shared.db import create_pool
+from shared.kafka import create_producer, kafka_options
+
+BASELINE_USERS = 200_000
+PROBE_SEGMENT_EVERY, PROBE_USER_EVERY = 0.1, 0.02  # seconds between the commands sent during a deletion
+# Users drawn by wrk: uniformly, or log-uniformly (user ⌊N^u⌋: the lower ids far more often, a
+# hot set as real traffic has).
+ZIPF_LUA = """
+math.randomseed(os.time())
+request = function()
+  return wrk.format("GET", "/users/" .. math.floor({users} ^ math.random()) .. "/segments")
+end
+"""
+
+
+def slug(rank: int) -> str:
+    return f"SEG_{rank:04d}"
+
+
+def segment_sizes(segments: int, memberships: int, users: int, deleted: int, rounds: int) -> list[int]:
+    """Members of each segment by rank: Zipf (1/rank) over the total, at most every user; ranks
+    1 … 2 × rounds (after the largest) hold exactly `deleted`, for the deletion rounds, and the
+    next one 1 % of the users, for the percent changes."""
+    harmonic = sum(1 / rank for rank in range(1, segments + 1))
+    sizes = [min(users, max(1, round(memberships / harmonic / rank))) for rank in range(1, segments + 1)]
+    for rank in range(1, 1 + 2 * rounds):
+        sizes[rank] = min(users, deleted)
+    sizes[percent_rank(rounds)] = max(1, users // 100)
+    return sizes
+
+
+def percent_rank(rounds: int) -> int:
+    return 1 + 2 * rounds
+
+
+def strides(count: int, users: int, rng: random.Random) -> list[int]:
+    """A step coprime with `users` for each segment: member i is user (offset + i × step) mod
+    users + 1, so a segment's members are distinct and spread over every user id."""
+    found = []
+    while len(found) < count:
+        step = rng.randrange(users // 3 + 1, users) if users > 3 else 1
+        if math.gcd(step, users) == 1:
+            found.append(step)
+    return found
+
+
+async def _pipe(conn_from: asyncpg.Connection, conn_to: asyncpg.Connection, query: str, args: tuple,
+                table: str, columns: list[str], progress: Progress) -> None:
+    """COPY (query) TO STDOUT on one connection into COPY table FROM STDIN on another: the rows
+    are made by the server and loaded as a bulk load, never one statement a row."""
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=64)
+    done = 0
+
+    async def produce(chunk: bytes) -> None:
+        nonlocal done
+        done += chunk.count(b"\n")
+        progress.update(done)
+        await queue.put(chunk)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while (chunk := await queue.get()) is not None:
+            yield chunk
+
+    async def read() -> None:
+        try:
+            await conn_from.copy_from_query(query, *args, output=produce)
+        finally:
+            await queue.put(None)
+
+    await asyncio.gather(read(), conn_to.copy_to_table(table, source=chunks(), columns=columns))
+    progress.update(progress.total)
+
+
+@contextlib.asynccontextmanager
+async def without_keys(conn: asyncpg.Connection, table: str) -> AsyncIterator[None]:
+    """Drop a table's constraints and indexes for a bulk load and build them again after it, as
+    they were (one sort each rather than an index entry placed a row at a time)."""
+    constraints = await conn.fetch("SELECT conname, pg_get_constraintdef(oid) AS definition FROM pg_constraint "
+                                   "WHERE conrelid = $1::regclass AND contype IN ('p', 'u', 'f')", table)
+    indexes = await conn.fetch("SELECT pg_get_indexdef(indexrelid) AS definition, indexrelid::regclass::text AS name "
+                               "FROM pg_index WHERE indrelid = $1::regclass AND indexrelid NOT IN "
+                               "(SELECT conindid FROM pg_constraint WHERE conrelid = $1::regclass)", table)
+    for row in constraints:
+        await conn.execute(f'ALTER TABLE {table} DROP CONSTRAINT "{row["conname"]}"')
+    for row in indexes:
+        await conn.execute(f"DROP INDEX {row['name']}")
+    yield
+    # A partitioned table's index is defined ON ONLY the parent; built again on every partition.
+    indexes = [{**row, "definition": row["definition"].replace(" ON ONLY ", " ON ")} for row in indexes]
+    steps = Progress(f"{table}: keys and indexes built again", len(constraints) + len(indexes))
+    for done, row in enumerate(constraints, 1):
+        await conn.execute(f'ALTER TABLE {table} ADD CONSTRAINT "{row["conname"]}" {row["definition"]}')
+        steps.update(done)
+    for done, row in enumerate(indexes, len(constraints) + 1):
+        await conn.execute(row["definition"])
+        steps.update(done)
+
+
+MEMBERSHIPS_SQL = """
+SELECT (s.start + i * s.step) % $5 + 1, s.id, now() - (i % 90) * interval '1 day',
+       CASE WHEN i % 10 = 0 THEN now() + interval '30 days' + (i % 1000) * interval '1 minute' END
+FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[]) AS s(id, size, start, step),
+     generate_series(0, s.size - 1) AS i
+"""
+# History over the last 90 days in time order, users uniform, segments skewed like the memberships.
+HISTORY_SQL = """
+SELECT 1 + floor(random() * $1)::bigint,
+       'SEG_' || lpad(least(floor(power(random(), 3) * $2), $2 - 1)::int::text, 4, '0'),
+       CASE WHEN g % 10 < 7 THEN 'I' ELSE 'D' END,
+       now() - interval '90 days' + (g::float8 / $3) * interval '90 days',
+       'manual', CASE WHEN g % 10 < 9 THEN 'manual' ELSE 'ttl' END
+FROM generate_series(0, $3 - 1) AS g
+"""
+
+
+async def seed(database_url: str, label: str, users: int, memberships: int, segments: int, rollout_segments: int,
+               history: int, deleted: int, rounds: int) -> int:
+    """The data set, on connections without a statement timeout and with the changes stream off
+    (a seed is not a stream of changes anyone subscribed to); returns the memberships made."""
+    rng = random.Random(7)
+    sizes = segment_sizes(segments, memberships, users, deleted, rounds)
+    # The largest, the percent changes' and the smallest.
+    rollout = {0, percent_rank(rounds), *range(segments - rollout_segments + 2, segments)}
+    source = await asyncpg.connect(database_url, command_timeout=None)
+    target = await asyncpg.connect(database_url, command_timeout=None)
+    try:
+        await target.execute("SET segmentation.membership_changes = off")
+        await target.execute("SET maintenance_work_mem = '1GB'")
+        await target.executemany(
+            "INSERT INTO segments (slug, percent, description, created_at, updated_at) "
+            "VALUES ($1, $2, $3, now() - interval '120 days', now())",
+            [(slug(rank), (10 if rank in (0, percent_rank(rounds)) else 1 + rank % 50) if rank in rollout else 0,
+              f"experiment {rank}") for rank in range(segments)])
+        ids = [row["id"] for row in await target.fetch("SELECT id FROM segments ORDER BY slug")]
+        await _pipe(source, target, "SELECT g, now() - interval '120 days' FROM generate_series(1, $1) AS g",
+                    (users,), "users", ["user_id", "registered_at"], Progress(f"{label}: users", users))
+        total = sum(sizes)
+        async with without_keys(target, "memberships"):
+            await _pipe(source, target, MEMBERSHIPS_SQL,
+                        (ids, sizes, [rng.randrange(users) for _ in sizes], strides(len(sizes), users, rng), users),
+                        "memberships", ["user_id", "segment_id", "added_at", "expires_at"],
+                        Progress(f"{label}: memberships", total))
+        start = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        for back in range(1, 5):  # the past months' partitions, as partition maintenance made them
+            first = (start - timedelta(days=back * 28)).replace(day=1)
+            end = (first + timedelta(days=32)).replace(day=1)
+            await target.execute(f"CREATE TABLE IF NOT EXISTS membership_history_p{first:%Y%m} PARTITION OF "
+                                 f"membership_history FOR VALUES FROM ('{first.isoformat()}') TO ('{end.isoformat()}')")
+        async with without_keys(target, "membership_history"):
+            await _pipe(source, target, HISTORY_SQL, (users, segments, history), "membership_history",
+                        ["user_id", "segment_slug", "operation", "executed_at", "source", "reason"],
+                        Progress(f"{label}: history", history))
+        steps = Progress(f"{label}: sizes kept, statistics, checkpoint", 3)
+        await member_counts.fold(target)  # what the size triggers wrote during the load, as the worker folds it
+        steps.update(1)
+        await target.execute("VACUUM ANALYZE")
+        steps.update(2)
+        await target.execute("CHECKPOINT")  # the load's pages written now, not during the rounds
+        steps.update(3)
+        return total
+    finally:
+        await source.close()
+        await target.close()
+
+
+async def storage(pool: asyncpg.Pool) -> dict[str, tuple[float, float, float]]:
+    """(bytes a row with indexes, of which the table's, the bare tuple) of memberships and history."""
+    figures = {}
+    for table in ("memberships", "membership_history"):
+        total, heap = await pool.fetchrow(
+            "SELECT sum(pg_total_relation_size(relid)), sum(pg_relation_size(relid)) "
+            "FROM (SELECT $1::regclass AS relid UNION SELECT relid FROM pg_partition_tree($1::regclass)) AS r", table)
+        rows = await pool.fetchval(f"SELECT count(*) FROM {table}")
+        tuple_bytes = await pool.fetchval(f"SELECT avg(pg_column_size(t.*)) FROM {table} t "
+                                          "TABLESAMPLE SYSTEM (1) REPEATABLE (1)")
+        figures[table] = (float(total) / rows, float(heap) / rows, float(tuple_bytes))
+    return figures
+
+
+class Outcomes:
+    """The results topic read as it is written: when each command's outcome arrived, in seconds
+    from the command's record timestamp (the time a caller waits for it, whatever the consumer
+    wrote into the outcome)."""
+
+    def __init__(self, settings) -> None:
+        self._settings = settings
+        self._reader = AIOKafkaConsumer(**kafka_options(settings), enable_auto_commit=False, fetch_max_wait_ms=10)
+        self._arrived: dict[str, float] = {}
+        self._sent: dict[str, float] = {}
+        self._task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> Outcomes:
+        await self._reader.start()
+        partitions = self._reader.partitions_for_topic(self._settings.results_topic) or set()
+        if not partitions:
+            partitions = set(range(self._settings.topic_partitions))
+        self._reader.assign([TopicPartition(self._settings.results_topic, p) for p in partitions])
+        await self._reader.seek_to_end()
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *_exc) -> None:
+        await common.cancel_and_stop(self._task, self._reader)
+
+    async def _read(self) -> None:
+        while True:
+            batch = await self._reader.getmany(timeout_ms=100)
+            now = time.time()
+            for records in batch.values():
+                for record in records:
+                    self._arrived.setdefault(record.key.decode(), now)
+
+    async def send(self, producer, topic: str, command: dict, key: str) -> str:
+        metadata = await producer.send_and_wait(topic, orjson.dumps(command), key=key.encode())
+        self._sent[command["command_id"]] = metadata.timestamp / 1000
+        return command["command_id"]
+
+    async def seconds(self, command_id: str, timeout: float = 3600) -> float:
+        """Seconds from the command's record to its outcome, once the outcome has arrived."""
+        deadline = time.monotonic() + timeout
+        while command_id not in self._arrived:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no outcome for {command_id}")
+            await asyncio.sleep(0.01)
+        return self._arrived[command_id] - self._sent[command_id]
+
+
+@contextlib.asynccontextmanager
+async def consumer_running(settings, pool, outcomes: Outcomes, producer) -> AsyncIterator[None]:
+    """A consumer in this process, its partitions assigned and a first command applied before
+    anything is timed."""
+    consumer = build_consumer(settings, pool)
+    task = asyncio.create_task(consumer.run())
+    try:
+        await outcomes.seconds(await outcomes.send(producer, settings.segments_commands_topic, {
+            "type": "update_segment", "slug": slug(0), "description": "warm",
+            "command_id": f"warm-{uuid.uuid4().hex[:8]}"}, slug(0)), timeout=120)
+        yield
+    finally:
+        consumer.stop()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def percent_change(settings, outcomes: Outcomes, producer, target: str) -> float:
+    """10 % → 50 % of a segment, timed; then back to 10 %, untimed."""
+    tag = uuid.uuid4().hex[:8]
+    seconds = await outcomes.seconds(await outcomes.send(producer, settings.segments_commands_topic, {
+        "type": "update_segment", "slug": target, "percent": 50, "command_id": f"up-{tag}"}, target))
+    await outcomes.seconds(await outcomes.send(producer, settings.segments_commands_topic, {
+        "type": "update_segment", "slug": target, "percent": 10, "command_id": f"down-{tag}"}, target))
+    return seconds
+
+
+async def deletion(settings, pool, outcomes: Outcomes, producer, target: str, users: int,
+                   probe_slug: str) -> dict[str, float]:
+    """Delete `target` while segment commands behind it (same key) and user commands (every
+    partition) keep coming; the deletion's time, its WAL, and the longest wait of each kind."""
+    tag = uuid.uuid4().hex[:8]
+    rng = random.Random(tag)
+    sent: dict[str, list[str]] = {"segment": [], "user": []}
+    done = asyncio.Event()
+
+    async def probe(kind: str, every: float) -> None:
+        async for index in common.paced(1 / every):
+            if done.is_set():
+                return
+            command_id = f"probe-{kind}-{tag}-{index}"
+            if kind == "segment":
+                await outcomes.send(producer, settings.segments_commands_topic, {
+                    "type": "update_segment", "slug": probe_slug, "description": f"probe {index}",
+                    "command_id": command_id}, target)
+            else:
+                user = rng.randint(1, users)
+                await outcomes.send(producer, settings.assignments_commands_topic, {
+                    "type": "update_user_segments", "user_id": user, "command_id": command_id,
+                    ("add" if index % 2 else "remove"): [probe_slug]}, str(user))
+            sent[kind].append(command_id)
+
+    wal_before = await pool.fetchval("SELECT pg_current_wal_lsn()")
+    probes = [asyncio.create_task(probe("segment", PROBE_SEGMENT_EVERY)),
+              asyncio.create_task(probe("user", PROBE_USER_EVERY))]
+    await asyncio.sleep(1.0)  # the probes' steady state first
+    try:
+        seconds = await outcomes.seconds(await outcomes.send(producer, settings.segments_commands_topic, {
+            "type": "delete_segment", "slug": target, "command_id": f"delete-{tag}"}, target))
+        wal = await pool.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1)", wal_before)
+        await asyncio.sleep(1.0)
+    finally:
+        done.set()
+        await asyncio.gather(*probes)
+    figures = {"seconds": seconds, "wal_mb": float(wal) / 2**20}
+    for kind, ids in sent.items():
+        figures[f"{kind} wait"] = max([await outcomes.seconds(command_id, timeout=600) for command_id in ids])
+    return figures
+
+
+async def hot_reads(ports: dict[str, tuple[int, int]], users: dict[str, int], duration: int,
+                    round_number: int) -> dict[tuple[str, str], dict]:
+    """Each database with uniform and Zipf users, in turn first and last from round to round."""
+    runs = [(name, kind) for name in ports for kind in ("uniform", "zipf")]
+    figures = {}
+    for name, kind in runs if round_number % 2 else runs[::-1]:
+        port, pid = ports[name]
+        figures[(name, kind)] = await asyncio.to_thread(
+            wrk, port, users[name], duration, 32, (), pid, 3, ZIPF_LUA if kind == "zipf" else None)
+    return figures
+
+
+def scaled(args, users: int) -> dict:
+    factor = users / args.users
+    return {"users": users, "memberships": max(args.segments, round(args.memberships * factor)),
+            "segments": args.segments, "rollout_segments": args.rollout_segments,
+            "history": round(args.history * factor), "deleted": max(1, round(args.deleted * factor)),
+            "rounds": args.rounds}
+
+
+async def main(args) -> None:
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is needed for this benchmark: apt-get install wrk")
+    if percent_rank(args.rounds) + 1 > args.segments - args.rollout_segments:
+        raise SystemExit("--segments must leave room for the deletion rounds' segments")
+    async with bench_environment("scale") as (_infra, new):
+        full_settings, full_pool = await new("full")
+        base_settings, base_pool = await new("base")
+        started = time.monotonic()
+        made = await seed(full_settings.database_url, "full size", **scaled(args, args.users))
+        seeded = time.monotonic() - started
+        await seed(base_settings.database_url, "baseline", **scaled(args, BASELINE_USERS))
+        sizes = {name: await storage(pool) for name, pool in (("full", full_pool), ("baseline", base_pool))}
+
+        reads: dict[tuple[str, str], list[dict]] = {}
+        servers = {}
+        try:
+            for name, settings in (("full", full_settings), ("baseline", base_settings)):
+                port = free_port()
+                env = {**os.environ, **settings.to_env(), "LOG_LEVEL": "WARNING", "API_WORKERS": str(args.workers),
+                       "API_PORT": str(port)}
+                servers[name] = (serve([sys.executable, "-m", "services.query_api", "--port", str(port)], env, port),
+                                 port)
+            ports = {name: (port, process.pid) for name, (process, port) in servers.items()}
+            for round_number in range(1, args.rounds + 1):
+                figures = await hot_reads(ports, {"full": args.users, "baseline": BASELINE_USERS}, args.duration,
+                                          round_number)
+                for key, value in figures.items():
+                    reads.setdefault(key, []).append(value)
+                print(f"  hot read round {round_number}/{args.rounds}: " + ", ".join(
+                    f"{name} {kind} {value['rps']:,.0f} req/s p99 {value['p99']:.1f} ms"
+                    for (name, kind), value in figures.items()), file=sys.stderr, flush=True)
+        finally:
+            for process, _port in servers.values():
+                stop_process(process)
+
+        producer = create_producer(full_settings)
+        await producer.start()
+        # One transaction of millions of rows outlasts the services' statement timeout (the
+        # consumer retries it until it gives up): measured without one, to see its cost.
+        untimed_pool = await create_pool(full_settings.database_url, max_size=12, command_timeout=None)
+        percent: dict[str, list[float]] = {"full": [], "baseline": []}
+        deletes: dict[str, list[dict]] = {"in chunks": [], "one transaction": []}
+        # Each database's consumer publishes to its own results topic: a reader each.
+        async with Outcomes(full_settings) as full_outcomes, Outcomes(base_settings) as base_outcomes:
+            try:
+                for name, settings, pool, outcomes in (("full", full_settings, full_pool, full_outcomes),
+                                                       ("baseline", base_settings, base_pool, base_outcomes)):
+                    async with consumer_running(settings, pool, outcomes, producer):
+                        for _ in range(args.rounds):
+                            percent[name].append(await percent_change(settings, outcomes, producer,
+                                                                      slug(percent_rank(args.rounds))))
+                    print(f"  percent change on {name}: " + ", ".join(f"{s:.2f} s" for s in percent[name]),
+                          file=sys.stderr, flush=True)
+                variants = {"in chunks": full_settings,
+                            "one transaction": full_settings.model_copy(update={"consumer_segment_removal_chunk": 0})}
+                pools = {"in chunks": full_pool, "one transaction": untimed_pool}
+                targets = iter(slug(rank) for rank in range(1, 1 + 2 * args.rounds))
+                probe_slug = slug(args.segments - args.rollout_segments)  # a small segment without a rollout
+                for round_number in range(1, args.rounds + 1):
+                    order = list(variants) if round_number % 2 else list(variants)[::-1]
+                    for name in order:
+                        async with consumer_running(variants[name], pools[name], full_outcomes, producer):
+                            deletes[name].append(await deletion(variants[name], pools[name], full_outcomes, producer,
+                                                                next(targets), args.users, probe_slug))
+                        print(f"  delete round {round_number}/{args.rounds}, {name}: " + ", ".join(
+                            f"{key} {value:,.2f}" for key, value in deletes[name][-1].items()),
+                            file=sys.stderr, flush=True)
+            finally:
+                await producer.stop()
+                await untimed_pool.close()
+
+    lines = {"seeded": f"{made:,} memberships, {args.history:,} history rows, {args.users:,} users in "
+                       f"{seeded / 60:.1f} min (COPY)"}
+    for table, label in (("memberships", "membership"), ("membership_history", "history row")):
+        total, heap, bare = sizes["full"][table]
+        lines[f"storage a {label}"] = (f"{total:.0f} bytes with indexes, {heap:.0f} table only, bare tuple {bare:.0f} "
+                                       f"({total / bare:.1f}x); baseline {sizes['baseline'][table][0]:.0f} bytes")
+    for kind in ("uniform", "zipf"):
+        full, base = reads[("full", kind)], reads[("baseline", kind)]
+        lines[f"hot read, {kind} users"] = (
+            f"{spread([r['rps'] for r in full])} req/s, p99 {spread([r['p99'] for r in full], '{:.1f}')} ms, "
+            f"{spread([1e6 / r['cpu_us'] for r in full])} requests a CPU second")
+        lines[f"hot read, {kind}: full / baseline"] = (
+            f"{spread([f['rps'] / b['rps'] for f, b in zip(full, base, strict=True)], '{:.1%}')} of the rate "
+            f"(target >= 80%), p99 {spread([f['p99'] / b['p99'] for f, b in zip(full, base, strict=True)], '{:.2f}')}x")
+    lines["percent change 10% -> 50%, explicit members 1% of users"] = (
+        f"{spread(percent['full'], '{:.2f}')} s at full size, {spread(percent['baseline'], '{:.2f}')} s at "
+        f"{BASELINE_USERS:,} users (target < 1 s)")
+    for name, runs in deletes.items():
+        lines[f"delete_segment of {args.deleted:,}, {name}"] = (
+            f"outcome {spread([r['seconds'] for r in runs], '{:.1f}')} s, WAL "
+            f"{spread([r['wal_mb'] for r in runs])} MiB; longest wait: segment commands behind it "
+            f"{spread([r['segment wait'] for r in runs], '{:.2f}')} s, user commands "
+            f"{spread([r['user wait'] for r in runs], '{:.2f}')} s (target < 1 s)")
+    common.report(f"at scale ({args.users:,} users, {made:,} memberships over {args.segments:,} segments, "
+                  f"{args.rollout_segments} with a rollout, {args.history:,} history rows; baseline "
+                  f"{BASELINE_USERS:,} users; wrk 32 connections, {args.duration} s)", lines)
+
+
+def cli() -> None:
+    common.cli(__doc__, main, rounds=3,
+               users=(1_000_000, "registered users (full size: 10,000,000)"),
+               memberships=(5_000_000, "explicit memberships (full size: 50,000,000)"),
+               segments=(1_000, "segments"), rollout_segments=(100, "segments with a rollout"),
+               history=(3_000_000, "history rows over the last 3 months (full size: 30,000,000)"),
+               deleted=(200_000, "explicit members of each deleted segment (full size: 2,000,000)"),
+               duration=(10, "seconds of wrk a hot-read figure"), workers=(2, "API worker processes"))
+
+
+if __name__ == "__main__":
+    cli()
