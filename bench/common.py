@@ -14,6 +14,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
@@ -161,6 +162,17 @@ async def recycle_wal(admin_url: str, megabytes: int = WARM_WAL_MB) -> None:
         await conn.execute("CHECKPOINT")
     finally:
         await conn.close()
+
+
+async def past_history_partitions(conn: asyncpg.Connection, months: int) -> None:
+    """The history partitions of the past `months` months, as partition maintenance made them
+    when those months were current (a fresh database has them from this month on)."""
+    start = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    for back in range(1, months + 1):
+        first = (start - timedelta(days=back * 28)).replace(day=1)
+        end = (first + timedelta(days=32)).replace(day=1)
+        await conn.execute(f"CREATE TABLE IF NOT EXISTS membership_history_p{first:%Y%m} PARTITION OF "
+                           f"membership_history FOR VALUES FROM ('{first.isoformat()}') TO ('{end.isoformat()}')")
 
 
 class Progress:

@@ -27,7 +27,6 @@ import shutil
 import statistics
 import sys
 import time
-from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import asyncpg
@@ -72,12 +71,7 @@ async def seed(database_url: str, users: int, memberships_per_user: int, history
                SELECT s.id, (now() AT TIME ZONE 'UTC')::date - back, floor(random() * 50)::int - 10
                FROM segments s, generate_series(1, 40) AS back""")
         steps.update(3)
-        start = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        for back in range(1, 4):  # the past months' partitions, as partition maintenance made them
-            first = (start - timedelta(days=back * 28)).replace(day=1)
-            end = (first + timedelta(days=32)).replace(day=1)
-            await conn.execute(f"CREATE TABLE IF NOT EXISTS membership_history_p{first:%Y%m} PARTITION OF "
-                               f"membership_history FOR VALUES FROM ('{first.isoformat()}') TO ('{end.isoformat()}')")
+        await common.past_history_partitions(conn, 3)
         await conn.execute(
             """INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, reason)
                SELECT 1 + floor(random() * $1)::bigint,

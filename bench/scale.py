@@ -37,7 +37,6 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import orjson
@@ -191,12 +190,7 @@ async def seed(database_url: str, label: str, users: int, memberships: int, segm
                         (ids, sizes, [rng.randrange(users) for _ in sizes], strides(len(sizes), users, rng), users),
                         "memberships", ["user_id", "segment_id", "added_at", "expires_at"],
                         Progress(f"{label}: memberships", total))
-        start = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        for back in range(1, 5):  # the past months' partitions, as partition maintenance made them
-            first = (start - timedelta(days=back * 28)).replace(day=1)
-            end = (first + timedelta(days=32)).replace(day=1)
-            await target.execute(f"CREATE TABLE IF NOT EXISTS membership_history_p{first:%Y%m} PARTITION OF "
-                                 f"membership_history FOR VALUES FROM ('{first.isoformat()}') TO ('{end.isoformat()}')")
+        await common.past_history_partitions(target, 4)
         async with without_keys(target, "membership_history"):
             await _pipe(source, target, HISTORY_SQL, (users, segments, history), "membership_history",
                         ["user_id", "segment_slug", "operation", "executed_at", "source", "reason"],

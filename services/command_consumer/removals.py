@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 import structlog
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from services.command_consumer import repository
 from services.command_consumer.metrics import SEGMENT_MEMBERS_REMOVED
@@ -64,7 +65,13 @@ class SegmentRemover:
         self._wake.set()
 
     async def run(self) -> None:
-        """Remove until cancelled. A database that does not answer is waited for, as by batches."""
+        """Remove until cancelled. A database that does not answer is waited for, as by batches.
+        Its statements make no spans: a poll every second would be a trace each time in the
+        operators' tracing backend, and a removal's chunks belong to no request."""
+        with suppress_instrumentation():
+            await self._run()
+
+    async def _run(self) -> None:
         backoff = Backoff(5.0)
         while True:
             try:

@@ -213,10 +213,9 @@ async def members_beyond(conn: asyncpg.Connection, segment_id: int, limit: int) 
                                "LIMIT $2 + 1) AS first_rows", segment_id, limit)
 
 
-_REMOVE_MEMBERS = """
-WITH gone AS (
-    DELETE FROM memberships WHERE segment_id = $1
-    RETURNING user_id, expires_at)
+# The history of the rows in `gone`: each left at the deletion ($3, by command $4), or at its
+# expiry if that came first.
+_HISTORY_OF_GONE = """
 INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, reason, command_id,
                                 expires_at)
 SELECT user_id, $2, 'D',
@@ -226,11 +225,16 @@ SELECT user_id, $2, 'D',
        CASE WHEN expires_at <= $3 THEN NULL ELSE $4 END,
        expires_at
 FROM gone"""
-# A chunk: the segment's next rows in the order of its index (memberships_segment_recent),
-# from where the previous chunk ended ($6, $7; NULL for the first), so that no chunk steps over
-# the index entries the chunks before it left dead. No row joins a deleted segment, so none is
-# missed. Returns the last row removed, where the next chunk starts.
-_REMOVE_CHUNK = """
+_REMOVE_MEMBERS = f"""
+WITH gone AS (
+    DELETE FROM memberships WHERE segment_id = $1
+    RETURNING user_id, expires_at)
+{_HISTORY_OF_GONE}"""
+# A chunk: the segment's next rows in the order of its index (memberships_segment_recent), from
+# where the previous chunk ended ($6, $7; NULL for the first), so that no chunk steps over the
+# index entries the chunks before it left dead. No row joins a deleted
+# segment, so none is missed. Returns where the next chunk starts.
+_REMOVE_CHUNK = f"""
 WITH chunk AS (
     SELECT user_id, added_at FROM memberships
     WHERE segment_id = $1 AND ($6::timestamptz IS NULL OR (added_at, user_id) < ($6, $7))
@@ -239,16 +243,7 @@ gone AS (
     DELETE FROM memberships m USING chunk
     WHERE m.segment_id = $1 AND m.user_id = chunk.user_id
     RETURNING m.user_id, m.added_at, m.expires_at),
-written AS (
-    INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, reason, command_id,
-                                    expires_at)
-    SELECT user_id, $2, 'D',
-           CASE WHEN expires_at <= $3 THEN expires_at ELSE $3 END,
-           'manual',
-           CASE WHEN expires_at <= $3 THEN 'ttl' ELSE 'segment_deleted' END,
-           CASE WHEN expires_at <= $3 THEN NULL ELSE $4 END,
-           expires_at
-    FROM gone)
+written AS ({_HISTORY_OF_GONE})
 SELECT (SELECT count(*) FROM gone) AS removed, count(*) AS seen,
        (array_agg(added_at ORDER BY added_at, user_id))[1] AS last_added_at,
        (array_agg(user_id ORDER BY added_at, user_id))[1] AS last_user_id

@@ -73,7 +73,7 @@ async def test_days_before_the_upgrade_come_from_the_history_and_later_ones_from
         today = await conn.fetchval("SELECT (now() AT TIME ZONE 'UTC')::date")
         sizes = await seed_history(conn, today)
         await conn.execute("INSERT INTO users SELECT g, now() FROM generate_series(1, 400) AS g")
-        assert apply_migrations(old_database) == [DAYS]
+        assert apply_migrations(old_database)[0] == DAYS  # and the ones after it
         now = await conn.fetchval("SELECT count(*) FROM memberships")
         assert now == sizes[today - timedelta(days=1)]
         assert await trend_of(pool, "GROW") == expected_trend(sizes, today, now)
@@ -151,7 +151,7 @@ async def test_the_migration_never_holds_writers_longer_than_its_lock_timeout(ol
         waited = time.monotonic() - started
         await release
         assert waited < 1.5, f"a writer waited {waited:.1f} s behind the migration"
-        assert await migrating == [DAYS]
+        assert (await migrating)[0] == DAYS
         assert await writer.fetchval("SELECT sum(members) FROM segment_member_counts WHERE segment_id = $1",
                                      segment) == 2
     finally:
