@@ -11,14 +11,15 @@ scaled down with the users. Then:
 - the hot read (wrk, GET /users/{id}/segments, one API process per database): req/s, p99 and
   requests a CPU second at full size as a ratio of the baseline, with uniformly random users
   (a cold working set) and with Zipf-skewed users;
-- a percent change from 10 % to 50 % of a segment whose explicit members are 1 % of the users, on
-  each database: time to its outcome;
+- a percent change from 10 % to 50 % of a segment whose explicit members are 1 % of the users, and
+  of the largest segment, on each database: time to its outcome;
 - delete_segment of a segment with --deleted explicit members, in chunks (the default) and in one
   transaction (CONSUMER_SEGMENT_REMOVAL_CHUNK=0): time to its outcome, the WAL it writes, and the
   longest wait of the commands sent meanwhile, segment commands behind it in its partition and
   user commands on every partition (record timestamp to outcome).
 
-Every figure is the median and range of --rounds rounds. The full size of the design card:
+Every figure is the median and range of --rounds rounds; --measures picks some of them (both
+databases are seeded whatever it picks). The full size of the design card:
 
     python -m bench.scale --users 10000000 --memberships 50000000 --history 30000000 --deleted 2000000
 
@@ -52,6 +53,7 @@ from shared.db import create_pool
 from shared.kafka import create_producer, kafka_options
 
 BASELINE_USERS = 200_000
+MEASURES = ("storage", "reads", "percent", "delete")
 PROBE_SEGMENT_EVERY, PROBE_USER_EVERY = 0.1, 0.02  # seconds between the commands sent during a deletion
 # Users drawn by wrk: uniformly, or log-uniformly (user ⌊N^u⌋: the lower ids far more often, a
 # hot set as real traffic has).
@@ -364,6 +366,9 @@ async def main(args) -> None:
         raise SystemExit("wrk is needed for this benchmark: apt-get install wrk")
     if percent_rank(args.rounds) + 1 > args.segments - args.rollout_segments:
         raise SystemExit("--segments must leave room for the deletion rounds' segments")
+    measures = set(args.measures.split(","))
+    if not measures or measures - set(MEASURES):
+        raise SystemExit(f"--measures: a comma-separated choice of {', '.join(MEASURES)}")
     async with bench_environment("scale") as (_infra, new):
         full_settings, full_pool = await new("full")
         base_settings, base_pool = await new("base")
@@ -371,7 +376,8 @@ async def main(args) -> None:
         made = await seed(full_settings.database_url, "full size", **scaled(args, args.users))
         seeded = time.monotonic() - started
         await seed(base_settings.database_url, "baseline", **scaled(args, BASELINE_USERS))
-        sizes = {name: await storage(pool) for name, pool in (("full", full_pool), ("baseline", base_pool))}
+        sizes = {name: await storage(pool) for name, pool in (("full", full_pool), ("baseline", base_pool))
+                 if "storage" in measures}
 
         reads: dict[tuple[str, str], list[dict]] = {}
         servers = {}
@@ -383,7 +389,7 @@ async def main(args) -> None:
                 servers[name] = (serve([sys.executable, "-m", "services.query_api", "--port", str(port)], env, port),
                                  port)
             ports = {name: (port, process.pid) for name, (process, port) in servers.items()}
-            for round_number in range(1, args.rounds + 1):
+            for round_number in range(1, args.rounds + 1 if "reads" in measures else 1):
                 figures = await hot_reads(ports, {"full": args.users, "baseline": BASELINE_USERS}, args.duration,
                                           round_number)
                 for key, value in figures.items():
@@ -400,25 +406,30 @@ async def main(args) -> None:
         # One transaction of millions of rows outlasts the services' statement timeout (the
         # consumer retries it until it gives up): measured without one, to see its cost.
         untimed_pool = await create_pool(full_settings.database_url, max_size=12, command_timeout=None)
-        percent: dict[str, list[float]] = {"full": [], "baseline": []}
+        percent: dict[tuple[str, str], list[float]] = {}
+        targets_of_percent = {"explicit members 1% of users": slug(percent_rank(args.rounds)),
+                              "the largest segment": slug(0)}
         deletes: dict[str, list[dict]] = {"in chunks": [], "one transaction": []}
         # Each database's consumer publishes to its own results topic: a reader each.
         async with Outcomes(full_settings) as full_outcomes, Outcomes(base_settings) as base_outcomes:
             try:
                 for name, settings, pool, outcomes in (("full", full_settings, full_pool, full_outcomes),
                                                        ("baseline", base_settings, base_pool, base_outcomes)):
+                    if "percent" not in measures:
+                        break
                     async with consumer_running(settings, pool, outcomes, producer):
-                        for _ in range(args.rounds):
-                            percent[name].append(await percent_change(settings, outcomes, producer,
-                                                                      slug(percent_rank(args.rounds))))
-                    print(f"  percent change on {name}: " + ", ".join(f"{s:.2f} s" for s in percent[name]),
-                          file=sys.stderr, flush=True)
+                        for target, target_slug in targets_of_percent.items():
+                            for _ in range(args.rounds):
+                                percent.setdefault((target, name), []).append(
+                                    await percent_change(settings, outcomes, producer, target_slug))
+                            print(f"  percent change on {name}, {target}: " + ", ".join(
+                                f"{s:.2f} s" for s in percent[(target, name)]), file=sys.stderr, flush=True)
                 variants = {"in chunks": full_settings,
                             "one transaction": full_settings.model_copy(update={"consumer_segment_removal_chunk": 0})}
                 pools = {"in chunks": full_pool, "one transaction": untimed_pool}
                 targets = iter(slug(rank) for rank in range(1, 1 + 2 * args.rounds))
                 probe_slug = slug(args.segments - args.rollout_segments)  # a small segment without a rollout
-                for round_number in range(1, args.rounds + 1):
+                for round_number in range(1, args.rounds + 1 if "delete" in measures else 1):
                     order = list(variants) if round_number % 2 else list(variants)[::-1]
                     for name in order:
                         async with consumer_running(variants[name], pools[name], full_outcomes, producer):
@@ -433,11 +444,11 @@ async def main(args) -> None:
 
     lines = {"seeded": f"{made:,} memberships, {args.history:,} history rows, {args.users:,} users in "
                        f"{seeded / 60:.1f} min (COPY)"}
-    for table, label in (("memberships", "membership"), ("membership_history", "history row")):
+    for table, label in (("memberships", "membership"), ("membership_history", "history row")) if sizes else ():
         total, heap, bare = sizes["full"][table]
         lines[f"storage a {label}"] = (f"{total:.0f} bytes with indexes, {heap:.0f} table only, bare tuple {bare:.0f} "
                                        f"({total / bare:.1f}x); baseline {sizes['baseline'][table][0]:.0f} bytes")
-    for kind in ("uniform", "zipf"):
+    for kind in ("uniform", "zipf") if reads else ():
         full, base = reads[("full", kind)], reads[("baseline", kind)]
         lines[f"hot read, {kind} users"] = (
             f"{spread([r['rps'] for r in full])} req/s, p99 {spread([r['p99'] for r in full], '{:.1f}')} ms, "
@@ -445,10 +456,11 @@ async def main(args) -> None:
         lines[f"hot read, {kind}: full / baseline"] = (
             f"{spread([f['rps'] / b['rps'] for f, b in zip(full, base, strict=True)], '{:.1%}')} of the rate "
             f"(target >= 80%), p99 {spread([f['p99'] / b['p99'] for f, b in zip(full, base, strict=True)], '{:.2f}')}x")
-    lines["percent change 10% -> 50%, explicit members 1% of users"] = (
-        f"{spread(percent['full'], '{:.2f}')} s at full size, {spread(percent['baseline'], '{:.2f}')} s at "
-        f"{BASELINE_USERS:,} users (target < 1 s)")
-    for name, runs in deletes.items():
+    for target in targets_of_percent if percent else ():
+        lines[f"percent change 10% -> 50%, {target}"] = (
+            f"{spread(percent[(target, 'full')], '{:.3f}')} s at full size, "
+            f"{spread(percent[(target, 'baseline')], '{:.3f}')} s at {BASELINE_USERS:,} users (target < 1 s)")
+    for name, runs in deletes.items() if "delete" in measures else ():
         lines[f"delete_segment of {args.deleted:,}, {name}"] = (
             f"outcome {spread([r['seconds'] for r in runs], '{:.1f}')} s, WAL "
             f"{spread([r['wal_mb'] for r in runs])} MiB; longest wait: segment commands behind it "
@@ -466,7 +478,8 @@ def cli() -> None:
                segments=(1_000, "segments"), rollout_segments=(100, "segments with a rollout"),
                history=(3_000_000, "history rows over the last 3 months (full size: 30,000,000)"),
                deleted=(200_000, "explicit members of each deleted segment (full size: 2,000,000)"),
-               duration=(10, "seconds of wrk a hot-read figure"), workers=(2, "API worker processes"))
+               duration=(10, "seconds of wrk a hot-read figure"), workers=(2, "API worker processes"),
+               measures=(",".join(MEASURES), "which figures, comma-separated"))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ today would be counted in both; only the expiry's exits are written with an earl
 seconds, so that happens only at midnight.
 """
 
-import time
-
 from yoyo import step
+
+from shared.schema_changes import briefly
 
 __depends__ = {"0010_segment_member_counts"}
 __transactional__ = False
@@ -57,26 +57,9 @@ ON CONFLICT (segment_id, day) DO UPDATE SET change = segment_member_days.change 
 """
 
 
-def _briefly(cursor, statement: str, attempts: int = 600) -> None:
-    """Run a statement that needs a lock the writers also take, giving up on the lock after a
-    second (so writers queued behind it wait no longer) and trying again."""
-    cursor.execute("SET lock_timeout = '1s'")
-    try:
-        for attempt in range(attempts):
-            try:
-                cursor.execute(statement)
-                return
-            except Exception as error:  # psycopg.errors.LockNotAvailable; yoyo hides the driver
-                if getattr(error, "sqlstate", None) != "55P03" or attempt == attempts - 1:
-                    raise
-                time.sleep(0.5)
-    finally:
-        cursor.execute("RESET lock_timeout")
-
-
 def apply(conn) -> None:
     cursor = conn.cursor()
-    _briefly(cursor, "ALTER TABLE segment_member_counts ADD COLUMN IF NOT EXISTS day date")
+    briefly(cursor, "ALTER TABLE segment_member_counts ADD COLUMN IF NOT EXISTS day date")
     cursor.execute("""
         CREATE TABLE IF NOT EXISTS segment_member_days (
             segment_id bigint NOT NULL,
@@ -99,7 +82,7 @@ def rollback(conn) -> None:
     cursor = conn.cursor()
     cursor.execute(UNTAGGED_FUNCTIONS)
     cursor.execute("DROP TABLE IF EXISTS segment_member_days")
-    _briefly(cursor, "ALTER TABLE segment_member_counts DROP COLUMN IF EXISTS day")
+    briefly(cursor, "ALTER TABLE segment_member_counts DROP COLUMN IF EXISTS day")
 
 
 steps = [step(apply, rollback)]

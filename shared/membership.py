@@ -99,8 +99,8 @@ class UserState:
     """One user's explicit memberships and exclusions, and the changes made to them since it was
     loaded, so that writing it back needs no bookkeeping by the code that changed it."""
 
-    __slots__ = ("_changed_exclusions", "_changed_explicit", "excluded", "explicit", "newly_registered",
-                 "registered", "user_id")
+    __slots__ = ("_changed_exclusions", "_changed_explicit", "_stored", "_stored_exclusions", "excluded", "explicit",
+                 "newly_registered", "registered", "user_id")
 
     def __init__(self, user_id: int, registered: bool = False,
                  explicit: dict[int, datetime | None] | None = None, excluded: set[int] | None = None) -> None:
@@ -111,6 +111,19 @@ class UserState:
         self.newly_registered = False
         self._changed_explicit: set[int] = set()
         self._changed_exclusions: set[int] = set()
+        # The stored rows as loaded: segment id → (since, expires_at) of a membership, → since of an
+        # exclusion. A row replaced or deleted ends a span of it (ExplicitSpan).
+        self._stored: dict[int, tuple[datetime, datetime | None]] = {}
+        self._stored_exclusions: dict[int, datetime] = {}
+
+    def load_explicit(self, segment_id: int, expires_at: datetime | None, since: datetime) -> None:
+        """A stored membership, held since `since` (its added_at)."""
+        self.explicit[segment_id] = expires_at
+        self._stored[segment_id] = (since, expires_at)
+
+    def load_exclusion(self, segment_id: int, since: datetime) -> None:
+        self.excluded.add(segment_id)
+        self._stored_exclusions[segment_id] = since
 
     def register(self) -> bool:
         """Any command naming a user registers it; returns whether it is new."""
@@ -157,18 +170,43 @@ class UserState:
             return None
         return HistoryRow(self.user_id, segment.slug, "D", expires_at, "manual", "ttl", None, expires_at)
 
-    def changes(self, into: UserChanges | None = None) -> UserChanges:
-        """What changed since the state was loaded, as the rows to write (added to `into`)."""
+    def changes(self, now: datetime, into: UserChanges | None = None) -> UserChanges:
+        """What changed since the state was loaded, as the rows to write (added to `into`), `now`
+        being when they are written: a stored row that is replaced or deleted ends its span then,
+        or at its expiry if that came first. (An upsert restarts a membership's added_at, so the
+        row it replaces ends its span too.)"""
         changes = UserChanges() if into is None else into
         for segment_id in self._changed_explicit:
             if segment_id in self.explicit:
                 changes.upserts.append((self.user_id, segment_id, self.explicit[segment_id]))
             else:
                 changes.deletions.append((self.user_id, segment_id))
+            if segment_id in self._stored:
+                since, expires_at = self._stored[segment_id]
+                ended = now if expires_at is None else min(expires_at, now)
+                changes.ended_spans.append(ExplicitSpan(self.user_id, segment_id, since, ended))
         for segment_id in self._changed_exclusions:
-            target = changes.new_exclusions if segment_id in self.excluded else changes.lifted_exclusions
-            target.append((self.user_id, segment_id))
+            if segment_id in self.excluded:
+                changes.new_exclusions.append((self.user_id, segment_id))
+                continue
+            changes.lifted_exclusions.append((self.user_id, segment_id))
+            if segment_id in self._stored_exclusions:
+                changes.ended_spans.append(ExplicitSpan(self.user_id, segment_id,
+                                                        self._stored_exclusions[segment_id], now))
         return changes
+
+
+class ExplicitSpan(NamedTuple):
+    """A time during which a user held an explicit membership or an exclusion for a segment, from
+    `since` until just before `ended`: a rollout event at a moment in it did not move the user.
+    Live rows carry their own start; a row that ends is kept as a span (explicit_spans) when the
+    segment had a rollout event since it started, so that reports can tell whom each event moved
+    without the event copying every explicit row of its segment."""
+
+    user_id: int
+    segment_id: int
+    since: datetime
+    ended: datetime
 
 
 @dataclass(slots=True)
@@ -177,3 +215,4 @@ class UserChanges:
     deletions: list[tuple[int, int]] = field(default_factory=list)
     new_exclusions: list[tuple[int, int]] = field(default_factory=list)
     lifted_exclusions: list[tuple[int, int]] = field(default_factory=list)
+    ended_spans: list[ExplicitSpan] = field(default_factory=list)

@@ -3,13 +3,14 @@
 Written from the contract's rules (the README's "The contract, in short"), not from the
 consumer's code: dictionaries and sets, one command at a time. It covers all five command types,
 TTLs (kept long enough not to expire during a test), percent rollout with exclusions, segment
-deletion and re-creation, and repeated command ids.
+deletion and re-creation, repeated command ids, and the rows of a user's report.
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -23,7 +24,10 @@ PERCENTS = [0, 5, 12.5, 33.33, 50, 100]
 
 
 class ContractModel:
-    def __init__(self) -> None:
+    def __init__(self, universe: Iterable[int] = ()) -> None:
+        # Users whose report rows the model predicts, rollout rows included (seen or not).
+        self.universe = list(universe)
+        self.report: dict[tuple[int, str], list[tuple[str, str, str]]] = {}  # (user, slug) → (op, source, reason)
         self.segments: dict[str, Decimal] = {}  # live slug → percent
         self.users: set[int] = set()
         self.explicit: dict[tuple[int, str], tuple[str, Any, str] | None] = {}  # → (kind, value, command id)
@@ -43,6 +47,20 @@ class ContractModel:
         return (user_id, slug) in self.explicit or (
             self.covered(user_id, slug) and (user_id, slug) not in self.excluded)
 
+    def _report(self, user_id: int, slug: str, operation: str, source: str, reason: str) -> None:
+        self.report.setdefault((user_id, slug), []).append((operation, source, reason))
+
+    def _rollout_moves(self, slug: str, before: Decimal, after: Decimal, reason: str) -> None:
+        """The rows a rollout change means for every user of the universe it moves: those with
+        no explicit membership or exclusion for the segment at that moment."""
+        for user_id in self.universe:
+            if (user_id, slug) in self.explicit or (user_id, slug) in self.excluded:
+                continue
+            bucket = rollout_bucket(slug, user_id)
+            was_in, is_in = bucket < round(before * 100), bucket < round(after * 100)
+            if was_in != is_in:
+                self._report(user_id, slug, "I" if is_in else "D", "auto", reason)
+
     def members_of(self, user_id: int) -> list[str]:
         return sorted(slug for slug in self.segments if self.is_member(user_id, slug))
 
@@ -60,6 +78,7 @@ class ContractModel:
         self.segments[c["slug"]] = percent
         if percent > 0:
             self.rollout_events[c["slug"]] += 1
+            self._rollout_moves(c["slug"], Decimal(0), percent, "created")
         return ("applied", None)
 
     def _update_segment(self, c):
@@ -69,6 +88,7 @@ class ContractModel:
             percent = Decimal(str(c["percent"]))
             if percent != self.segments[c["slug"]]:
                 self.rollout_events[c["slug"]] += 1
+                self._rollout_moves(c["slug"], self.segments[c["slug"]], percent, "percent_changed")
             self.segments[c["slug"]] = percent
         return ("applied", None)
 
@@ -76,11 +96,14 @@ class ContractModel:
         slug = c["slug"]
         if slug not in self.segments:
             return ("rejected", "segment_not_found")
-        if self.segments.pop(slug) > 0:
+        percent = self.segments.pop(slug)
+        if percent > 0:
             self.rollout_events[slug] += 1
+            self._rollout_moves(slug, percent, Decimal(0), "segment_deleted")
         for user_id, member_slug in [key for key in self.explicit if key[1] == slug]:
             del self.explicit[(user_id, member_slug)]
             self.history.setdefault(user_id, []).append((slug, "D", "segment_deleted"))
+            self._report(user_id, slug, "D", "manual", "segment_deleted")
         self.excluded = {key for key in self.excluded if key[1] != slug}
         return ("applied", None)
 
@@ -104,6 +127,7 @@ class ContractModel:
             self.excluded.discard((user_id, slug))
             if not was_member:
                 log.append((slug, "I", "manual"))
+                self._report(user_id, slug, "I", "manual", "manual")
         for slug in dict.fromkeys(remove):
             if slug not in self.segments:
                 continue
@@ -113,6 +137,7 @@ class ContractModel:
                 self.excluded.add((user_id, slug))
             if was_member:
                 log.append((slug, "D", "manual"))
+                self._report(user_id, slug, "D", "manual", "manual")
         return ("applied", None)
 
     # -- comparison with the database ------------------------------------------------------------

@@ -162,8 +162,9 @@ async def apply_batch(conn: asyncpg.Connection, batch: list[ParsedRecord],
                     decision = USER_HANDLERS[type(command)](command, states[command.user_id], segments, now,
                                                             parsed.command_id)
                 else:
-                    decision = await SEGMENT_HANDLERS[type(command)](conn, command, now, parsed.command_id,
+                    decision = await SEGMENT_HANDLERS[type(command)](conn, command, _clock, parsed.command_id,
                                                                      removal_chunk)
+                    now = decision.at or now
                     catalogue_changed |= decision.status is Status.APPLIED
                 history.extend(decision.history)
                 if decision.removal is not None:

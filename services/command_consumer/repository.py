@@ -10,7 +10,7 @@ from decimal import Decimal
 import asyncpg
 
 from shared.db import create_pool
-from shared.membership import HISTORY_COLUMNS, HistoryRow, Segment, UserChanges, UserState, unexpired
+from shared.membership import HISTORY_COLUMNS, HistoryRow, Segment, UserChanges, UserState
 from shared.outcomes import OUTCOME_COLUMNS, OUTCOME_SELECT, OutcomeRow
 from shared.settings import DatabaseSettings
 
@@ -29,17 +29,17 @@ _LOAD_STATE = """WITH live AS MATERIALIZED (
            SELECT p.user_id, live.id AS segment_id
            FROM unnest($3::bigint[], $4::text[]) AS p(user_id, slug) JOIN live ON live.slug = p.slug),
        locked AS (
-           SELECT m.user_id, m.segment_id, m.expires_at
+           SELECT m.user_id, m.segment_id, m.expires_at, m.added_at
            FROM memberships m JOIN pairs p ON m.user_id = p.user_id AND m.segment_id = p.segment_id
            FOR UPDATE OF m)
        SELECT 's' AS kind, NULL::bigint AS user_id, id AS segment_id, slug, percent,
-              NULL::timestamptz AS expires_at FROM live
+              NULL::timestamptz AS expires_at, NULL::timestamptz AS since FROM live
        UNION ALL
-       SELECT 'u', user_id, NULL, NULL, NULL, NULL FROM users WHERE user_id = ANY($2::bigint[])
+       SELECT 'u', user_id, NULL, NULL, NULL, NULL, NULL FROM users WHERE user_id = ANY($2::bigint[])
        UNION ALL
-       SELECT 'm', user_id, segment_id, NULL, NULL, expires_at FROM locked
+       SELECT 'm', user_id, segment_id, NULL, NULL, expires_at, added_at FROM locked
        UNION ALL
-       SELECT 'x', x.user_id, x.segment_id, NULL, NULL, NULL
+       SELECT 'x', x.user_id, x.segment_id, NULL, NULL, NULL, x.excluded_at
        FROM rollout_exclusions x JOIN pairs p ON x.user_id = p.user_id AND x.segment_id = p.segment_id"""
 
 
@@ -54,15 +54,15 @@ async def load_batch_state(conn: asyncpg.Connection, user_ids: list[int],
     segments: dict[str, Segment] = {}
     pair_users, pair_slugs = (list(column) for column in zip(*pairs, strict=True)) if pairs else ([], [])
     rows = await conn.fetch(_LOAD_STATE, sorted(set(pair_slugs)), user_ids, pair_users, pair_slugs)
-    for kind, user_id, segment_id, slug, percent, expires_at in rows:
+    for kind, user_id, segment_id, slug, percent, expires_at, since in rows:
         if kind == "s":
             segments[slug] = Segment(segment_id, slug, percent)
         elif kind == "u":
             states[user_id].registered = True
         elif kind == "m":
-            states[user_id].explicit[segment_id] = expires_at
+            states[user_id].load_explicit(segment_id, expires_at, since)
         else:
-            states[user_id].excluded.add(segment_id)
+            states[user_id].load_exclusion(segment_id, since)
     return segments, states
 
 
@@ -74,7 +74,9 @@ ONE_STATEMENT_ROWS = 100
 async def write_batch(conn: asyncpg.Connection, states: list[UserState], history: list[HistoryRow],
                       outcomes: list[OutcomeRow], now: datetime) -> None:
     """A batch's changes: new users, memberships and exclusions changed, history rows and new
-    outcomes, in one statement (or, for many rows, one and two COPYs). The outcomes are plain
+    outcomes, and the spans of explicit rows that ended (UserState.changes) where the segment had
+    a rollout event since they started, in one statement (or, for many rows, one and two COPYs),
+    `now` being when they are written. The outcomes are plain
     inserts, not INSERT … ON CONFLICT: a concurrent writer of the same command id (a zombie
     consumer after a rebalance) makes this transaction fail and retry, and the retry finds the
     stored outcome."""
@@ -83,12 +85,13 @@ async def write_batch(conn: asyncpg.Connection, states: list[UserState], history
     new_users = [s.user_id for s in states if s.newly_registered]
     changes = UserChanges()
     for state in states:
-        state.changes(into=changes)
+        state.changes(now, into=changes)
     copied = len(history) > ONE_STATEMENT_ROWS or len(outcomes) > ONE_STATEMENT_ROWS
     await conn.execute(_WRITE_BATCH, new_users, now, *_columns(changes.deletions, 2), *_columns(changes.upserts, 3),
                        *_columns(changes.lifted_exclusions, 2), *_columns(changes.new_exclusions, 2),
                        *_columns([] if copied else history, len(HISTORY_COLUMNS)),
-                       *_columns([] if copied else outcomes, len(OUTCOME_COLUMNS)))
+                       *_columns([] if copied else outcomes, len(OUTCOME_COLUMNS)),
+                       *_columns(changes.ended_spans, 4))
     if copied:
         if history:
             await conn.copy_records_to_table("membership_history", columns=HISTORY_COLUMNS, records=history)
@@ -121,6 +124,12 @@ excluded AS (
     INSERT INTO rollout_exclusions (user_id, segment_id, excluded_at)
     SELECT u, s, $2 FROM unnest($10::bigint[], $11::bigint[]) AS t(u, s)
     ON CONFLICT DO NOTHING),
+spans AS (
+    INSERT INTO explicit_spans (segment_id, user_id, since, ended)
+    SELECT t.s, t.u, t.since, t.ended
+    FROM unnest($33::bigint[], $34::bigint[], $35::timestamptz[], $36::timestamptz[]) AS t(u, s, since, ended)
+    JOIN segments g ON g.id = t.s
+    WHERE g.rolled_at >= t.since),
 history AS (
     INSERT INTO membership_history ({', '.join(HISTORY_COLUMNS)})
     SELECT * FROM unnest($12::bigint[], $13::text[], $14::text[], $15::timestamptz[], $16::text[], $17::text[],
@@ -182,29 +191,31 @@ async def update_segment(conn: asyncpg.Connection, segment_id: int, percent: Dec
 
 async def record_rollout_event(conn: asyncpg.Connection, segment_id: int, slug: str, old: Decimal, new: Decimal,
                                reason: str, now: datetime, command_id: str) -> None:
-    """A percent change of a segment, with the users it does not move (explicit members and
-    excluded users), so reports can expand it per user exactly without a row per covered user."""
-    event_id = await conn.fetchval(
-        """INSERT INTO rollout_events (segment_id, segment_slug, old_percent, new_percent, reason,
-                                       executed_at, command_id)
-           VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id""",
-        segment_id, slug, old, new, reason, now, command_id,
-    )
+    """A percent change of a segment: two rows, whatever the segment's size. Whom it did not move
+    (the users holding an explicit membership or an exclusion at `now`) reports find from the
+    explicit rows' starts and the spans of those that ended since (explicit_spans), which every
+    writer keeps for a segment whose `rolled_at` is at or after a row's start."""
     await conn.execute(
-        f"""INSERT INTO rollout_event_overrides (event_id, user_id)
-           SELECT $1::bigint, user_id FROM memberships
-           WHERE segment_id = $2 AND {unexpired("memberships", "$3")}
-           UNION
-           SELECT $1::bigint, user_id FROM rollout_exclusions WHERE segment_id = $2""",
-        event_id, segment_id, now,
+        """WITH event AS (
+               INSERT INTO rollout_events (segment_id, segment_slug, old_percent, new_percent, reason,
+                                           executed_at, command_id, overrides_kept)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, false))
+           UPDATE segments SET rolled_at = $6 WHERE id = $1""",
+        segment_id, slug, old, new, reason, now, command_id,
     )
 
 
 async def mark_deleted(conn: asyncpg.Connection, segment_id: int, now: datetime) -> None:
     """The segment is deleted from `now` on: reads and commands no longer see it, its exclusions
-    go; its explicit members are removed by remove_members (at once or in chunks)."""
+    go (each kept as a span that includes the deletion's own event); its explicit members are
+    removed by remove_members (at once or in chunks)."""
     await conn.execute("UPDATE segments SET deleted_at = $2, updated_at = $2 WHERE id = $1", segment_id, now)
-    await conn.execute("DELETE FROM rollout_exclusions WHERE segment_id = $1", segment_id)
+    await conn.execute(
+        f"""WITH gone AS (DELETE FROM rollout_exclusions WHERE segment_id = $1 RETURNING user_id, excluded_at)
+           INSERT INTO explicit_spans (segment_id, user_id, since, ended)
+           SELECT $1, user_id, excluded_at, {_JUST_AFTER.format("$2")} FROM gone
+           WHERE excluded_at <= (SELECT rolled_at FROM segments WHERE id = $1)""",
+        segment_id, now)
 
 
 async def members_beyond(conn: asyncpg.Connection, segment_id: int, limit: int) -> bool:
@@ -213,8 +224,12 @@ async def members_beyond(conn: asyncpg.Connection, segment_id: int, limit: int) 
                                "LIMIT $2 + 1) AS first_rows", segment_id, limit)
 
 
+# A span ended by a segment's deletion at {} covers the deletion's own rollout event: it ends
+# at the first moment after it (timestamps count microseconds).
+_JUST_AFTER = "{}::timestamptz + interval '1 microsecond'"
 # The history of the rows in `gone`: each left at the deletion ($3, by command $4), or at its
-# expiry if that came first.
+# expiry if that came first. And the spans of those that started at or before the segment's last
+# rollout event.
 _HISTORY_OF_GONE = """
 INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, reason, command_id,
                                 expires_at)
@@ -225,10 +240,16 @@ SELECT user_id, $2, 'D',
        CASE WHEN expires_at <= $3 THEN NULL ELSE $4 END,
        expires_at
 FROM gone"""
+_SPANS_OF_GONE = f"""
+INSERT INTO explicit_spans (segment_id, user_id, since, ended)
+SELECT $1, user_id, added_at, CASE WHEN expires_at <= $3 THEN expires_at ELSE {_JUST_AFTER.format("$3")} END
+FROM gone
+WHERE added_at <= (SELECT rolled_at FROM segments WHERE id = $1)"""
 _REMOVE_MEMBERS = f"""
 WITH gone AS (
     DELETE FROM memberships WHERE segment_id = $1
-    RETURNING user_id, expires_at)
+    RETURNING user_id, added_at, expires_at),
+spans AS ({_SPANS_OF_GONE})
 {_HISTORY_OF_GONE}"""
 # A chunk: the segment's next rows in the order of its index (memberships_segment_recent), from
 # where the previous chunk ended ($6, $7; NULL for the first), so that no chunk steps over the
@@ -243,6 +264,7 @@ gone AS (
     DELETE FROM memberships m USING chunk
     WHERE m.segment_id = $1 AND m.user_id = chunk.user_id
     RETURNING m.user_id, m.added_at, m.expires_at),
+spans AS ({_SPANS_OF_GONE}),
 written AS ({_HISTORY_OF_GONE})
 SELECT (SELECT count(*) FROM gone) AS removed, count(*) AS seen,
        (array_agg(added_at ORDER BY added_at, user_id))[1] AS last_added_at,

@@ -27,6 +27,7 @@ class Decision:
     # A deleted segment (id, slug) whose members are removed in chunks after the batch: the
     # outcome comes with the last chunk (services/command_consumer/removals.py).
     removal: tuple[int, str] | None = None
+    at: datetime | None = None  # when it was applied, if the handler read the clock itself
 
 
 def apply_create_user(command: CreateUser, state: UserState, _segments: dict[str, Segment],

@@ -208,13 +208,15 @@ class PartitionMaintainer:
             if partition.upper is not None and partition.upper <= horizon:
                 await self._drop(conn, HISTORY, partition, run)
         # What else the gone months held: rows written where no partition was (default), and the
-        # rollout events (small, not partitioned: README) with the overrides of each.
+        # rollout events (small, not partitioned: README) with the overrides of each, and the
+        # spans of explicit rows that ended before any kept event.
         dropped = await conn.fetchval(f"WITH gone AS (DELETE FROM {HISTORY.default} WHERE executed_at < $1 "
                                       "RETURNING 1) SELECT count(*) FROM gone", horizon)
         async with conn.transaction():
             await conn.execute("""DELETE FROM rollout_event_overrides o USING rollout_events e
                                   WHERE o.event_id = e.id AND e.executed_at < $1""", horizon)
             await conn.execute("DELETE FROM rollout_events WHERE executed_at < $1", horizon)
+            await conn.execute("DELETE FROM explicit_spans WHERE ended < $1", horizon)
             await conn.execute(
                 """INSERT INTO retention_horizon (table_name, dropped_before) VALUES ($1, $2)
                    ON CONFLICT (table_name) DO UPDATE

@@ -32,8 +32,8 @@ LAG = Histogram("segmentation_expiry_lag_seconds", "From a membership's expires_
 BATCH_DURATION = Histogram("segmentation_expiry_batch_seconds", "Duration of one expiry batch transaction")
 
 # One statement: claim due rows (skipping rows another worker or the command consumer holds),
-# delete them re-checking the expiry under the lock, and record the exits of segments without a
-# rollout. Rows of rollout segments come back for the coverage check, which needs the hash.
+# delete them re-checking the expiry under the lock, keep their spans, and record the exits of
+# segments without a rollout. Rows of rollout segments come back for the coverage check, which needs the hash.
 EXPIRE_SQL = """
 WITH due AS (
     SELECT ctid FROM memberships
@@ -47,7 +47,11 @@ WITH due AS (
     DELETE FROM memberships m USING segments s
     WHERE m.ctid = ANY(ARRAY(SELECT ctid FROM due)) AND s.id = m.segment_id AND m.expires_at <= now()
       AND s.deleted_at IS NULL  -- a deleted segment's members are its removal's to record
-    RETURNING m.user_id, m.segment_id, s.slug, s.percent, m.expires_at
+    RETURNING m.user_id, m.segment_id, s.slug, s.percent, m.expires_at, m.added_at, s.rolled_at
+), spans AS (
+    -- Kept where the segment had a rollout event since the row started (ExplicitSpan).
+    INSERT INTO explicit_spans (segment_id, user_id, since, ended)
+    SELECT segment_id, user_id, added_at, expires_at FROM gone WHERE rolled_at >= added_at
 ), recorded AS (
     INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, reason, expires_at)
     SELECT user_id, slug, 'D', expires_at, 'manual', 'ttl', expires_at FROM gone WHERE percent = 0

@@ -80,12 +80,27 @@ EXPLICIT_COPY_SQL = f"""SELECT user_id, segment_slug, operation,
        to_char(executed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'), source, reason {_EXPLICIT_FROM}"""
 COPY_QUEUE_CHUNKS = 16
 
-# Rollout events of the month; `overridden` is whether the one user asked about held an explicit
-# membership or an exclusion for the segment at that moment (then the event did not move it).
-EVENTS_SQL = """
-SELECT e.id, e.segment_slug, e.old_percent, e.new_percent, e.reason, e.executed_at,
-       $3::bigint IS NOT NULL AND EXISTS (
-           SELECT 1 FROM rollout_event_overrides o WHERE o.event_id = e.id AND o.user_id = $3) AS overridden
+# Whether user {user} held an explicit membership or an exclusion for event e's segment at the
+# event (then it did not move the user): events recorded before migration 0013 kept the list of
+# such users (rollout_event_overrides); later ones find them among the rows that held then,
+# still stored or kept as spans when they ended (ExplicitSpan).
+_HELD_AT_EVENT = """CASE WHEN e.overrides_kept
+    THEN EXISTS (SELECT 1 FROM rollout_event_overrides o WHERE o.event_id = e.id AND o.user_id = {user})
+    ELSE EXISTS (SELECT 1 FROM memberships m
+                 WHERE m.segment_id = e.segment_id AND m.user_id = {user} AND m.added_at <= e.executed_at
+                   AND (m.expires_at IS NULL OR m.expires_at > e.executed_at))
+      OR EXISTS (SELECT 1 FROM rollout_exclusions x
+                 WHERE x.segment_id = e.segment_id AND x.user_id = {user} AND x.excluded_at <= e.executed_at)
+      OR EXISTS (SELECT 1 FROM explicit_spans s
+                 WHERE s.segment_id = e.segment_id AND s.user_id = {user} AND s.since <= e.executed_at
+                   AND s.ended > e.executed_at)
+    END"""
+
+# Rollout events of the month; `overridden` is whether the one user asked about (if any) held an
+# explicit membership or an exclusion for the segment at that moment.
+EVENTS_SQL = f"""
+SELECT e.id, e.segment_id, e.segment_slug, e.old_percent, e.new_percent, e.reason, e.executed_at,
+       e.overrides_kept, $3::bigint IS NOT NULL AND {_HELD_AT_EVENT.format(user="$3")} AS overridden
 FROM rollout_events e
 WHERE e.executed_at >= $1 AND e.executed_at < $2
 ORDER BY e.executed_at, e.segment_slug
@@ -93,10 +108,22 @@ ORDER BY e.executed_at, e.segment_slug
 
 HAS_EVENTS_SQL = "SELECT EXISTS (SELECT 1 FROM rollout_events WHERE executed_at >= $1 AND executed_at < $2)"
 
-# Every registered user an event may have moved, in user_id order, streamed.
-EVENT_USERS_SQL = """
+# Every registered user an event may have moved, in user_id order, streamed: for an event that
+# kept its overrides ($1 its id), and for one at $2 of segment $1 (as anti-joins, not a test per user).
+KEPT_EVENT_USERS_SQL = """
 SELECT u.user_id FROM users u
 WHERE NOT EXISTS (SELECT 1 FROM rollout_event_overrides o WHERE o.event_id = $1 AND o.user_id = u.user_id)
+ORDER BY u.user_id
+"""
+EVENT_USERS_SQL = """
+SELECT u.user_id FROM users u
+WHERE NOT EXISTS (SELECT 1 FROM memberships m
+                  WHERE m.segment_id = $1 AND m.user_id = u.user_id AND m.added_at <= $2
+                    AND (m.expires_at IS NULL OR m.expires_at > $2))
+  AND NOT EXISTS (SELECT 1 FROM rollout_exclusions x
+                  WHERE x.segment_id = $1 AND x.user_id = u.user_id AND x.excluded_at <= $2)
+  AND NOT EXISTS (SELECT 1 FROM explicit_spans s
+                  WHERE s.segment_id = $1 AND s.user_id = u.user_id AND s.since <= $2 AND s.ended > $2)
 ORDER BY u.user_id
 """
 
@@ -126,7 +153,9 @@ async def _rollout_rows(conn: asyncpg.Connection, start, end, user_id) -> AsyncI
             if row:
                 yield row
             continue
-        async for user in conn.cursor(EVENT_USERS_SQL, event["id"], prefetch=CURSOR_PREFETCH):
+        users = (conn.cursor(KEPT_EVENT_USERS_SQL, event["id"], prefetch=CURSOR_PREFETCH) if event["overrides_kept"]
+                 else conn.cursor(EVENT_USERS_SQL, event["segment_id"], event["executed_at"], prefetch=CURSOR_PREFETCH))
+        async for user in users:
             row = _rollout_line(user["user_id"], event, before, after)
             if row:
                 yield row

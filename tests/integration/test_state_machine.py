@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -91,7 +93,7 @@ def build_machine(pipeline: Pipeline):
             n = next(examples)
             self.prefix = f"E{n}_"
             self.scope = Scope(range(n * 100 + 1, n * 100 + 1 + USERS_PER_EXAMPLE), self.prefix)
-            self.model = ContractModel()
+            self.model = ContractModel(universe=self.scope.users)
             self.sent: list[dict] = []
             self.ids = itertools.count(1)
 
@@ -139,6 +141,17 @@ def build_machine(pipeline: Pipeline):
                 command["ttl_seconds"] = ttl
             self._send(command)
 
+        @rule(user=users, slug=slugs, percent=percents, then=st.sampled_from(["remove", "add", "keep"]))
+        def percent_change_over_an_explicit_row(self, user, slug, percent, then):
+            """An explicit membership (or, removed, an exclusion) held across a percent change,
+            then ended or not: the change must not move the user, in its report too."""
+            user_id, slug = self._user(user), self.prefix + slug
+            self._send({"type": "update_user_segments", "user_id": user_id,
+                        "add" if then != "add" else "remove": [slug]})
+            self._send({"type": "update_segment", "slug": slug, "percent": percent})
+            if then != "keep":
+                self._send({"type": "update_user_segments", "user_id": user_id, then: [slug]})
+
         @precondition(lambda self: self.sent)
         @rule(data=st.data())
         def repeat_a_command(self, data):
@@ -170,6 +183,23 @@ def build_machine(pipeline: Pipeline):
 
         def teardown(self):
             pipeline.run(self.model.assert_matches(pipeline.pool, self.scope))
+            for user_id in self.scope.users:
+                assert pipeline.run(self._report_of(user_id)) == {
+                    slug: rows for (user, slug), rows in self.model.report.items() if user == user_id}, user_id
+
+        async def _report_of(self, user_id: int) -> dict[str, list[tuple[str, str, str]]]:
+            """The user's report for this month, each segment's rows in order (rows of one moment
+            are ordered by slug, so across segments the model's order is not the report's)."""
+            now = datetime.now(UTC)
+            link = (await pipeline.http.get("/reports/history", params={
+                "year": now.year, "month": now.month, "user_id": user_id})).json()["report_link"]
+            parts = urlsplit(link)
+            rows: dict[str, list[tuple[str, str, str]]] = {}
+            for line in (await pipeline.http.get(f"{parts.path}?{parts.query}")).text.splitlines()[1:]:
+                _user, slug, operation, _at, source, reason = line.split(",")
+                if self.scope.slug(slug):
+                    rows.setdefault(slug, []).append((operation, source, reason))
+            return rows
 
     return SegmentationMachine
 

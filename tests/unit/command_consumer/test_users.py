@@ -40,7 +40,7 @@ def test_rejections_change_nothing():
                                          NOW, "c2")
     assert missing.error_code == "segment_not_found"
     assert "NOPE" in missing.error_message and "NADA" in missing.error_message
-    assert state.explicit == {} and not state.registered and state.changes() == UserChanges()
+    assert state.explicit == {} and not state.registered and state.changes(NOW) == UserChanges()
 
 
 def test_re_adding_replaces_the_expiry_without_a_new_entry():

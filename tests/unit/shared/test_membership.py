@@ -4,6 +4,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from shared.membership import (
+    ExplicitSpan,
     HistoryRow,
     Segment,
     UserChanges,
@@ -76,9 +77,25 @@ def test_user_state_reports_exactly_what_changed():
     state.exclude(5)
     state.exclude(3)  # already excluded: no change
     state.lift_exclusion(3)
-    assert state.changes() == UserChanges(upserts=[(7, 4, None)], deletions=[(7, 1)],
+    assert state.changes(NOW) == UserChanges(upserts=[(7, 4, None)], deletions=[(7, 1)],
                                           new_exclusions=[(7, 5)], lifted_exclusions=[(7, 3)])
-    assert UserState(8).changes() == UserChanges()
+    assert UserState(8).changes(NOW) == UserChanges()
+
+
+def test_stored_rows_replaced_or_deleted_end_their_spans():
+    since, expiry = NOW - timedelta(days=2), NOW - timedelta(hours=1)
+    state = UserState(7)
+    state.load_explicit(1, None, since)     # deleted now
+    state.load_explicit(2, expiry, since)   # expired before it is replaced: ends at its expiry
+    state.load_explicit(3, None, since)     # kept as it is: no span
+    state.load_exclusion(4, since)          # lifted now
+    state.load_exclusion(5, since)          # kept
+    state.drop_explicit(1)
+    state.set_explicit(2, None)
+    state.lift_exclusion(4)
+    state.set_explicit(6, None)             # new: nothing stored, no span
+    assert sorted(state.changes(NOW).ended_spans) == [ExplicitSpan(7, 1, since, NOW), ExplicitSpan(7, 2, since, expiry),
+                                                      ExplicitSpan(7, 4, since, NOW)]
 
 
 def test_an_expired_membership_is_reaped_at_its_expiry():
@@ -87,7 +104,7 @@ def test_an_expired_membership_is_reaped_at_its_expiry():
     assert not state.is_member(VOICE, NOW)
     assert state.reap_expired(VOICE, NOW) == HistoryRow(7, VOICE.slug, "D", expired_at, "manual", "ttl", None,
                                                         expired_at)
-    assert state.changes().deletions == [(7, VOICE.id)]
+    assert state.changes(NOW).deletions == [(7, VOICE.id)]
     covered = user_in_buckets("HALF", 0, 5000)
     half = Segment(2, "HALF", Decimal(50))
     still_in = UserState(covered, explicit={half.id: expired_at})
