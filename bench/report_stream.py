@@ -79,29 +79,35 @@ async def main(args) -> None:
     })
 
 
-async def copy_seconds(pool) -> float:
+async def copy_seconds(pool, query: str = COPY_QUERY, *args) -> float:
     """The limit: the database writing the same CSV itself."""
     async with pool.acquire() as conn:
         sink = Sink()
         started = time.monotonic()
-        await conn.copy_from_query(COPY_QUERY, output=sink.write, format="csv", header=True)
+        await conn.copy_from_query(query, *args, output=sink.write, format="csv", header=True)
         return time.monotonic() - started
 
 
 async def api_seconds(port: int, worker: psutil.Process, rows: int) -> tuple[float, int]:
     """Seconds to stream the month's CSV through the API, and the API's peak RSS meanwhile."""
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=300) as http:
-        link = (await http.get("/reports/history", params={"year": 2023, "month": 9})).json()["report_link"]
+    seconds, lines, peak_rss = await stream_month(port, worker, MONTH.year, MONTH.month)
+    if lines != rows + 1:
+        raise SystemExit(f"the report had {lines - 1:,} rows, not {rows:,}")
+    return seconds, peak_rss
+
+
+async def stream_month(port: int, worker: psutil.Process, year: int, month: int) -> tuple[float, int, int]:
+    """Seconds to stream a month's all-users CSV through the API, its lines (header included),
+    and the API process's peak RSS meanwhile."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=3600) as http:
+        link = (await http.get("/reports/history", params={"year": year, "month": month})).json()["report_link"]
         peak_rss, lines = worker.memory_info().rss, 0
         started = time.monotonic()
         async with http.stream("GET", link) as response:
             async for chunk in response.aiter_bytes():
                 lines += chunk.count(b"\n")
                 peak_rss = max(peak_rss, worker.memory_info().rss)
-        seconds = time.monotonic() - started
-    if lines != rows + 1:
-        raise SystemExit(f"the report had {lines - 1:,} rows, not {rows:,}")
-    return seconds, peak_rss
+        return time.monotonic() - started, lines, peak_rss
 
 
 def cli() -> None:

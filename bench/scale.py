@@ -13,6 +13,10 @@ scaled down with the users. Then:
   (a cold working set) and with Zipf-skewed users;
 - a percent change from 10 % to 50 % of a segment whose explicit members are 1 % of the users, and
   of the largest segment, on each database: time to its outcome;
+- the all-users report of last month, with two rollout changes added to it (the largest segment
+  and the percent changes' one, each raised from 0 to 10 % of the users), streamed through the
+  API (one process): rows a second against COPY … TO STDOUT of the month's explicit rows, and
+  the API's peak RSS;
 - delete_segment of a segment with --deleted explicit members, in chunks (the default) and in one
   transaction (CONSUMER_SEGMENT_REMOVAL_CHUNK=0): time to its outcome, the WAL it writes, and the
   longest wait of the commands sent meanwhile, segment commands behind it in its partition and
@@ -38,22 +42,27 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import asyncpg
 import orjson
+import psutil
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench import common
 from bench.common import Progress, bench_environment, spread
 from bench.read_throughput import serve, wrk
+from bench.report_stream import copy_seconds, stream_month
 from devstack.processes import free_port, stop_process
 from services.command_consumer.bootstrap import build_consumer
 from services.expiry_worker import member_counts
+from services.expiry_worker.partitions import add_months, month_start
+from services.query_api.reports import EXPLICIT_COPY_SQL, month_bounds
 from shared.db import create_pool
 from shared.kafka import create_producer, kafka_options
 
 BASELINE_USERS = 200_000
-MEASURES = ("storage", "reads", "percent", "delete")
+MEASURES = ("storage", "reads", "report", "percent", "delete")
 PROBE_SEGMENT_EVERY, PROBE_USER_EVERY = 0.1, 0.02  # seconds between the commands sent during a deletion
 # Users drawn by wrk: uniformly, or log-uniformly (user ⌊N^u⌋: the lower ids far more often, a
 # hot set as real traffic has).
@@ -208,6 +217,50 @@ async def seed(database_url: str, label: str, users: int, memberships: int, segm
     finally:
         await source.close()
         await target.close()
+
+
+async def report_month(pool: asyncpg.Pool, slugs: list[str]) -> tuple[int, int]:
+    """Last month (seeded with history), with a rollout change of each of `slugs` added to it, as
+    the consumer records one (from 0 to 10 %), on days 10, 11, …"""
+    first = add_months(month_start(datetime.now(UTC)), -1)
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL segmentation.membership_changes = off")
+        for day, target in enumerate(slugs, start=10):
+            await conn.execute(
+                """INSERT INTO rollout_events (segment_id, segment_slug, old_percent, new_percent, reason, executed_at,
+                                               command_id, overrides_kept)
+                   SELECT id, slug, 0, 10, 'percent_changed', $2, $3, false FROM segments WHERE slug = $1""",
+                target, first.replace(day=day), f"report-{target}")
+    return first.year, first.month
+
+
+async def report_figures(settings, pool: asyncpg.Pool, year: int, month: int, rounds: int) -> dict:
+    """The month's all-users report through the API against COPY of its explicit rows, `rounds`
+    alternating rounds: rows a second of each, the API's peak RSS, and the rows."""
+    start, end = month_bounds(year, month)
+    explicit = await pool.fetchval("SELECT count(*) FROM membership_history WHERE executed_at >= $1 "
+                                   "AND executed_at < $2", start, end)
+    port = free_port()
+    env = {**os.environ, **settings.to_env(), "LOG_LEVEL": "WARNING", "API_PORT": str(port)}
+    api = serve([sys.executable, "-m", "services.query_api", "--workers", "1"], env, port)
+    figures: dict = {"api": [], "copy": [], "peak": [], "rows": 0, "explicit": explicit}
+    try:
+        worker = psutil.Process(api.pid)
+        for round_number in range(1, rounds + 1):
+            for part in ("copy", "api") if round_number % 2 else ("api", "copy"):
+                if part == "copy":
+                    figures["copy"].append(explicit / await copy_seconds(pool, EXPLICIT_COPY_SQL, start, end, None))
+                else:
+                    seconds, lines, peak = await stream_month(port, worker, year, month)
+                    figures["rows"] = lines - 1
+                    figures["api"].append((lines - 1) / seconds)
+                    figures["peak"].append(peak / 2**20)
+            print(f"  report round {round_number}/{rounds}: {figures['rows']:,} rows, {figures['api'][-1]:,.0f} "
+                  f"rows/s, COPY {figures['copy'][-1]:,.0f} rows/s, peak RSS {figures['peak'][-1]:.0f} MB",
+                  file=sys.stderr, flush=True)
+    finally:
+        stop_process(api)
+    return figures
 
 
 async def storage(pool: asyncpg.Pool) -> dict[str, tuple[float, float, float]]:
@@ -401,6 +454,12 @@ async def main(args) -> None:
             for process, _port in servers.values():
                 stop_process(process)
 
+        reports = {}
+        if "report" in measures:
+            for name, settings, pool in (("full", full_settings, full_pool), ("baseline", base_settings, base_pool)):
+                year, month = await report_month(pool, [slug(0), slug(percent_rank(args.rounds))])
+                reports[name] = await report_figures(settings, pool, year, month, args.rounds)
+
         producer = create_producer(full_settings)
         await producer.start()
         # One transaction of millions of rows outlasts the services' statement timeout (the
@@ -456,6 +515,12 @@ async def main(args) -> None:
         lines[f"hot read, {kind}: full / baseline"] = (
             f"{spread([f['rps'] / b['rps'] for f, b in zip(full, base, strict=True)], '{:.1%}')} of the rate "
             f"(target >= 80%), p99 {spread([f['p99'] / b['p99'] for f, b in zip(full, base, strict=True)], '{:.2f}')}x")
+    for name, figures in reports.items():
+        lines[f"all-users month report, {name}"] = (
+            f"{figures['rows']:,} rows ({figures['explicit']:,} explicit, the rest from 2 rollout changes): "
+            f"{spread(figures['api'])} rows/s, COPY {spread(figures['copy'])} rows/s, ratio "
+            f"{spread([a / c for a, c in zip(figures['api'], figures['copy'], strict=True)], '{:.0%}')} "
+            f"(target >= 50%), API peak RSS {spread(figures['peak'])} MB (target < 150 MB)")
     for target in targets_of_percent if percent else ():
         lines[f"percent change 10% -> 50%, {target}"] = (
             f"{spread(percent[(target, 'full')], '{:.3f}')} s at full size, "

@@ -7,15 +7,17 @@ Explicit entries and exits come from `membership_history`; the rollout's are der
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import mmh3
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 from services.query_api.signing import REPORT_LINKS
 from shared.membership import rollout_move
-from shared.rollout import rollout_threshold
+from shared.rollout import BUCKETS, rollout_threshold
 
 CSV_HEADER = "user_id,segment_slug,operation,executed_at,source,reason\n"
 CURSOR_PREFETCH = 5000
@@ -107,6 +109,7 @@ ORDER BY e.executed_at, e.segment_slug
 """
 
 HAS_EVENTS_SQL = "SELECT EXISTS (SELECT 1 FROM rollout_events WHERE executed_at >= $1 AND executed_at < $2)"
+EXPLICIT_AT_SQL = "SELECT EXISTS (SELECT 1 FROM membership_history WHERE executed_at = $1)"
 
 # Every registered user an event may have moved, in user_id order, streamed: for an event that
 # kept its overrides ($1 its id), and for one at $2 of segment $1 (as anti-joins, not a test per user).
@@ -144,21 +147,90 @@ async def _explicit_rows(conn: asyncpg.Connection, start, end, user_id) -> Async
         yield tuple(row)
 
 
-async def _rollout_rows(conn: asyncpg.Connection, start, end, user_id) -> AsyncIterator[tuple]:
-    """Entries and exits the rollout caused, derived from its events (no row per covered user)."""
+def _thresholds(event: asyncpg.Record) -> tuple[int, int]:
+    return rollout_threshold(event["old_percent"]), rollout_threshold(event["new_percent"])
+
+
+def _event_users(event: asyncpg.Record) -> tuple[str, tuple]:
+    """The query (and its arguments) for the registered users an event may have moved."""
+    if event["overrides_kept"]:
+        return KEPT_EVENT_USERS_SQL, (event["id"],)
+    return EVENT_USERS_SQL, (event["segment_id"], event["executed_at"])
+
+
+async def _user_rollout_rows(conn: asyncpg.Connection, start, end, user_id: int) -> AsyncIterator[tuple]:
+    """One user's entries and exits the rollout caused, derived from the month's events."""
     for event in await conn.fetch(EVENTS_SQL, start, end, user_id):
-        before, after = rollout_threshold(event["old_percent"]), rollout_threshold(event["new_percent"])
-        if user_id is not None:
-            row = None if event["overridden"] else _rollout_line(user_id, event, before, after)
-            if row:
-                yield row
+        row = None if event["overridden"] else _rollout_line(user_id, event, *_thresholds(event))
+        if row:
+            yield row
+
+
+async def _event_rows(conn: asyncpg.Connection, event: asyncpg.Record) -> AsyncIterator[tuple]:
+    """An event's entries and exits for every registered user, as rows to merge."""
+    query, args = _event_users(event)
+    before, after = _thresholds(event)
+    async for user in conn.cursor(query, *args, prefetch=CURSOR_PREFETCH):
+        row = _rollout_line(user["user_id"], event, before, after)
+        if row:
+            yield row
+
+
+async def _event_lines(conn: asyncpg.Connection, event: asyncpg.Record) -> AsyncIterator[bytes]:
+    """An event's entries and exits for every registered user, as CSV: the users' ids arrive from
+    COPY as text in user_id order, and each is hashed as it arrived ("<slug>:" + its digits is
+    the bucket's key), so no id becomes a Python object unless the event moved it."""
+    query, args = _event_users(event)
+    slug = event["segment_slug"]
+    before, after = _thresholds(event)
+    low, high = min(before, after), max(before, after)
+    operation = "I" if after > before else "D"
+    key = f"{slug}:".encode()
+    tail = f",{slug},{operation},{_format(event['executed_at'])},auto,{event['reason']}\n".encode()
+    hash_key = mmh3.hash
+    rest = b""
+    async for chunk in _copy(conn, query, *args):
+        ids = (rest + chunk).split(b"\n")
+        rest = ids.pop()  # a partial id, completed by the next chunk (or empty)
+        lines = [user + tail for user in ids if low <= hash_key(key + user, 0, False) % BUCKETS < high]
+        if lines:
+            yield b"".join(lines)
+
+
+async def _all_users_body(conn: asyncpg.Connection, start, end) -> AsyncIterator[bytes]:
+    """The month for every user when it has rollout events. Between two events' moments the
+    explicit rows are PostgreSQL's own CSV (COPY); at a moment of one event and no explicit row
+    the event's rows follow in user order; only a moment shared by several events or by explicit
+    rows (a deletion's members leave at its event's time) is merged row by row."""
+    events = await conn.fetch(EVENTS_SQL, start, end, None)
+    after = start
+    for moment, group in itertools.groupby(events, key=lambda event: event["executed_at"]):
+        group = list(group)
+        async for chunk in _copy(conn, EXPLICIT_COPY_SQL, after, moment, None):
+            yield chunk
+        after = moment + timedelta(microseconds=1)  # the next moment timestamps can hold
+        if len(group) == 1 and not await conn.fetchval(EXPLICIT_AT_SQL, moment):
+            async for chunk in _event_lines(conn, group[0]):
+                yield chunk
             continue
-        users = (conn.cursor(KEPT_EVENT_USERS_SQL, event["id"], prefetch=CURSOR_PREFETCH) if event["overrides_kept"]
-                 else conn.cursor(EVENT_USERS_SQL, event["segment_id"], event["executed_at"], prefetch=CURSOR_PREFETCH))
-        async for user in users:
-            row = _rollout_line(user["user_id"], event, before, after)
-            if row:
-                yield row
+        merged = _explicit_rows(conn, moment, after, None)
+        for event in group:
+            merged = _merge(merged, _event_rows(conn, event))
+        async for chunk in _in_chunks(merged):
+            yield chunk
+    async for chunk in _copy(conn, EXPLICIT_COPY_SQL, after, end, None):
+        yield chunk
+
+
+async def _in_chunks(rows: AsyncIterator[tuple]) -> AsyncIterator[bytes]:
+    chunk: list[str] = []
+    async for row in rows:
+        chunk.append(row[3])
+        if len(chunk) >= CHUNK_ROWS:
+            yield "".join(chunk).encode()
+            chunk.clear()
+    if chunk:
+        yield "".join(chunk).encode()
 
 
 async def _merge(first: AsyncIterator[tuple], second: AsyncIterator[tuple]) -> AsyncIterator[tuple]:
@@ -175,9 +247,9 @@ async def _merge(first: AsyncIterator[tuple], second: AsyncIterator[tuple]) -> A
             b = await anext(second, sentinel)
 
 
-async def _copy_through(conn: asyncpg.Connection, start, end, user_id) -> AsyncIterator[bytes]:
-    """PostgreSQL's own CSV from COPY … TO STDOUT, passed through as it arrives. The queue is
-    bounded, so a slow client slows the COPY down instead of filling memory."""
+async def _copy(conn: asyncpg.Connection, query: str, *args) -> AsyncIterator[bytes]:
+    """COPY (query) TO STDOUT as CSV, passed on as it arrives. The queue is bounded, so a slow
+    client slows the COPY down instead of filling memory."""
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=COPY_QUEUE_CHUNKS)
 
     async def forward(data: bytearray) -> None:
@@ -185,7 +257,7 @@ async def _copy_through(conn: asyncpg.Connection, start, end, user_id) -> AsyncI
 
     async def copy() -> None:
         try:
-            await conn.copy_from_query(EXPLICIT_COPY_SQL, start, end, user_id, output=forward, format="csv")
+            await conn.copy_from_query(query, *args, output=forward, format="csv")
         finally:
             await queue.put(None)
 
@@ -233,15 +305,12 @@ async def stream_report(conn: asyncpg.Connection, year: int, month: int, user_id
 
 async def _report_body(conn: asyncpg.Connection, start, end, user_id: int | None) -> AsyncIterator[bytes]:
     if not await conn.fetchval(HAS_EVENTS_SQL, start, end):
-        async for chunk in _copy_through(conn, start, end, user_id):  # nothing to merge
+        async for chunk in _copy(conn, EXPLICIT_COPY_SQL, start, end, user_id):  # nothing to merge
             yield chunk
-        return
-    chunk: list[str] = []
-    merged = _merge(_explicit_rows(conn, start, end, user_id), _rollout_rows(conn, start, end, user_id))
-    async for row in merged:
-        chunk.append(row[3])
-        if len(chunk) >= CHUNK_ROWS:
-            yield "".join(chunk).encode()
-            chunk.clear()
-    if chunk:
-        yield "".join(chunk).encode()
+    elif user_id is None:
+        async for chunk in _all_users_body(conn, start, end):
+            yield chunk
+    else:
+        async for chunk in _in_chunks(_merge(_explicit_rows(conn, start, end, user_id),
+                                             _user_rollout_rows(conn, start, end, user_id))):
+            yield chunk

@@ -165,3 +165,32 @@ async def test_all_users_report_with_rollout_rows_streams_with_flat_memory(pool)
     assert last == "5,OTHER,I,2023-09-11 00:00:00,manual,manual"
     assert chunks > 5
     assert peak < 8 * 1024 * 1024, f"peak {peak} bytes: the report was held in memory"
+
+
+async def test_all_users_report_orders_the_rows_of_one_moment_by_user_then_segment(pool):
+    """Two events and an explicit row at the same moment, explicit rows before and after it: the
+    report is the contract's order over all of them (time, user, segment)."""
+    from services.query_api.reports import stream_report
+
+    users = 300
+    await pool.execute("INSERT INTO users SELECT g, '2023-09-01' FROM generate_series(1, $1) AS g", users)
+    moment = datetime(2023, 9, 10, 12, tzinfo=UTC)
+    for name in ("B_HALF", "A_HALF"):
+        segment_id = await pool.fetchval("INSERT INTO segments (slug, percent, created_at, updated_at) "
+                                         "VALUES ($1, 50, '2023-09-01', $2) RETURNING id", name, moment)
+        await pool.execute("INSERT INTO rollout_events (segment_id, segment_slug, old_percent, new_percent, reason, "
+                           "executed_at, command_id, overrides_kept) "
+                           "VALUES ($1, $2, 0, 50, 'percent_changed', $3, $2, false)", segment_id, name, moment)
+    explicit = [(7, "A_HALF", moment), (3, "OTHER", moment.replace(hour=11)), (2, "OTHER", moment.replace(hour=13))]
+    await pool.executemany("INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, "
+                           "reason) VALUES ($1, $2, 'I', $3, 'manual', 'manual')", explicit)
+    conn = await pool.acquire()
+    body = b"".join([chunk async for chunk in stream_report(conn, 2023, 9, None, release=lambda: pool.release(conn))])
+    rows = [line.split(",") for line in body.decode().splitlines()[1:]]
+    expected = [(moment.replace(hour=11), 3, "OTHER", "manual")]
+    expected += sorted([(moment, u, name, "auto") for u in range(1, users + 1) for name in ("A_HALF", "B_HALF")
+                        if rollout_bucket(name, u) < 5000] + [(moment, 7, "A_HALF", "manual")])
+    expected += [(moment.replace(hour=13), 2, "OTHER", "manual")]
+    assert [(row[3], int(row[0]), row[1], row[4]) for row in rows] == [
+        (at.strftime("%Y-%m-%d %H:%M:%S"), u, name, source) for at, u, name, source in expected]
+    assert len(expected) > 250
