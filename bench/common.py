@@ -101,7 +101,8 @@ def histogram_quantile(fraction: float, before: dict[float, float], after: dict[
 async def bench_environment(name: str, **overrides) -> AsyncIterator[tuple]:
     """Servers (DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS, else a running `make run`'s, else embedded
     ones of its own), then per call of
-    `new(label)` a migrated database and topics of its own. Services run in-process log as they
+    `new(label)` a migrated database (only up to the migrations before `migrated_before`, if
+    given) and topics of its own. Services run in-process log as they
     would in production (JSON, here at WARNING so the figures stay readable)."""
     configure_logging("WARNING", "json")
     infra = await asyncio.to_thread(start_infra, True)
@@ -110,9 +111,9 @@ async def bench_environment(name: str, **overrides) -> AsyncIterator[tuple]:
         if infra.postgres is not None:  # a server of its own, never one it was given
             await recycle_wal(infra.database_url)
 
-        async def new(label: str):
+        async def new(label: str, migrated_before: str | None = None):
             prefix = f"bench_{name}_{label}_{uuid.uuid4().hex[:6]}"
-            url = await fresh_database(infra.database_url, prefix)
+            url = await fresh_database(infra.database_url, prefix, migrated_before)
             settings = Settings(_env_file=None, database_url=url, kafka_bootstrap_servers=infra.kafka_bootstrap_servers,
                                 segments_commands_topic=f"{prefix}.segments.commands",
                                 assignments_commands_topic=f"{prefix}.assignments.commands",

@@ -17,6 +17,10 @@ scaled down with the users. Then:
   and the percent changes' one, each raised from 0 to 10 % of the users), streamed through the
   API (one process): rows a second against COPY … TO STDOUT of the month's explicit rows, and
   the API's peak RSS;
+- with `migrate` among --measures: the full database is made at the schema before
+  --migrate-from and seeded, then the migrations from there on are applied to it, timed, while
+  a writer inserts and deletes a membership every 50 ms: the longest a write waited (against
+  the same writer idle), and the longest any lock that blocks writes was held on a table;
 - delete_segment of a segment with --deleted explicit members, in chunks (the default) and in one
   transaction (CONSUMER_SEGMENT_REMOVAL_CHUNK=0): time to its outcome, the WAL it writes, and the
   longest wait of the commands sent meanwhile, segment commands behind it in its partition and
@@ -58,11 +62,13 @@ from services.command_consumer.bootstrap import build_consumer
 from services.expiry_worker import member_counts
 from services.expiry_worker.partitions import add_months, month_start
 from services.query_api.reports import EXPLICIT_COPY_SQL, month_bounds
-from shared.db import create_pool
+from shared.db import apply_migrations, create_pool
 from shared.kafka import create_producer, kafka_options
 
 BASELINE_USERS = 200_000
-MEASURES = ("storage", "reads", "report", "percent", "delete")
+MEASURES = ("migrate", "storage", "reads", "report", "percent", "delete")
+# Lock modes that block INSERT, UPDATE and DELETE (they conflict with ROW EXCLUSIVE).
+WRITE_BLOCKING = ("ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock")
 PROBE_SEGMENT_EVERY, PROBE_USER_EVERY = 0.1, 0.02  # seconds between the commands sent during a deletion
 # Users drawn by wrk: uniformly, or log-uniformly (user ⌊N^u⌋: the lower ids far more often, a
 # hot set as real traffic has).
@@ -207,7 +213,8 @@ async def seed(database_url: str, label: str, users: int, memberships: int, segm
                         ["user_id", "segment_slug", "operation", "executed_at", "source", "reason"],
                         Progress(f"{label}: history", history))
         steps = Progress(f"{label}: sizes kept, statistics, checkpoint", 3)
-        await member_counts.fold(target)  # what the size triggers wrote during the load, as the worker folds it
+        if await target.fetchval("SELECT to_regclass('segment_member_counts') IS NOT NULL"):
+            await member_counts.fold(target)  # what the size triggers wrote during the load, as the worker folds it
         steps.update(1)
         await target.execute("VACUUM ANALYZE")
         steps.update(2)
@@ -261,6 +268,65 @@ async def report_figures(settings, pool: asyncpg.Pool, year: int, month: int, ro
     finally:
         stop_process(api)
     return figures
+
+
+async def migrations(settings, pool: asyncpg.Pool) -> dict:
+    """Apply the pending migrations, timed, while a writer inserts and deletes one membership
+    every 50 ms and a sampler notes the locks that block writes; the writer runs idle first."""
+    segment = await pool.fetchval("SELECT id FROM segments ORDER BY id DESC LIMIT 1")
+    probe_user = await pool.fetchval("SELECT max(user_id) + 1 FROM users")
+    waits: list[float] = []
+    held: dict[tuple, list[float]] = {}  # (pid, table, mode) → [first seen, last seen]
+
+    async def write(stop: asyncio.Event) -> None:
+        async with pool.acquire() as conn:
+            while not stop.is_set():
+                started = time.monotonic()
+                async with conn.transaction():
+                    await conn.execute("INSERT INTO memberships (user_id, segment_id, added_at) VALUES ($1, $2, now()) "
+                                       "ON CONFLICT DO NOTHING", probe_user, segment)
+                    await conn.execute("DELETE FROM memberships WHERE user_id = $1 AND segment_id = $2",
+                                       probe_user, segment)
+                waits.append(time.monotonic() - started)
+                await asyncio.sleep(0.05)
+
+    async def sample(stop: asyncio.Event) -> None:
+        async with pool.acquire() as conn:
+            while not stop.is_set():
+                now = time.monotonic()
+                for row in await conn.fetch(
+                        "SELECT l.pid, c.relname, l.mode FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                        "WHERE l.granted AND l.mode = ANY($1::text[]) AND c.relkind IN ('r', 'p') "
+                        "AND l.pid <> pg_backend_pid()", list(WRITE_BLOCKING)):
+                    held.setdefault(tuple(row), [now, now])[1] = now
+                await asyncio.sleep(0.05)
+
+    async def measured(work) -> float:
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(write(stop)), asyncio.create_task(sample(stop))]
+        try:
+            started = time.monotonic()
+            await work()
+            return time.monotonic() - started
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+
+    await measured(lambda: asyncio.sleep(5))
+    idle, waits[:] = max(waits), []
+    held.clear()
+    applied: list[str] = []
+
+    async def migrate() -> None:
+        applied.extend(await asyncio.to_thread(apply_migrations, settings.database_url))
+
+    seconds = await measured(migrate)
+    longest = max(held.items(), key=lambda item: item[1][1] - item[1][0], default=None)
+    print(f"  migrations {', '.join(applied)} in {seconds:.1f} s; longest write {max(waits):.2f} s",
+          file=sys.stderr, flush=True)
+    return {"applied": applied, "seconds": seconds, "longest write": max(waits), "idle write": idle,
+            "lock": (f"{longest[0][2]} on {longest[0][1]} {longest[1][1] - longest[1][0]:.1f} s" if longest
+                     else "none seen")}
 
 
 async def storage(pool: asyncpg.Pool) -> dict[str, tuple[float, float, float]]:
@@ -423,12 +489,13 @@ async def main(args) -> None:
     if not measures or measures - set(MEASURES):
         raise SystemExit(f"--measures: a comma-separated choice of {', '.join(MEASURES)}")
     async with bench_environment("scale") as (_infra, new):
-        full_settings, full_pool = await new("full")
+        full_settings, full_pool = await new("full", args.migrate_from if "migrate" in measures else None)
         base_settings, base_pool = await new("base")
         started = time.monotonic()
         made = await seed(full_settings.database_url, "full size", **scaled(args, args.users))
         seeded = time.monotonic() - started
         await seed(base_settings.database_url, "baseline", **scaled(args, BASELINE_USERS))
+        migrated = await migrations(full_settings, full_pool) if "migrate" in measures else None
         sizes = {name: await storage(pool) for name, pool in (("full", full_pool), ("baseline", base_pool))
                  if "storage" in measures}
 
@@ -503,6 +570,10 @@ async def main(args) -> None:
 
     lines = {"seeded": f"{made:,} memberships, {args.history:,} history rows, {args.users:,} users in "
                        f"{seeded / 60:.1f} min (COPY)"}
+    if migrated:
+        lines[f"migrations {migrated['applied'][0]} to {migrated['applied'][-1]}"] = (
+            f"{migrated['seconds']:.1f} s; longest write meanwhile {migrated['longest write']:.2f} s (idle "
+            f"{migrated['idle write']:.2f} s; target < 1 s); longest lock blocking writes: {migrated['lock']}")
     for table, label in (("memberships", "membership"), ("membership_history", "history row")) if sizes else ():
         total, heap, bare = sizes["full"][table]
         lines[f"storage a {label}"] = (f"{total:.0f} bytes with indexes, {heap:.0f} table only, bare tuple {bare:.0f} "
@@ -544,7 +615,9 @@ def cli() -> None:
                history=(3_000_000, "history rows over the last 3 months (full size: 30,000,000)"),
                deleted=(200_000, "explicit members of each deleted segment (full size: 2,000,000)"),
                duration=(10, "seconds of wrk a hot-read figure"), workers=(2, "API worker processes"),
-               measures=(",".join(MEASURES), "which figures, comma-separated"))
+               measures=(",".join(MEASURES), "which figures, comma-separated"),
+               migrate_from=("0010_segment_member_counts",
+                             "with `migrate`: the first migration applied while measured"))
 
 
 if __name__ == "__main__":
