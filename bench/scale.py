@@ -615,7 +615,7 @@ def cli() -> None:
                history=(3_000_000, "history rows over the last 3 months (full size: 30,000,000)"),
                deleted=(200_000, "explicit members of each deleted segment (full size: 2,000,000)"),
                duration=(10, "seconds of wrk a hot-read figure"), workers=(2, "API worker processes"),
-               measures=(",".join(MEASURES), "which figures, comma-separated"),
+               measures=(",".join(MEASURES), f"which figures, comma-separated, of: {', '.join(MEASURES)}"),
                migrate_from=("0010_segment_member_counts",
                              "with `migrate`: the first migration applied while measured"))
 
