@@ -14,7 +14,7 @@ from shared.db import apply_migrations
 
 pytestmark = pytest.mark.integration
 COUNTS = "0010_segment_member_counts"
-SEGMENTS, MEMBERS = 10, 1_000_000
+SEGMENTS, MEMBERS = 10, 400_000
 # Lock modes that block INSERT, UPDATE and DELETE (they conflict with ROW EXCLUSIVE).
 WRITE_BLOCKING = ["ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"]
 
