@@ -22,7 +22,7 @@ from tests.support import Publisher, rows_locked, running_consumer, wait_for_out
 
 pytestmark = pytest.mark.integration
 SLUG = "AVITO_DISCOUNT_30"
-# Covered at 50 %, not at 20 %: the change from 50 to 20 moves it out unless it holds an explicit row.
+# Covered by create() and not after lower(): lowering moves it out unless it holds an explicit row.
 HALF_ONLY = user_in_buckets(SLUG, 2000, 5000)
 
 
