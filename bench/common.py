@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.infra import fresh_database, start_infra
 from services.expiry_worker.partitions import PartitionMaintainer
-from shared.db import create_pool
+from shared.db import apply_migrations, create_pool
 from shared.kafka import ensure_topics
 from shared.logging import configure_logging
 from shared.settings import Settings
@@ -102,7 +102,7 @@ async def bench_environment(name: str, **overrides) -> AsyncIterator[tuple]:
     """Servers (DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS, else a running `make run`'s, else embedded
     ones of its own), then per call of
     `new(label)` a migrated database (only up to the migrations before `migrated_before`, if
-    given) and topics of its own. Services run in-process log as they
+    given, or one given by its URL) and topics of its own. Services run in-process log as they
     would in production (JSON, here at WARNING so the figures stay readable)."""
     configure_logging("WARNING", "json")
     infra = await asyncio.to_thread(start_infra, True)
@@ -111,9 +111,14 @@ async def bench_environment(name: str, **overrides) -> AsyncIterator[tuple]:
         if infra.postgres is not None:  # a server of its own, never one it was given
             await recycle_wal(infra.database_url)
 
-        async def new(label: str, migrated_before: str | None = None):
+        async def new(label: str, migrated_before: str | None = None, database_url: str | None = None):
+            """`database_url`: an existing database (brought up to date) instead of a fresh one."""
             prefix = f"bench_{name}_{label}_{uuid.uuid4().hex[:6]}"
-            url = await fresh_database(infra.database_url, prefix, migrated_before)
+            if database_url:
+                url = database_url
+                await asyncio.to_thread(apply_migrations, url)
+            else:
+                url = await fresh_database(infra.database_url, prefix, migrated_before)
             settings = Settings(_env_file=None, database_url=url, kafka_bootstrap_servers=infra.kafka_bootstrap_servers,
                                 segments_commands_topic=f"{prefix}.segments.commands",
                                 assignments_commands_topic=f"{prefix}.assignments.commands",

@@ -21,15 +21,22 @@ scaled down with the users. Then:
   --migrate-from and seeded, then the migrations from there on are applied to it, timed, while
   a writer inserts and deletes a membership every 50 ms: the longest a write waited (against
   the same writer idle), and the longest any lock that blocks writes was held on a table;
-- delete_segment of a segment with --deleted explicit members, in chunks (the default) and in one
-  transaction (CONSUMER_SEGMENT_REMOVAL_CHUNK=0): time to its outcome, the WAL it writes, and the
+- with `expiry`: --expiring memberships of the full database due within the same minute, removed
+  by the expiry worker (its configured batch and connections) and, in alternate rounds, by one
+  DELETE … RETURNING into one INSERT (the limit): rows a second of each; and the hot read's p99
+  at a steady --read-rate (Zipf users) during the worker's drain against the same reads idle;
+- delete_segment of a segment with --deleted explicit members, in chunks (the default; `delete`)
+  and in one transaction (CONSUMER_SEGMENT_REMOVAL_CHUNK=0; `delete-at-once`): time to its outcome, the WAL it writes, and the
   longest wait of the commands sent meanwhile, segment commands behind it in its partition and
-  user commands on every partition (record timestamp to outcome).
+  user commands on every partition (record timestamp to outcome), against the longest wait of
+  the same commands in the --idle-probes seconds before and after it (the machine's own stalls:
+  the broker, PostgreSQL and this process share its cores).
 
 Every figure is the median and range of --rounds rounds; --measures picks some of them (both
 databases are seeded whatever it picks). The full size of the design card:
 
-    python -m bench.scale --users 10000000 --memberships 50000000 --history 30000000 --deleted 2000000
+    python -m bench.scale --users 10000000 --memberships 50000000 --history 30000000 --deleted 2000000 \
+        --expiring 1000000
 
 The defaults are a quick run of a few minutes. Needs wrk (Debian: apt-get install wrk).
 """
@@ -48,13 +55,15 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
+import aiohttp
 import asyncpg
 import orjson
 import psutil
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench import common
-from bench.common import Progress, bench_environment, spread
+from bench.common import Progress, bench_environment, percentile, spread
+from bench.expiry import LIMIT_SQL, drain
 from bench.read_throughput import serve, wrk
 from bench.report_stream import copy_seconds, stream_month
 from devstack.processes import free_port, stop_process
@@ -64,9 +73,10 @@ from services.expiry_worker.partitions import add_months, month_start
 from services.query_api.reports import EXPLICIT_COPY_SQL, month_bounds
 from shared.db import apply_migrations, create_pool
 from shared.kafka import create_producer, kafka_options
+from shared.settings import Settings
 
 BASELINE_USERS = 200_000
-MEASURES = ("migrate", "storage", "reads", "report", "percent", "delete")
+MEASURES = ("migrate", "storage", "reads", "report", "percent", "delete", "delete-at-once", "expiry")
 # Lock modes that block INSERT, UPDATE and DELETE (they conflict with ROW EXCLUSIVE).
 WRITE_BLOCKING = ("ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock")
 PROBE_SEGMENT_EVERY, PROBE_USER_EVERY = 0.1, 0.02  # seconds between the commands sent during a deletion
@@ -232,6 +242,7 @@ async def report_month(pool: asyncpg.Pool, slugs: list[str]) -> tuple[int, int]:
     first = add_months(month_start(datetime.now(UTC)), -1)
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SET LOCAL segmentation.membership_changes = off")
+        await conn.execute("DELETE FROM rollout_events WHERE command_id LIKE 'report-%'")  # an earlier run's (--reuse)
         for day, target in enumerate(slugs, start=10):
             await conn.execute(
                 """INSERT INTO rollout_events (segment_id, segment_slug, old_percent, new_percent, reason, executed_at,
@@ -418,12 +429,18 @@ async def percent_change(settings, outcomes: Outcomes, producer, target: str) ->
 
 
 async def deletion(settings, pool, outcomes: Outcomes, producer, target: str, users: int,
-                   probe_slug: str) -> dict[str, float]:
+                   probe_slugs: tuple[str, str], idle_seconds: float) -> dict[str, float]:
     """Delete `target` while segment commands behind it (same key) and user commands (every
-    partition) keep coming; the deletion's time, its WAL, and the longest wait of each kind."""
+    partition) keep coming, from `idle_seconds` before the deletion to `idle_seconds` after its
+    outcome: the deletion's time, its WAL, and the longest wait of each kind of command sent
+    during it and of those sent before and after it (what the same commands wait on this machine
+    without a deletion). The segment commands
+    change one segment and the user commands add and remove another: a user command naming a
+    segment that a segment command fetched with it changes waits for that command by design
+    (services/command_consumer/ordering.py), whatever else is going on."""
     tag = uuid.uuid4().hex[:8]
     rng = random.Random(tag)
-    sent: dict[str, list[str]] = {"segment": [], "user": []}
+    sent: dict[str, list[tuple[str, float]]] = {"segment": [], "user": []}
     done = asyncio.Event()
 
     async def probe(kind: str, every: float) -> None:
@@ -431,32 +448,37 @@ async def deletion(settings, pool, outcomes: Outcomes, producer, target: str, us
             if done.is_set():
                 return
             command_id = f"probe-{kind}-{tag}-{index}"
+            at = time.monotonic()
             if kind == "segment":
                 await outcomes.send(producer, settings.segments_commands_topic, {
-                    "type": "update_segment", "slug": probe_slug, "description": f"probe {index}",
+                    "type": "update_segment", "slug": probe_slugs[0], "description": f"probe {index}",
                     "command_id": command_id}, target)
             else:
                 user = rng.randint(1, users)
                 await outcomes.send(producer, settings.assignments_commands_topic, {
                     "type": "update_user_segments", "user_id": user, "command_id": command_id,
-                    ("add" if index % 2 else "remove"): [probe_slug]}, str(user))
-            sent[kind].append(command_id)
+                    ("add" if index % 2 else "remove"): [probe_slugs[1]]}, str(user))
+            sent[kind].append((command_id, at))
 
-    wal_before = await pool.fetchval("SELECT pg_current_wal_lsn()")
     probes = [asyncio.create_task(probe("segment", PROBE_SEGMENT_EVERY)),
               asyncio.create_task(probe("user", PROBE_USER_EVERY))]
-    await asyncio.sleep(1.0)  # the probes' steady state first
+    await asyncio.sleep(idle_seconds)
+    wal_before = await pool.fetchval("SELECT pg_current_wal_lsn()")
+    deleting = time.monotonic()
     try:
         seconds = await outcomes.seconds(await outcomes.send(producer, settings.segments_commands_topic, {
             "type": "delete_segment", "slug": target, "command_id": f"delete-{tag}"}, target))
         wal = await pool.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1)", wal_before)
-        await asyncio.sleep(1.0)
+        finished = time.monotonic()
+        await asyncio.sleep(idle_seconds)
     finally:
         done.set()
         await asyncio.gather(*probes)
     figures = {"seconds": seconds, "wal_mb": float(wal) / 2**20}
-    for kind, ids in sent.items():
-        figures[f"{kind} wait"] = max([await outcomes.seconds(command_id, timeout=600) for command_id in ids])
+    for kind, commands in sent.items():
+        waits = [(at, await outcomes.seconds(command_id, timeout=600)) for command_id, at in commands]
+        figures[f"{kind} wait"] = max(wait for at, wait in waits if deleting <= at <= finished)
+        figures[f"{kind} wait idle"] = max(wait for at, wait in waits if not deleting <= at <= finished)
     return figures
 
 
@@ -469,6 +491,118 @@ async def hot_reads(ports: dict[str, tuple[int, int]], users: dict[str, int], du
         port, pid = ports[name]
         figures[(name, kind)] = await asyncio.to_thread(
             wrk, port, users[name], duration, 32, (), pid, 3, ZIPF_LUA if kind == "zipf" else None)
+    return figures
+
+
+async def read_latencies(port: int, users: int, rate: int, stop: asyncio.Event) -> list[float]:
+    """GET /users/{id}/segments at a steady `rate` a second, users Zipf-skewed as ZIPF_LUA draws
+    them, until `stop`: each read's seconds. Each read starts on its turn whether or not the
+    ones before it have answered, so a stall shows in every read it delays."""
+    rng = random.Random(11)
+    latencies: list[float] = []
+    running: set[asyncio.Task] = set()
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+        async def read(user: int) -> None:
+            started = time.monotonic()
+            async with session.get(f"/users/{user}/segments") as response:
+                await response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"GET /users/{user}/segments answered {response.status}")
+            latencies.append(time.monotonic() - started)
+
+        async for _ in common.paced(rate):
+            if stop.is_set():
+                break
+            task = asyncio.create_task(read(math.floor(users ** rng.random())))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        await asyncio.gather(*running)
+    return latencies
+
+
+async def reads_p99(port: int, users: int, rate: int, work) -> tuple[float, object]:
+    """The reads' p99 in milliseconds while `work` (awaited) runs, and what it returned."""
+    stop = asyncio.Event()
+    reads = asyncio.create_task(read_latencies(port, users, rate, stop))
+    try:
+        result = await work
+    finally:
+        stop.set()
+    return percentile(await reads, 0.99) * 1000, result
+
+
+EXPIRING_TABLE = "bench_expiring"
+
+
+async def set_aside(pool: asyncpg.Pool, count: int, first_rank: int) -> None:
+    """`count` memberships of segments without a rollout, from rank `first_rank` on, moved into
+    a table of their own (without history: this is the data set, not the service's work), to be
+    put back due round after round."""
+    await put_back(pool)  # by a run stopped midway
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL segmentation.membership_changes = off")
+        await conn.execute(f"CREATE TABLE {EXPIRING_TABLE} (user_id bigint, segment_id bigint, added_at timestamptz)")
+        await conn.execute(f"""INSERT INTO {EXPIRING_TABLE}
+                               SELECT m.user_id, m.segment_id, m.added_at FROM memberships m
+                               JOIN segments s ON s.id = m.segment_id
+                               WHERE s.slug >= $1 AND s.percent = 0 AND m.expires_at IS NULL LIMIT $2""",
+                           slug(first_rank), count)
+        await conn.execute(f"DELETE FROM memberships m USING {EXPIRING_TABLE} e "
+                           "WHERE m.user_id = e.user_id AND m.segment_id = e.segment_id")
+
+
+async def put_back(pool: asyncpg.Pool) -> None:
+    """The set-aside memberships where they were, without an expiry, and their table gone."""
+    async with pool.acquire() as conn, conn.transaction():
+        if await conn.fetchval("SELECT to_regclass($1) IS NULL", EXPIRING_TABLE):
+            return
+        await conn.execute("SET LOCAL segmentation.membership_changes = off")
+        await conn.execute(f"INSERT INTO memberships (user_id, segment_id, added_at) SELECT user_id, segment_id, "
+                           f"added_at FROM {EXPIRING_TABLE} ON CONFLICT DO NOTHING")
+        await conn.execute(f"DROP TABLE {EXPIRING_TABLE}")
+
+
+async def put_back_due(pool: asyncpg.Pool) -> int:
+    """The set-aside memberships again, each due at a moment of the last minute."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL segmentation.membership_changes = off")
+        status = await conn.execute(f"""INSERT INTO memberships (user_id, segment_id, added_at, expires_at)
+                                        SELECT user_id, segment_id, added_at, now() - random() * interval '1 minute'
+                                        FROM {EXPIRING_TABLE}""")
+    await pool.execute("CHECKPOINT")  # the insert's pages written now, not during the round
+    return int(status.split()[-1])
+
+
+async def expiry(settings: Settings, pool: asyncpg.Pool, port: int, users: int, args) -> dict[str, list[float]]:
+    """Rounds of the due memberships removed by the worker (reads timed meanwhile) and by the
+    limit statement, in alternating order, and of the reads alone."""
+    await set_aside(pool, args.expiring, percent_rank(args.rounds) + 1)
+    try:
+        return await expiry_rounds(settings, pool, port, users, args)
+    finally:
+        await put_back(pool)
+
+
+async def expiry_rounds(settings: Settings, pool: asyncpg.Pool, port: int, users: int, args) -> dict[str, list[float]]:
+    figures: dict[str, list[float]] = {"worker": [], "limit": [], "during": [], "idle": []}
+    for round_number in range(1, args.rounds + 1):
+        order = ("worker", "limit") if round_number % 2 else ("limit", "worker")
+        for part in order:
+            due = await put_back_due(pool)
+            if part == "worker":
+                p99, rate = await reads_p99(port, users, args.read_rate, drain(
+                    pool, settings.expiry_batch_size, settings.expiry_concurrency, due))
+                figures["worker"].append(rate)
+                figures["during"].append(p99)
+            else:
+                started = time.monotonic()
+                await pool.execute(LIMIT_SQL)
+                figures["limit"].append(due / (time.monotonic() - started))
+        idle, _ = await reads_p99(port, users, args.read_rate, asyncio.sleep(args.duration))
+        figures["idle"].append(idle)
+        print(f"  expiry round {round_number}/{args.rounds}: worker {figures['worker'][-1]:,.0f} rows/s, limit "
+              f"{figures['limit'][-1]:,.0f} rows/s; read p99 {figures['during'][-1]:.1f} ms draining, "
+              f"{idle:.1f} ms idle", file=sys.stderr, flush=True)
     return figures
 
 
@@ -488,12 +622,23 @@ async def main(args) -> None:
     measures = set(args.measures.split(","))
     if not measures or measures - set(MEASURES):
         raise SystemExit(f"--measures: a comma-separated choice of {', '.join(MEASURES)}")
+    if args.reuse and "migrate" in measures:
+        raise SystemExit("--reuse: `migrate` needs a database seeded at the schema before --migrate-from")
     async with bench_environment("scale") as (_infra, new):
-        full_settings, full_pool = await new("full", args.migrate_from if "migrate" in measures else None)
+        if args.reuse:
+            full_settings, full_pool = await new("full", database_url=args.reuse)
+            made, seeded = await full_pool.fetchval("SELECT count(*) FROM memberships"), None
+            if measures & {"delete", "delete-at-once"} and await full_pool.fetchval(
+                    "SELECT count(*) FROM segments WHERE slug = ANY($1::text[]) AND deleted_at IS NULL",
+                    [slug(rank) for rank in range(1, 1 + 2 * args.rounds)]) < 2 * args.rounds:
+                raise SystemExit("--reuse: an earlier run deleted the segments `delete` deletes; seed anew")
+        else:
+            full_settings, full_pool = await new("full", args.migrate_from if "migrate" in measures else None)
+            started = time.monotonic()
+            made = await seed(full_settings.database_url, "full size", **scaled(args, args.users))
+            seeded = time.monotonic() - started
+            print(f"  the full-size database, for --reuse: {full_settings.database_url}", file=sys.stderr, flush=True)
         base_settings, base_pool = await new("base")
-        started = time.monotonic()
-        made = await seed(full_settings.database_url, "full size", **scaled(args, args.users))
-        seeded = time.monotonic() - started
         await seed(base_settings.database_url, "baseline", **scaled(args, BASELINE_USERS))
         migrated = await migrations(full_settings, full_pool) if "migrate" in measures else None
         sizes = {name: await storage(pool) for name, pool in (("full", full_pool), ("baseline", base_pool))
@@ -521,6 +666,17 @@ async def main(args) -> None:
             for process, _port in servers.values():
                 stop_process(process)
 
+        expired = {}
+        if "expiry" in measures:
+            port = free_port()
+            env = {**os.environ, **full_settings.to_env(), "LOG_LEVEL": "WARNING", "API_WORKERS": str(args.workers),
+                   "API_PORT": str(port)}
+            api = serve([sys.executable, "-m", "services.query_api", "--port", str(port)], env, port)
+            try:
+                expired = await expiry(full_settings, full_pool, port, args.users, args)
+            finally:
+                stop_process(api)
+
         reports = {}
         if "report" in measures:
             for name, settings, pool in (("full", full_settings, full_pool), ("baseline", base_settings, base_pool)):
@@ -535,7 +691,7 @@ async def main(args) -> None:
         percent: dict[tuple[str, str], list[float]] = {}
         targets_of_percent = {"explicit members 1% of users": slug(percent_rank(args.rounds)),
                               "the largest segment": slug(0)}
-        deletes: dict[str, list[dict]] = {"in chunks": [], "one transaction": []}
+        deletes: dict[str, list[dict]] = {}
         # Each database's consumer publishes to its own results topic: a reader each.
         async with Outcomes(full_settings) as full_outcomes, Outcomes(base_settings) as base_outcomes:
             try:
@@ -550,17 +706,22 @@ async def main(args) -> None:
                                     await percent_change(settings, outcomes, producer, target_slug))
                             print(f"  percent change on {name}, {target}: " + ", ".join(
                                 f"{s:.2f} s" for s in percent[(target, name)]), file=sys.stderr, flush=True)
-                variants = {"in chunks": full_settings,
-                            "one transaction": full_settings.model_copy(update={"consumer_segment_removal_chunk": 0})}
+                variants = {name: settings for name, settings, measure in (
+                    ("in chunks", full_settings, "delete"),
+                    ("one transaction", full_settings.model_copy(update={"consumer_segment_removal_chunk": 0}),
+                     "delete-at-once")) if measure in measures}
                 pools = {"in chunks": full_pool, "one transaction": untimed_pool}
                 targets = iter(slug(rank) for rank in range(1, 1 + 2 * args.rounds))
-                probe_slug = slug(args.segments - args.rollout_segments)  # a small segment without a rollout
-                for round_number in range(1, args.rounds + 1 if "delete" in measures else 1):
+                # Small segments without a rollout.
+                probe_slugs = (slug(args.segments - args.rollout_segments),
+                               slug(args.segments - args.rollout_segments - 1))
+                for round_number in range(1, args.rounds + 1 if variants else 1):
                     order = list(variants) if round_number % 2 else list(variants)[::-1]
                     for name in order:
                         async with consumer_running(variants[name], pools[name], full_outcomes, producer):
-                            deletes[name].append(await deletion(variants[name], pools[name], full_outcomes, producer,
-                                                                next(targets), args.users, probe_slug))
+                            deletes.setdefault(name, []).append(await deletion(
+                                variants[name], pools[name], full_outcomes, producer, next(targets), args.users,
+                                probe_slugs, args.idle_probes))
                         print(f"  delete round {round_number}/{args.rounds}, {name}: " + ", ".join(
                             f"{key} {value:,.2f}" for key, value in deletes[name][-1].items()),
                             file=sys.stderr, flush=True)
@@ -568,8 +729,8 @@ async def main(args) -> None:
                 await producer.stop()
                 await untimed_pool.close()
 
-    lines = {"seeded": f"{made:,} memberships, {args.history:,} history rows, {args.users:,} users in "
-                       f"{seeded / 60:.1f} min (COPY)"}
+    lines = {"seeded": f"{made:,} memberships, {args.history:,} history rows, {args.users:,} users " + (
+        f"in {seeded / 60:.1f} min (COPY)" if seeded is not None else "(reused, seeded by an earlier run)")}
     if migrated:
         lines[f"migrations {migrated['applied'][0]} to {migrated['applied'][-1]}"] = (
             f"{migrated['seconds']:.1f} s; longest write meanwhile {migrated['longest write']:.2f} s (idle "
@@ -586,6 +747,14 @@ async def main(args) -> None:
         lines[f"hot read, {kind}: full / baseline"] = (
             f"{spread([f['rps'] / b['rps'] for f, b in zip(full, base, strict=True)], '{:.1%}')} of the rate "
             f"(target >= 80%), p99 {spread([f['p99'] / b['p99'] for f, b in zip(full, base, strict=True)], '{:.2f}')}x")
+    if expired:
+        lines[f"expiry of {args.expiring:,} due in one minute"] = (
+            f"worker {spread(expired['worker'])} rows/s, limit {spread(expired['limit'])} rows/s, ratio "
+            f"{spread([w / m for w, m in zip(expired['worker'], expired['limit'], strict=True)], '{:.0%}')} "
+            f"(target >= 50%); read p99 at {args.read_rate} reads/s draining {spread(expired['during'], '{:.1f}')} "
+            f"ms, idle {spread(expired['idle'], '{:.1f}')} ms, "
+            f"{spread([d / i for d, i in zip(expired['during'], expired['idle'], strict=True)], '{:.2f}')}x "
+            f"(target < 2x)")
     for name, figures in reports.items():
         lines[f"all-users month report, {name}"] = (
             f"{figures['rows']:,} rows ({figures['explicit']:,} explicit, the rest from 2 rollout changes): "
@@ -596,12 +765,14 @@ async def main(args) -> None:
         lines[f"percent change 10% -> 50%, {target}"] = (
             f"{spread(percent[(target, 'full')], '{:.3f}')} s at full size, "
             f"{spread(percent[(target, 'baseline')], '{:.3f}')} s at {BASELINE_USERS:,} users (target < 1 s)")
-    for name, runs in deletes.items() if "delete" in measures else ():
+    for name, runs in deletes.items():
         lines[f"delete_segment of {args.deleted:,}, {name}"] = (
             f"outcome {spread([r['seconds'] for r in runs], '{:.1f}')} s, WAL "
             f"{spread([r['wal_mb'] for r in runs])} MiB; longest wait: segment commands behind it "
-            f"{spread([r['segment wait'] for r in runs], '{:.2f}')} s, user commands "
-            f"{spread([r['user wait'] for r in runs], '{:.2f}')} s (target < 1 s)")
+            f"{spread([r['segment wait'] for r in runs], '{:.2f}')} s (without a deletion "
+            f"{spread([r['segment wait idle'] for r in runs], '{:.2f}')} s), user commands "
+            f"{spread([r['user wait'] for r in runs], '{:.2f}')} s (without "
+            f"{spread([r['user wait idle'] for r in runs], '{:.2f}')} s) (target: < 1 s behind it)")
     common.report(f"at scale ({args.users:,} users, {made:,} memberships over {args.segments:,} segments, "
                   f"{args.rollout_segments} with a rollout, {args.history:,} history rows; baseline "
                   f"{BASELINE_USERS:,} users; wrk 32 connections, {args.duration} s)", lines)
@@ -614,7 +785,13 @@ def cli() -> None:
                segments=(1_000, "segments"), rollout_segments=(100, "segments with a rollout"),
                history=(3_000_000, "history rows over the last 3 months (full size: 30,000,000)"),
                deleted=(200_000, "explicit members of each deleted segment (full size: 2,000,000)"),
-               duration=(10, "seconds of wrk a hot-read figure"), workers=(2, "API worker processes"),
+               duration=(10, "seconds of wrk a hot-read figure, and of the idle reads with `expiry`"),
+               workers=(2, "API worker processes"),
+               expiring=(100_000, "memberships due in the same minute, with `expiry` (full size: 1,000,000)"),
+               read_rate=(200, "reads a second timed during the expiry rounds"),
+               reuse=("", "the URL of a full-size database an earlier run seeded (printed by it): measured "
+                          "again without seeding (not `migrate`; `delete` only while its segments are left)"),
+               idle_probes=(30, "seconds of the deletion rounds' commands sent before each deletion, and after"),
                measures=(",".join(MEASURES), f"which figures, comma-separated, of: {', '.join(MEASURES)}"),
                migrate_from=("0010_segment_member_counts",
                              "with `migrate`: the first migration applied while measured"))
