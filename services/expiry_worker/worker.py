@@ -43,9 +43,11 @@ WITH due AS (
     FOR UPDATE SKIP LOCKED
 ), gone AS (
     -- The locked rows by their physical address (a TID scan, not a key look-up each); the
-    -- expiry is checked again under the lock.
+    -- expiry is checked again under the lock, in a form no index answers, so that the planner
+    -- takes the TID scan whatever its statistics say of how many rows are due: an index scan on
+    -- the expiry would read every due row for each batch's addresses.
     DELETE FROM memberships m USING segments s
-    WHERE m.ctid = ANY(ARRAY(SELECT ctid FROM due)) AND s.id = m.segment_id AND m.expires_at <= now()
+    WHERE m.ctid = ANY(ARRAY(SELECT ctid FROM due)) AND s.id = m.segment_id AND (m.expires_at <= now()) IS TRUE
       AND s.deleted_at IS NULL  -- a deleted segment's members are its removal's to record
     RETURNING m.user_id, m.segment_id, s.slug, s.percent, m.expires_at, m.added_at, s.rolled_at
 ), spans AS (
