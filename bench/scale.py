@@ -26,11 +26,12 @@ scaled down with the users. Then:
   DELETE … RETURNING into one INSERT (the limit): rows a second of each; and the hot read's p99
   at a steady --read-rate (Zipf users) during the worker's drain against the same reads idle;
 - delete_segment of a segment with --deleted explicit members, in chunks (the default; `delete`)
-  and in one transaction (CONSUMER_SEGMENT_REMOVAL_CHUNK=0; `delete-at-once`): time to its outcome, the WAL it writes, and the
-  longest wait of the commands sent meanwhile, segment commands behind it in its partition and
-  user commands on every partition (record timestamp to outcome), against the longest wait of
-  the same commands in the --idle-probes seconds before and after it (the machine's own stalls:
-  the broker, PostgreSQL and this process share its cores).
+  and in one transaction (CONSUMER_SEGMENT_REMOVAL_CHUNK=0; `delete-at-once`): time to its
+  outcome, the WAL it writes, and the longest wait of the commands sent meanwhile, segment
+  commands behind it in its partition and user commands on every partition (record timestamp to
+  outcome), against the longest wait of the same commands in the --idle-probes seconds before
+  and after it (the machine's own stalls: the broker, PostgreSQL and this process share its
+  cores).
 
 Every figure is the median and range of --rounds rounds; --measures picks some of them (both
 databases are seeded whatever it picks). The full size of the design card:
@@ -576,19 +577,25 @@ async def put_back_due(pool: asyncpg.Pool) -> int:
 async def expiry(settings: Settings, pool: asyncpg.Pool, port: int, users: int, args) -> dict[str, list[float]]:
     """Rounds of the due memberships removed by the worker (reads timed meanwhile) and by the
     limit statement, in alternating order, and of the reads alone."""
-    await set_aside(pool, args.expiring, percent_rank(args.rounds) + 1)
+    # Statements of a million rows outlast the pool's command timeout: they run on one without.
+    bulk = await create_pool(settings.database_url, min_size=1, max_size=1, command_timeout=None)
     try:
-        return await expiry_rounds(settings, pool, port, users, args)
+        await set_aside(bulk, args.expiring, percent_rank(args.rounds) + 1)
+        try:
+            return await expiry_rounds(settings, pool, bulk, port, users, args)
+        finally:
+            await put_back(bulk)
     finally:
-        await put_back(pool)
+        await bulk.close()
 
 
-async def expiry_rounds(settings: Settings, pool: asyncpg.Pool, port: int, users: int, args) -> dict[str, list[float]]:
+async def expiry_rounds(settings: Settings, pool: asyncpg.Pool, bulk: asyncpg.Pool, port: int, users: int,
+                        args) -> dict[str, list[float]]:
     figures: dict[str, list[float]] = {"worker": [], "limit": [], "during": [], "idle": []}
     for round_number in range(1, args.rounds + 1):
         order = ("worker", "limit") if round_number % 2 else ("limit", "worker")
         for part in order:
-            due = await put_back_due(pool)
+            due = await put_back_due(bulk)
             if part == "worker":
                 p99, rate = await reads_p99(port, users, args.read_rate, drain(
                     pool, settings.expiry_batch_size, settings.expiry_concurrency, due))
@@ -596,7 +603,7 @@ async def expiry_rounds(settings: Settings, pool: asyncpg.Pool, port: int, users
                 figures["during"].append(p99)
             else:
                 started = time.monotonic()
-                await pool.execute(LIMIT_SQL)
+                await bulk.execute(LIMIT_SQL)
                 figures["limit"].append(due / (time.monotonic() - started))
         idle, _ = await reads_p99(port, users, args.read_rate, asyncio.sleep(args.duration))
         figures["idle"].append(idle)
