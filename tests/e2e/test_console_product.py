@@ -145,6 +145,8 @@ async def test_the_console_finds_keeps_and_fits(chromium, console_stack):
             await page.get_by_label("Search").fill("")
             await page.get_by_label("Sort by").select_option("percent")
             await page.get_by_role("button", name="Show").click()
+            await expect(page).to_have_url(re.compile(r"sort=percent"))
+            await page.wait_for_load_state()
             first = await page.get_by_role("row").nth(1).get_by_role("link").text_content()
             await page.get_by_role("link", name="Next page").click()
             await expect(page).to_have_url(re.compile(r"after="))
@@ -197,11 +199,19 @@ async def test_the_console_finds_keeps_and_fits(chromium, console_stack):
             await expect(rejected).to_have_count(2)
             await expect(rejected.nth(1)).to_contain_text("refused")
             await expect(rejected.nth(1).get_by_role("link", name="user 1000")).to_be_visible()
+            # A click that submits a form returns once the next page starts loading: each step waits
+            # for that page's content before it looks, or the screenshot meets a page being replaced.
             await page.get_by_label("Status").select_option("")
             await page.get_by_role("button", name="Filter").click()
+            await expect(page).to_have_url(re.compile(r"status=(&|$)"))
+            await expect(rejected).to_have_count(5)  # the header, the three commands and the console's own
+            await page.wait_for_load_state()
             await page.screenshot(path=shots / "readme-activity.png")
             await page.get_by_label("Status").select_option("rejected")
             await page.get_by_role("button", name="Filter").click()
+            await expect(page).to_have_url(re.compile(r"status=rejected"))
+            await expect(rejected).to_have_count(2)
+            await page.wait_for_load_state()
             await check("09-activity")
 
             await page.goto("/ui/commands")
