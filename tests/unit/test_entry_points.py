@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCHMARKS = sorted(path.stem for path in (ROOT / "bench").glob("*.py")
-                    if "\nif __name__ == \"__main__\":" in path.read_text())  # the runnable ones
+BENCHMARKS = sorted([path.stem for path in (ROOT / "bench").glob("*.py")
+                     if "\nif __name__ == \"__main__\":" in path.read_text()]  # the runnable modules
+                    + [path.parent.name for path in (ROOT / "bench").glob("*/__main__.py")])  # and packages
 COMMANDS = {module: [sys.executable, "-m", module] for module in (
     "services.command_consumer", "services.query_api", "services.expiry_worker", "devstack",
     *(f"bench.{name}" for name in BENCHMARKS))}
