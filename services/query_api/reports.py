@@ -290,13 +290,16 @@ async def check_month_kept(conn: asyncpg.Connection | asyncpg.Pool, year: int, m
 
 
 async def stream_report(conn: asyncpg.Connection, year: int, month: int, user_id: int | None,
-                        release: Callable[[], Awaitable[None]]) -> AsyncIterator[bytes]:
+                        release: Callable[[], Awaitable[None]], work_mem: str | None = None) -> AsyncIterator[bytes]:
     """The CSV in chunks from one repeatable-read snapshot, produced as the client reads; `release`
-    gives the connection back when it is done (or the client went away)."""
+    gives the connection back when it is done (or the client went away). `work_mem`, if given, is
+    the transaction's (REPORT_WORK_MEM)."""
     start, end = month_bounds(year, month)
     try:
         yield CSV_HEADER.encode()
         async with conn.transaction(isolation="repeatable_read", readonly=True):
+            if work_mem:
+                await conn.execute("SELECT set_config('work_mem', $1, true)", work_mem)
             async for chunk in _report_body(conn, start, end, user_id):
                 yield chunk
     finally:

@@ -170,6 +170,10 @@ class ApiSettings(Section):
         "production: a long random value, the same on every API replica."))
     report_signing_secret_file: Path | None = Field(None, description="Read REPORT_SIGNING_SECRET from this file.")
     report_link_ttl_seconds: int = Field(86_400, ge=1, description="Lifetime of a report link.")
+    report_work_mem: str = Field("64MB", pattern=r"^[1-9][0-9]*(kB|MB|GB)$", description=(
+        "PostgreSQL's work_mem for an all-users report of a month with rollout changes: each change "
+        "sorts and joins a segment's explicit members against every registered user, on disk when this is "
+        "too small. Each parallel worker may use it several times over, so size it to the database's memory."))
     rollout_cache_refresh_seconds: float = Field(0.25, gt=0, description=(
         "How often the API reloads live rollout segments in the background (reads reload at once when a "
         "segment changed)."))

@@ -167,6 +167,34 @@ async def test_all_users_report_with_rollout_rows_streams_with_flat_memory(pool)
     assert peak < 8 * 1024 * 1024, f"peak {peak} bytes: the report was held in memory"
 
 
+async def test_a_report_runs_with_the_work_mem_it_is_given_and_leaves_the_connection_as_it_was(pool):
+    """REPORT_WORK_MEM holds for the report's transaction only: the pooled connection goes back
+    with the server's own."""
+    from services.query_api.reports import stream_report
+
+    segment_id = await pool.fetchval("INSERT INTO segments (slug, percent, created_at, updated_at) "
+                                     "VALUES ($1, 50, '2023-09-10', '2023-09-10') RETURNING id", SLUG)
+    await pool.execute("INSERT INTO rollout_events (segment_id, segment_slug, old_percent, new_percent, reason, "
+                       "executed_at, command_id) VALUES ($1, $2, 0, 50, 'created', '2023-09-10', 'c')",
+                       segment_id, SLUG)
+    await pool.execute("INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, "
+                       "reason) VALUES (5, 'OTHER', 'I', '2023-09-11', 'manual', 'manual')")
+
+    async def keep() -> None:
+        pass
+
+    async with pool.acquire() as conn:
+        own = await conn.fetchval("SHOW work_mem")
+        assert own != "7MB"
+        chunks = stream_report(conn, 2023, 9, 5, release=keep, work_mem="7MB")
+        assert await anext(chunks) == b"user_id,segment_slug,operation,executed_at,source,reason\n"
+        assert b"5,OTHER,I,2023-09-11" in await anext(chunks)
+        # The rows are all out; the stream waits inside the report's transaction.
+        assert await conn.fetchval("SHOW work_mem") == "7MB"
+        await chunks.aclose()
+        assert await conn.fetchval("SHOW work_mem") == own
+
+
 async def test_all_users_report_orders_the_rows_of_one_moment_by_user_then_segment(pool):
     """Two events and an explicit row at the same moment, explicit rows before and after it: the
     report is the contract's order over all of them (time, user, segment)."""
