@@ -209,7 +209,9 @@ class ExpirySettings(Section):
 
     expiry_batch_size: int = Field(10_000, ge=1, description="Memberships removed per transaction.")
     expiry_max_sleep_seconds: float = Field(1.0, gt=0, description="Longest sleep between polls when nothing is due.")
-    expiry_concurrency: int = Field(2, ge=1, description="Batches one worker runs at once.")
+    expiry_concurrency: int = Field(1, ge=1, description=(
+        "Batches one worker runs at once, each on a connection of its own and a core of the database's. On a "
+        "server without cores to spare, more drain a backlog hardly faster and slow the hot read meanwhile."))
     expiry_metrics_port: int = Field(9102, description="The expiry worker's /metrics port (0: none).")
 
 
