@@ -67,6 +67,11 @@ BASELINE_USERS = 200_000
 MEASURES = ("migrate", "storage", "reads", "report", "percent", "delete", "delete-at-once", "expiry")
 
 
+def ratios(figures: list[float], baselines: list[float], form: str) -> str:
+    """The median and range of each round's figure over its baseline (rounds paired in order)."""
+    return spread([figure / baseline for figure, baseline in zip(figures, baselines, strict=True)], form)
+
+
 def scaled(args, users: int) -> dict:
     factor = users / args.users
     return {"users": users, "memberships": max(args.segments, round(args.memberships * factor)),
@@ -206,21 +211,21 @@ async def main(args) -> None:
             f"{spread([r['rps'] for r in full])} req/s, p99 {spread([r['p99'] for r in full], '{:.1f}')} ms, "
             f"{spread([1e6 / r['cpu_us'] for r in full])} requests a CPU second")
         lines[f"hot read, {kind}: full / baseline"] = (
-            f"{spread([f['rps'] / b['rps'] for f, b in zip(full, base, strict=True)], '{:.1%}')} of the rate "
-            f"(target >= 80%), p99 {spread([f['p99'] / b['p99'] for f, b in zip(full, base, strict=True)], '{:.2f}')}x")
+            f"{ratios([f['rps'] for f in full], [b['rps'] for b in base], '{:.1%}')} of the rate "
+            f"(target >= 80%), p99 {ratios([f['p99'] for f in full], [b['p99'] for b in base], '{:.2f}')}x")
     if expired:
         lines[f"expiry of {args.expiring:,} due in one minute"] = (
             f"worker {spread(expired['worker'])} rows/s, limit {spread(expired['limit'])} rows/s, ratio "
-            f"{spread([w / m for w, m in zip(expired['worker'], expired['limit'], strict=True)], '{:.0%}')} "
+            f"{ratios(expired['worker'], expired['limit'], '{:.0%}')} "
             f"(target >= 50%); read p99 at {args.read_rate} reads/s draining {spread(expired['during'], '{:.1f}')} "
             f"ms, idle {spread(expired['idle'], '{:.1f}')} ms, "
-            f"{spread([d / i for d, i in zip(expired['during'], expired['idle'], strict=True)], '{:.2f}')}x "
+            f"{ratios(expired['during'], expired['idle'], '{:.2f}')}x "
             f"(target < 2x)")
     for name, figures in reports.items():
         lines[f"all-users month report, {name}"] = (
             f"{figures['rows']:,} rows ({figures['explicit']:,} explicit, the rest from 2 rollout changes): "
             f"{spread(figures['api'])} rows/s, COPY {spread(figures['copy'])} rows/s, ratio "
-            f"{spread([a / c for a, c in zip(figures['api'], figures['copy'], strict=True)], '{:.0%}')} "
+            f"{ratios(figures['api'], figures['copy'], '{:.0%}')} "
             f"(target >= 50%), API peak RSS {spread(figures['peak'])} MB (target < 150 MB)")
     for target in targets_of_percent if percent else ():
         lines[f"percent change 10% -> 50%, {target}"] = (

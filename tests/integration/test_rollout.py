@@ -134,13 +134,8 @@ async def test_all_users_report_has_rollout_rows_for_every_registered_user(setti
     assert all(int(row.split(",")[0]) in registered for row in rows)
 
 
-async def test_all_users_report_with_rollout_rows_streams_with_flat_memory(pool):
-    import tracemalloc
-
-    from services.query_api.reports import stream_report
-
-    users = 100_000
-    await pool.execute("INSERT INTO users SELECT g, now() FROM generate_series(1, $1) AS g", users)
+async def september_with_a_rollout_change(pool) -> None:
+    """September 2023: SLUG created at 50 % on the 10th, and user 5's explicit entry into OTHER on the 11th."""
     segment_id = await pool.fetchval("INSERT INTO segments (slug, percent, created_at, updated_at) "
                                      "VALUES ($1, 50, '2023-09-10', '2023-09-10') RETURNING id", SLUG)
     await pool.execute("INSERT INTO rollout_events (segment_id, segment_slug, old_percent, new_percent, reason, "
@@ -148,6 +143,16 @@ async def test_all_users_report_with_rollout_rows_streams_with_flat_memory(pool)
                        segment_id, SLUG)
     await pool.execute("INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, "
                        "reason) VALUES (5, 'OTHER', 'I', '2023-09-11', 'manual', 'manual')")
+
+
+async def test_all_users_report_with_rollout_rows_streams_with_flat_memory(pool):
+    import tracemalloc
+
+    from services.query_api.reports import stream_report
+
+    users = 100_000
+    await pool.execute("INSERT INTO users SELECT g, now() FROM generate_series(1, $1) AS g", users)
+    await september_with_a_rollout_change(pool)
     tracemalloc.start()
     lines, chunks, last = 0, 0, None
     try:
@@ -172,13 +177,7 @@ async def test_a_report_runs_with_the_work_mem_it_is_given_and_leaves_the_connec
     with the server's own."""
     from services.query_api.reports import stream_report
 
-    segment_id = await pool.fetchval("INSERT INTO segments (slug, percent, created_at, updated_at) "
-                                     "VALUES ($1, 50, '2023-09-10', '2023-09-10') RETURNING id", SLUG)
-    await pool.execute("INSERT INTO rollout_events (segment_id, segment_slug, old_percent, new_percent, reason, "
-                       "executed_at, command_id) VALUES ($1, $2, 0, 50, 'created', '2023-09-10', 'c')",
-                       segment_id, SLUG)
-    await pool.execute("INSERT INTO membership_history (user_id, segment_slug, operation, executed_at, source, "
-                       "reason) VALUES (5, 'OTHER', 'I', '2023-09-11', 'manual', 'manual')")
+    await september_with_a_rollout_change(pool)
 
     async def keep() -> None:
         pass
