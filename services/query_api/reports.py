@@ -7,6 +7,7 @@ Explicit entries and exits come from `membership_history`; the rollout's are der
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -189,12 +190,13 @@ async def _event_lines(conn: asyncpg.Connection, event: asyncpg.Record) -> Async
     tail = f",{slug},{operation},{_format(event['executed_at'])},auto,{event['reason']}\n".encode()
     hash_key = mmh3.hash
     rest = b""
-    async for chunk in _copy(conn, query, *args):
-        ids = (rest + chunk).split(b"\n")
-        rest = ids.pop()  # a partial id, completed by the next chunk (or empty)
-        lines = [user + tail for user in ids if low <= hash_key(key + user, 0, False) % BUCKETS < high]
-        if lines:
-            yield b"".join(lines)
+    async with contextlib.aclosing(_copy(conn, query, *args)) as chunks:
+        async for chunk in chunks:
+            ids = (rest + chunk).split(b"\n")
+            rest = ids.pop()  # a partial id, completed by the next chunk (or empty)
+            lines = [user + tail for user in ids if low <= hash_key(key + user, 0, False) % BUCKETS < high]
+            if lines:
+                yield b"".join(lines)
 
 
 async def _all_users_body(conn: asyncpg.Connection, start, end) -> AsyncIterator[bytes]:
@@ -206,20 +208,24 @@ async def _all_users_body(conn: asyncpg.Connection, start, end) -> AsyncIterator
     after = start
     for moment, group in itertools.groupby(events, key=lambda event: event["executed_at"]):
         group = list(group)
-        async for chunk in _copy(conn, EXPLICIT_COPY_SQL, after, moment, None):
-            yield chunk
+        async with contextlib.aclosing(_copy(conn, EXPLICIT_COPY_SQL, after, moment, None)) as chunks:
+            async for chunk in chunks:
+                yield chunk
         after = moment + timedelta(microseconds=1)  # the next moment timestamps can hold
         if len(group) == 1 and not await conn.fetchval(EXPLICIT_AT_SQL, moment):
-            async for chunk in _event_lines(conn, group[0]):
-                yield chunk
+            async with contextlib.aclosing(_event_lines(conn, group[0])) as chunks:
+                async for chunk in chunks:
+                    yield chunk
             continue
         merged = _explicit_rows(conn, moment, after, None)
         for event in group:
             merged = _merge(merged, _event_rows(conn, event))
-        async for chunk in _in_chunks(merged):
+        async with contextlib.aclosing(_in_chunks(merged)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+    async with contextlib.aclosing(_copy(conn, EXPLICIT_COPY_SQL, after, end, None)) as chunks:
+        async for chunk in chunks:
             yield chunk
-    async for chunk in _copy(conn, EXPLICIT_COPY_SQL, after, end, None):
-        yield chunk
 
 
 async def _in_chunks(rows: AsyncIterator[tuple]) -> AsyncIterator[bytes]:
@@ -300,20 +306,26 @@ async def stream_report(conn: asyncpg.Connection, year: int, month: int, user_id
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             if work_mem:
                 await conn.execute("SELECT set_config('work_mem', $1, true)", work_mem)
-            async for chunk in _report_body(conn, start, end, user_id):
-                yield chunk
+            # Every stream inside is closed in order when the client goes away, so no COPY of
+            # the report's is still running on the connection when its transaction ends.
+            async with contextlib.aclosing(_report_body(conn, start, end, user_id)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
     finally:
         await release()
 
 
 async def _report_body(conn: asyncpg.Connection, start, end, user_id: int | None) -> AsyncIterator[bytes]:
     if not await conn.fetchval(HAS_EVENTS_SQL, start, end):
-        async for chunk in _copy(conn, EXPLICIT_COPY_SQL, start, end, user_id):  # nothing to merge
-            yield chunk
+        async with contextlib.aclosing(_copy(conn, EXPLICIT_COPY_SQL, start, end, user_id)) as chunks:
+            async for chunk in chunks:  # nothing to merge
+                yield chunk
     elif user_id is None:
-        async for chunk in _all_users_body(conn, start, end):
-            yield chunk
+        async with contextlib.aclosing(_all_users_body(conn, start, end)) as chunks:
+            async for chunk in chunks:
+                yield chunk
     else:
-        async for chunk in _in_chunks(_merge(_explicit_rows(conn, start, end, user_id),
-                                             _user_rollout_rows(conn, start, end, user_id))):
-            yield chunk
+        rows = _merge(_explicit_rows(conn, start, end, user_id), _user_rollout_rows(conn, start, end, user_id))
+        async with contextlib.aclosing(_in_chunks(rows)) as chunks:
+            async for chunk in chunks:
+                yield chunk

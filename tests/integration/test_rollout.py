@@ -194,6 +194,33 @@ async def test_a_report_runs_with_the_work_mem_it_is_given_and_leaves_the_connec
         assert await conn.fetchval("SHOW work_mem") == own
 
 
+async def test_a_report_closed_midway_leaves_no_copy_running_and_its_connection_usable(pool):
+    """The client goes away while a rollout change's users still stream from COPY: every stream
+    inside the report closes in order, so the report's transaction ends on a quiet connection."""
+    from services.query_api.reports import stream_report
+
+    await pool.execute("INSERT INTO users SELECT g, '2023-08-01' FROM generate_series(1, 1000000) AS g")
+    segment_id = await pool.fetchval("INSERT INTO segments (slug, percent, created_at, updated_at) "
+                                     "VALUES ($1, 50, '2023-08-01', '2023-09-10') RETURNING id", SLUG)
+    await pool.execute("INSERT INTO rollout_events (segment_id, segment_slug, old_percent, new_percent, reason, "
+                       "executed_at, command_id, overrides_kept) "
+                       "VALUES ($1, $2, 0, 50, 'percent_changed', '2023-09-10', 'c', false)", segment_id, SLUG)
+
+    async def keep() -> None:
+        pass
+
+    async with pool.acquire() as conn:
+        chunks = stream_report(conn, 2023, 9, None, release=keep)
+        await anext(chunks)  # the header
+        assert f",{SLUG},I,".encode() in await anext(chunks)  # the first of far more ids than the COPY's queue holds
+        await chunks.aclose()
+        assert not conn.is_in_transaction()
+        assert await conn.fetchval("SELECT 1") == 1
+    running = await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE state <> 'idle' "
+                                  "AND pid <> pg_backend_pid() AND datname = current_database()")
+    assert running == 0
+
+
 async def test_all_users_report_orders_the_rows_of_one_moment_by_user_then_segment(pool):
     """Two events and an explicit row at the same moment, explicit rows before and after it: the
     report is the contract's order over all of them (time, user, segment)."""
