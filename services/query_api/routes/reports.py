@@ -68,8 +68,8 @@ async def download_report(token: Annotated[str, Query(max_length=2048)], resourc
 
     # The stream releases the connection when it ends; the background task after the response
     # covers a client gone before the stream ever started (its generator's finally never runs).
-    return StreamingResponse(stream_report(conn, year, month, user_id, release=release,
-                                                   work_mem=resources.api.report_work_mem), media_type="text/csv",
+    body = stream_report(conn, year, month, user_id, release=release, work_mem=resources.api.report_work_mem)
+    return StreamingResponse(body, media_type="text/csv",
                              headers={"Content-Disposition": f'attachment; filename="{name}"'},
                              background=BackgroundTask(release))
 
