@@ -11,6 +11,7 @@ import time
 
 import aiohttp
 import asyncpg
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import Progress
 from bench.expiry import LIMIT_SQL
@@ -84,8 +85,8 @@ async def worker_drain(settings: Settings, due: int) -> float:
                     await asyncio.sleep(0.05)
                     continue
                 started = started or time.monotonic()
-                removed = next((float(line.split()[-1]) for line in text.splitlines()
-                                if line.startswith("segmentation_memberships_expired_total ")), 0.0)
+                removed = sum(sample.value for family in text_string_to_metric_families(text)
+                              for sample in family.samples if sample.name == "segmentation_memberships_expired_total")
                 progress.update(int(removed))
                 if removed >= due:
                     return due / (time.monotonic() - started)

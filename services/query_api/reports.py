@@ -255,17 +255,24 @@ async def _merge(first: AsyncIterator[tuple], second: AsyncIterator[tuple]) -> A
 
 async def _copy(conn: asyncpg.Connection, query: str, *args) -> AsyncIterator[bytes]:
     """COPY (query) TO STDOUT as CSV, passed on as it arrives. The queue is bounded, so a slow
-    client slows the COPY down instead of filling memory."""
+    client slows the COPY down instead of filling memory.
+
+    When the reader stops early (the client went away), the rest of the COPY is read and dropped
+    rather than cancelled: asyncpg can hand the connection back while a cancelled COPY's error is
+    still arriving (MagicStack/asyncpg#784), and the next statement on it then fails."""
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=COPY_QUEUE_CHUNKS)
+    dropping = False
 
     async def forward(data: bytearray) -> None:
-        await queue.put(bytes(data))  # asyncpg hands over its own buffer
+        if not dropping:
+            await queue.put(bytes(data))  # asyncpg hands over its own buffer
 
     async def copy() -> None:
         try:
             await conn.copy_from_query(query, *args, output=forward, format="csv")
         finally:
-            await queue.put(None)
+            if not dropping:
+                await queue.put(None)
 
     task = asyncio.create_task(copy())
     try:
@@ -273,8 +280,10 @@ async def _copy(conn: asyncpg.Connection, query: str, *args) -> AsyncIterator[by
             yield chunk
         await task  # raises what the COPY raised
     finally:
-        if not task.done():  # the client went away
-            task.cancel()
+        if not task.done():  # the reader stopped early
+            dropping = True
+            while not queue.empty():  # frees a put the COPY may be waiting on
+                queue.get_nowait()
             await asyncio.gather(task, return_exceptions=True)
 
 

@@ -145,6 +145,10 @@ async def september_with_a_rollout_change(pool) -> None:
                        "reason) VALUES (5, 'OTHER', 'I', '2023-09-11', 'manual', 'manual')")
 
 
+async def keep() -> None:
+    """A report's `release` when the test holds the connection itself."""
+
+
 async def test_all_users_report_with_rollout_rows_streams_with_flat_memory(pool):
     import tracemalloc
 
@@ -178,10 +182,6 @@ async def test_a_report_runs_with_the_work_mem_it_is_given_and_leaves_the_connec
     from services.query_api.reports import stream_report
 
     await september_with_a_rollout_change(pool)
-
-    async def keep() -> None:
-        pass
-
     async with pool.acquire() as conn:
         own = await conn.fetchval("SHOW work_mem")
         assert own != "7MB"
@@ -200,15 +200,7 @@ async def test_a_report_closed_midway_leaves_no_copy_running_and_its_connection_
     from services.query_api.reports import stream_report
 
     await pool.execute("INSERT INTO users SELECT g, '2023-08-01' FROM generate_series(1, 1000000) AS g")
-    segment_id = await pool.fetchval("INSERT INTO segments (slug, percent, created_at, updated_at) "
-                                     "VALUES ($1, 50, '2023-08-01', '2023-09-10') RETURNING id", SLUG)
-    await pool.execute("INSERT INTO rollout_events (segment_id, segment_slug, old_percent, new_percent, reason, "
-                       "executed_at, command_id, overrides_kept) "
-                       "VALUES ($1, $2, 0, 50, 'percent_changed', '2023-09-10', 'c', false)", segment_id, SLUG)
-
-    async def keep() -> None:
-        pass
-
+    await september_with_a_rollout_change(pool)
     async with pool.acquire() as conn:
         chunks = stream_report(conn, 2023, 9, None, release=keep)
         await anext(chunks)  # the header
