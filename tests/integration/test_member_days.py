@@ -119,8 +119,9 @@ async def test_a_segment_created_this_month_trends_from_its_first_day(settings, 
     segment = await pool.fetchval("UPDATE segments SET created_at = now() - interval '3 days' "
                                   "WHERE slug = 'NEW' RETURNING id")
     today = await pool.fetchval("SELECT (now() AT TIME ZONE 'UTC')::date")
-    await pool.execute("UPDATE segment_member_counts SET members = members - 2 WHERE day = $1", today)
-    await pool.execute("INSERT INTO segment_member_counts VALUES ($1, 2, $2)", segment, today - timedelta(days=2))
+    # The counts are changes, one row per writing transaction: move two of today's to that day.
+    await pool.executemany("INSERT INTO segment_member_counts (segment_id, members, day) VALUES ($1, $2, $3)",
+                           [(segment, -2, today), (segment, 2, today - timedelta(days=2))])
     assert await trend_of(pool, "NEW") == (0, 2, 2, 7)
 
 
