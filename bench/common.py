@@ -7,18 +7,22 @@ import asyncio
 import contextlib
 import os
 import platform
+import shutil
 import signal
 import statistics
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
+from devstack.embedded import EmbeddedPostgres, url_on_port, wait_until_replayed
 from devstack.infra import fresh_database, start_infra
 from services.expiry_worker.partitions import PartitionMaintainer
 from shared.db import apply_migrations, create_pool
@@ -95,6 +99,19 @@ def histogram_quantile(fraction: float, before: dict[float, float], after: dict[
                 return lower
             return lower + (bound - lower) * ((rank - below) / (count - below) if count > below else 1.0)
     raise ValueError("no observations between the two scrapes")
+
+
+async def start_replica(infra, settings, cleanup: contextlib.AsyncExitStack) -> str:
+    """A streaming replica of the embedded server, caught up; its URL for the bench database."""
+    parent = Path(tempfile.mkdtemp(prefix="bench-replica-"))
+    cleanup.callback(shutil.rmtree, parent, ignore_errors=True)  # after the server's own removal
+    replica = EmbeddedPostgres(parent / "postgres", replica_of=infra.postgres)
+    await asyncio.to_thread(replica.start)
+    cleanup.push_async_callback(asyncio.to_thread, replica.remove)
+    url = url_on_port(settings.database_url, replica.port)
+    await wait_until_replayed(settings.database_url, url, timeout=120)
+    return url
+
 
 
 @contextlib.asynccontextmanager

@@ -30,8 +30,7 @@ import httpx
 import psutil
 
 from bench import common
-from bench.common import Progress, bench_environment, spread
-from devstack.embedded import EmbeddedPostgres, url_on_port, wait_until_replayed
+from bench.common import Progress, bench_environment, spread, start_replica
 from devstack.otlp_sink import OtlpSink
 from devstack.processes import free_port, stop_process
 from shared.api_keys import new_key
@@ -219,18 +218,6 @@ async def main(args) -> None:
         f"reads: GET /users/{{id}}/segments, {args.users:,} users x 5 memberships, 100 segments (10 rollout), "
         f"{args.connections} connections, {args.workers} workers each, wrk on the same machine, "
         f"median of {args.rounds} {'simultaneous' if args.at_once else 'alternating'} {args.duration}s rounds", lines)
-
-
-async def start_replica(infra, settings, cleanup: contextlib.AsyncExitStack) -> str:
-    """A streaming replica of the embedded server, caught up; its URL for the bench database."""
-    parent = Path(tempfile.mkdtemp(prefix="bench-replica-"))
-    cleanup.callback(shutil.rmtree, parent, ignore_errors=True)  # after the server's own removal
-    replica = EmbeddedPostgres(parent / "postgres", replica_of=infra.postgres)
-    await asyncio.to_thread(replica.start)
-    cleanup.push_async_callback(asyncio.to_thread, replica.remove)
-    url = url_on_port(settings.database_url, replica.port)
-    await wait_until_replayed(settings.database_url, url, timeout=120)
-    return url
 
 
 async def read_your_writes(settings, env: dict, commands: int, workers: int) -> tuple[int, int]:

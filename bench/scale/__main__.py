@@ -32,7 +32,9 @@ scaled down with the users. Then:
   commands behind it in its partition and user commands on every partition (record timestamp to
   outcome), against the longest wait of the same commands in the --idle-probes seconds before
   and after it (the machine's own stalls: the broker, PostgreSQL and this process share its
-  cores).
+  cores); and the peak lag of the replicas streaming from the server, from the deletion to
+  --idle-probes seconds after its outcome (a run on embedded servers starts one, on this machine;
+  on a server given by DATABASE_URL, its own replicas are watched).
 
 Every figure is the median and range of --rounds rounds; --measures picks some of them (both
 databases are seeded whatever it picks). The full size of the design card:
@@ -45,13 +47,14 @@ The defaults are a quick run of a few minutes. Needs wrk (Debian: apt-get instal
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
 import time
 
 from bench import common
-from bench.common import bench_environment, spread
+from bench.common import bench_environment, spread, start_replica
 from bench.read_throughput import serve
 from bench.scale.commands import Outcomes, consumer_running, deletion, percent_change
 from bench.scale.data import percent_rank, seed, slug, storage
@@ -90,7 +93,7 @@ async def main(args) -> None:
         raise SystemExit(f"--measures: a comma-separated choice of {', '.join(MEASURES)}")
     if args.reuse and "migrate" in measures:
         raise SystemExit("--reuse: `migrate` needs a database seeded at the schema before --migrate-from")
-    async with bench_environment("scale") as (_infra, new):
+    async with bench_environment("scale") as (infra, new), contextlib.AsyncExitStack() as cleanup:
         if args.reuse:
             full_settings, full_pool = await new("full", database_url=args.reuse)
             made, seeded = await full_pool.fetchval("SELECT count(*) FROM memberships"), None
@@ -149,6 +152,10 @@ async def main(args) -> None:
                 year, month = await report_month(pool, [slug(0), slug(percent_rank(args.rounds))])
                 reports[name] = await report_figures(settings, pool, year, month, args.rounds)
 
+        if measures & {"delete", "delete-at-once"} and infra.postgres is not None:
+            # The replica's lag is part of a deletion's cost; on a server given by URL, its own replicas'.
+            print("  starting a replica of the full-size server", file=sys.stderr, flush=True)
+            await start_replica(infra, full_settings, cleanup)
         producer = create_producer(full_settings)
         await producer.start()
         # One transaction of millions of rows outlasts the services' statement timeout (the
@@ -238,7 +245,10 @@ async def main(args) -> None:
             f"{spread([r['segment wait'] for r in runs], '{:.2f}')} s (without a deletion "
             f"{spread([r['segment wait idle'] for r in runs], '{:.2f}')} s), user commands "
             f"{spread([r['user wait'] for r in runs], '{:.2f}')} s (without "
-            f"{spread([r['user wait idle'] for r in runs], '{:.2f}')} s) (target: < 1 s behind it)")
+            f"{spread([r['user wait idle'] for r in runs], '{:.2f}')} s) (target: < 1 s behind it); peak replica "
+            "lag " + (f"{spread([r['replica lag s'] for r in runs], '{:.2f}')} s, "
+                      f"{spread([r['replica lag MiB'] for r in runs])} MiB of WAL behind"
+                      if all("replica lag s" in r for r in runs) else "not measured (no replica streaming)"))
     common.report(f"at scale ({args.users:,} users, {made:,} memberships over {args.segments:,} segments, "
                   f"{args.rollout_segments} with a rollout, {args.history:,} history rows; baseline "
                   f"{BASELINE_USERS:,} users; wrk 32 connections, {args.duration} s)", lines)

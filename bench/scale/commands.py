@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -19,6 +20,32 @@ from services.command_consumer.bootstrap import build_consumer
 from shared.kafka import kafka_options
 
 PROBE_SEGMENT_EVERY, PROBE_USER_EVERY = 0.1, 0.02  # seconds between the commands sent during a deletion
+REPLICA_LAG_EVERY = 0.1  # seconds between two looks at the replicas' lag
+# How far behind the primary's WAL the furthest replica has replayed, in bytes and (as the replica
+# last acknowledged it) in seconds; no row without a replica streaming from the primary.
+REPLICA_LAG_SQL = """
+SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn))::float8 AS bytes,
+       max(EXTRACT(EPOCH FROM replay_lag))::float8 AS seconds
+FROM pg_stat_replication HAVING count(*) > 0
+"""
+
+
+async def peak_replica_lag(db: asyncpg.Pool | asyncpg.Connection, stop: asyncio.Event) -> dict[str, float] | None:
+    """The largest lag of the replicas streaming from the primary, looked at every
+    REPLICA_LAG_EVERY seconds and once more when `stop` is set: replay bytes behind (MiB) and
+    replay lag (s); None when no replica was streaming."""
+    peak: dict[str, float] | None = None
+    while True:
+        stopping = stop.is_set()
+        row = await db.fetchrow(REPLICA_LAG_SQL)
+        if row is not None:
+            peak = peak or {"replica lag MiB": 0.0, "replica lag s": 0.0}
+            peak["replica lag MiB"] = max(peak["replica lag MiB"], (row["bytes"] or 0.0) / 2**20)
+            peak["replica lag s"] = max(peak["replica lag s"], row["seconds"] or 0.0)
+        if stopping:
+            return peak
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), REPLICA_LAG_EVERY)
 
 
 class Outcomes:
@@ -101,10 +128,10 @@ async def deletion(settings, pool, outcomes: Outcomes, producer, target: str, us
     partition) keep coming, from `idle_seconds` before the deletion to `idle_seconds` after its
     outcome: the deletion's time, its WAL, and the longest wait of each kind of command sent
     during it and of those sent before and after it (what the same commands wait on this machine
-    without a deletion). The segment commands change one segment and the user commands add and
-    remove another: a user command naming a segment that a segment command fetched with it
-    changes waits for that command by design (services/command_consumer/ordering.py), whatever
-    else is going on."""
+    without a deletion), and the peak lag of the replicas streaming from the primary meanwhile.
+    The segment commands change one segment and the user commands add and remove another: a user
+    command naming a segment that a segment command fetched with it changes waits for that
+    command by design (services/command_consumer/ordering.py), whatever else is going on."""
     tag = uuid.uuid4().hex[:8]
     rng = random.Random(tag)
     sent: dict[str, list[tuple[str, float]]] = {"segment": [], "user": []}
@@ -132,6 +159,8 @@ async def deletion(settings, pool, outcomes: Outcomes, producer, target: str, us
     await asyncio.sleep(idle_seconds)
     wal_before = await pool.fetchval("SELECT pg_current_wal_lsn()")
     deleting = time.monotonic()
+    replayed = asyncio.Event()  # the replicas have replayed the deletion's WAL, or time is up
+    lag = asyncio.create_task(peak_replica_lag(pool, replayed))
     try:
         seconds = await outcomes.seconds(await outcomes.send(producer, settings.segments_commands_topic, {
             "type": "delete_segment", "slug": target, "command_id": f"delete-{tag}"}, target))
@@ -140,8 +169,9 @@ async def deletion(settings, pool, outcomes: Outcomes, producer, target: str, us
         await asyncio.sleep(idle_seconds)
     finally:
         done.set()
+        replayed.set()
         await asyncio.gather(*probes)
-    figures = {"seconds": seconds, "wal_mb": float(wal) / 2**20}
+    figures = {"seconds": seconds, "wal_mb": float(wal) / 2**20, **(await lag or {})}
     for kind, commands in sent.items():
         waits = [(at, await outcomes.seconds(command_id, timeout=600)) for command_id, at in commands]
         figures[f"{kind} wait"] = max(wait for at, wait in waits if deleting <= at <= finished)

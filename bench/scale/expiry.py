@@ -63,10 +63,12 @@ async def put_back_due(pool: asyncpg.Pool) -> int:
     return int(status.split()[-1])
 
 
-async def worker_drain(settings: Settings, due: int) -> float:
+async def worker_drain(settings: Settings, due: int, draining: asyncio.Event) -> float:
     """The expiry worker as its own process, as it runs in production (its configured batch and
     connections), removing `due` memberships: rows a second from its start (its /metrics port
-    answering) to its counter of removed rows reaching `due`."""
+    answering, when `draining` is set) to its counter of removed rows reaching `due`. A worker
+    starts once, not once a wave of expiries, so its start-up (the interpreter loading its
+    modules) is not part of the drain."""
     metrics_port = free_port()
     env = {**os.environ, **settings.to_env(), "LOG_LEVEL": "WARNING", "EXPIRY_METRICS_PORT": str(metrics_port)}
     worker = subprocess.Popen(  # noqa: ASYNC220 - started once, before the measurement
@@ -84,7 +86,9 @@ async def worker_drain(settings: Settings, due: int) -> float:
                 except aiohttp.ClientConnectionError:
                     await asyncio.sleep(0.05)
                     continue
-                started = started or time.monotonic()
+                if started is None:
+                    started = time.monotonic()
+                    draining.set()
                 removed = sum(sample.value for family in text_string_to_metric_families(text)
                               for sample in family.samples if sample.name == "segmentation_memberships_expired_total")
                 progress.update(int(removed))
@@ -120,7 +124,9 @@ async def expiry_rounds(settings: Settings, pool: asyncpg.Pool, bulk: asyncpg.Po
             if part == "worker":
                 idle, _ = await reads_p99(port, users, args.read_rate, asyncio.sleep(args.duration))
                 figures["idle"].append(idle)
-                p99, rate = await reads_p99(port, users, args.read_rate, worker_drain(settings, due))
+                draining = asyncio.Event()
+                p99, rate = await reads_p99(port, users, args.read_rate, worker_drain(settings, due, draining),
+                                            draining)
                 figures["worker"].append(rate)
                 figures["during"].append(p99)
             else:

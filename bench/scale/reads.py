@@ -35,21 +35,23 @@ async def hot_reads(ports: dict[str, tuple[int, int]], users: dict[str, int], du
     return figures
 
 
-async def read_latencies(port: int, users: int, rate: int, stop: asyncio.Event) -> list[float]:
+async def read_latencies(port: int, users: int, rate: int, stop: asyncio.Event, timing: asyncio.Event) -> list[float]:
     """GET /users/{id}/segments at a steady `rate` a second, users Zipf-skewed as ZIPF_LUA draws
-    them, until `stop`: each read's seconds. Each read starts on its turn whether or not the
-    ones before it have answered, so a stall shows in every read it delays."""
+    them, until `stop`: the seconds of each read started once `timing` was set. Each read starts
+    on its turn whether or not the ones before it have answered, so a stall shows in every read
+    it delays."""
     rng = random.Random(11)
     latencies: list[float] = []
     running: set[asyncio.Task] = set()
     async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
         async def read(user: int) -> None:
-            started = time.monotonic()
+            started, timed = time.monotonic(), timing.is_set()
             async with session.get(f"/users/{user}/segments") as response:
                 await response.read()
                 if response.status != 200:
                     raise RuntimeError(f"GET /users/{user}/segments answered {response.status}")
-            latencies.append(time.monotonic() - started)
+            if timed:
+                latencies.append(time.monotonic() - started)
 
         async for _ in common.paced(rate):
             if stop.is_set():
@@ -61,10 +63,15 @@ async def read_latencies(port: int, users: int, rate: int, stop: asyncio.Event) 
     return latencies
 
 
-async def reads_p99(port: int, users: int, rate: int, work) -> tuple[float, object]:
-    """The reads' p99 in milliseconds while `work` (awaited) runs, and what it returned."""
+async def reads_p99(port: int, users: int, rate: int, work, timing: asyncio.Event | None = None
+                    ) -> tuple[float, object]:
+    """The reads' p99 in milliseconds while `work` (awaited) runs, of the reads started once
+    `timing` is set (all of them without it), and what `work` returned."""
     stop = asyncio.Event()
-    reads = asyncio.create_task(read_latencies(port, users, rate, stop))
+    if timing is None:
+        timing = asyncio.Event()
+        timing.set()
+    reads = asyncio.create_task(read_latencies(port, users, rate, stop, timing))
     try:
         result = await work
     finally:

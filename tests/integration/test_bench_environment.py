@@ -1,6 +1,7 @@
 """The benchmarks' own servers: the primary is left as a running server is, with WAL files to
 recycle, so that no COMMIT in a timed round waits for a new WAL file to be created
-(bench.common.recycle_wal); a replica a benchmark starts leaves nothing behind."""
+(bench.common.recycle_wal); a replica a benchmark starts leaves nothing behind, and its lag
+behind the primary is seen while it falls behind."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from types import SimpleNamespace
 import asyncpg
 import pytest
 
-from bench.common import recycle_wal
-from bench.read_throughput import start_replica
+from bench.common import recycle_wal, start_replica
+from bench.scale.commands import peak_replica_lag
 from devstack.embedded import EmbeddedPostgres
 
 pytestmark = [pytest.mark.integration,
@@ -49,15 +50,32 @@ async def test_a_benchmark_replica_leaves_nothing_in_the_temporary_directory(tmp
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the benchmark's mkdtemp makes its directory
     try:
         url = await asyncio.to_thread(primary.start)
-        async with contextlib.AsyncExitStack() as cleanup:
-            replica_url = await start_replica(SimpleNamespace(postgres=primary), SimpleNamespace(database_url=url),
-                                              cleanup)
-            conn = await asyncpg.connect(replica_url)
-            try:
-                assert await conn.fetchval("SELECT pg_is_in_recovery()") is True
-            finally:
-                await conn.close()
-            assert [path.name[:len("bench-replica-")] for path in scratch.iterdir()] == ["bench-replica-"]
-        assert list(scratch.iterdir()) == []
+        writer = await asyncpg.connect(url)
+        stopped = asyncio.Event()
+        stopped.set()  # one look
+        try:
+            assert await peak_replica_lag(writer, stopped) is None  # no replica yet
+            async with contextlib.AsyncExitStack() as cleanup:
+                replica_url = await start_replica(SimpleNamespace(postgres=primary),
+                                                  SimpleNamespace(database_url=url), cleanup)
+                conn = await asyncpg.connect(replica_url)
+                try:
+                    assert await conn.fetchval("SELECT pg_is_in_recovery()") is True
+                    # Replay paused, the replica falls behind by what the primary writes meanwhile.
+                    await conn.execute("SELECT pg_wal_replay_pause()")
+                    await writer.execute("CREATE TABLE filler AS SELECT g, repeat('x', 100) AS pad "
+                                         "FROM generate_series(1, 200000) AS g")
+                    stop = asyncio.Event()
+                    looking = asyncio.create_task(peak_replica_lag(writer, stop))
+                    await asyncio.sleep(1)
+                    stop.set()
+                    assert (await looking)["replica lag MiB"] > 20
+                    await conn.execute("SELECT pg_wal_replay_resume()")
+                finally:
+                    await conn.close()
+                assert [path.name[:len("bench-replica-")] for path in scratch.iterdir()] == ["bench-replica-"]
+            assert list(scratch.iterdir()) == []
+        finally:
+            await writer.close()
     finally:
         await asyncio.to_thread(primary.remove)
