@@ -10,8 +10,9 @@ import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from prometheus_client import REGISTRY
 
-from services.expiry_worker.worker import EXPIRE_SQL, ExpiryWorker, expire_batch
+from services.expiry_worker.worker import BACKLOG_COUNTED_BATCHES, EXPIRE_SQL, ExpiryWorker, expire_batch
 from shared.rollout import rollout_bucket
 
 pytestmark = pytest.mark.integration
@@ -73,6 +74,17 @@ async def test_rows_fallen_due_since_the_last_analyze_are_removed_by_address(poo
         assert "Tid Scan on memberships m" in plan, plan
         assert (await expire_batch(conn, 1000)).removed == 1000
     assert await pool.fetchval("SELECT count(*) FROM memberships WHERE expires_at <= now()") == 19_000
+
+
+async def test_the_backlog_is_counted_up_to_a_few_batches(pool):
+    """A backlog is counted exactly while it is small; a large one reads as the cap, not as a
+    scan of every due row every few seconds of its drain."""
+    await seed(pool, 25, datetime.now(UTC) - timedelta(minutes=1))
+    async with pool.acquire() as conn:
+        await ExpiryWorker(pool, batch_size=10, max_sleep_seconds=1)._now_and_then(conn)
+        assert REGISTRY.get_sample_value("segmentation_expiry_backlog") == 25
+        await ExpiryWorker(pool, batch_size=2, max_sleep_seconds=1)._now_and_then(conn)
+        assert REGISTRY.get_sample_value("segmentation_expiry_backlog") == 2 * BACKLOG_COUNTED_BATCHES
 
 
 async def test_two_workers_on_one_backlog_remove_each_row_once(pool):
