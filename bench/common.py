@@ -113,7 +113,6 @@ async def start_replica(infra, settings, cleanup: contextlib.AsyncExitStack) -> 
     return url
 
 
-
 @contextlib.asynccontextmanager
 async def bench_environment(name: str, **overrides) -> AsyncIterator[tuple]:
     """Servers (DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS, else a running `make run`'s, else embedded

@@ -159,8 +159,7 @@ async def deletion(settings, pool, outcomes: Outcomes, producer, target: str, us
     await asyncio.sleep(idle_seconds)
     wal_before = await pool.fetchval("SELECT pg_current_wal_lsn()")
     deleting = time.monotonic()
-    replayed = asyncio.Event()  # the replicas have replayed the deletion's WAL, or time is up
-    lag = asyncio.create_task(peak_replica_lag(pool, replayed))
+    lag = asyncio.create_task(peak_replica_lag(pool, done))  # until the probes end
     try:
         seconds = await outcomes.seconds(await outcomes.send(producer, settings.segments_commands_topic, {
             "type": "delete_segment", "slug": target, "command_id": f"delete-{tag}"}, target))
@@ -169,7 +168,6 @@ async def deletion(settings, pool, outcomes: Outcomes, producer, target: str, us
         await asyncio.sleep(idle_seconds)
     finally:
         done.set()
-        replayed.set()
         await asyncio.gather(*probes)
     figures = {"seconds": seconds, "wal_mb": float(wal) / 2**20, **(await lag or {})}
     for kind, commands in sent.items():
